@@ -1,0 +1,85 @@
+"""Attention for MHA / MQA / GQA with optional q/k norm, logit softcap and sliding window."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gemma.config import GemmaConfig
+from gemma.layers import RMSNorm, apply_rope
+
+
+def attention_mask(positions: torch.Tensor, window: int | None,
+                   segment_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Boolean mask (B, 1, T, T), True where query t may attend to key s; None for plain causal attention.
+
+    Causal by index; a sliding window keeps keys with q_pos - k_pos < window (the reference's convention);
+    segment ids (packing, padding) keep each query inside its own segment.
+    """
+    T = positions.shape[-1]
+    needs_window = window is not None and T > window
+    if not needs_window and segment_ids is None:
+        return None
+    idx = torch.arange(T, device=positions.device)
+    mask = (idx[None, :] <= idx[:, None])[None]  # (1, T, T)
+    if needs_window:
+        mask = mask & ((positions[:, :, None] - positions[:, None, :]) < window)  # (B, T, T)
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return mask[:, None]  # (B, 1, T, T)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GemmaConfig, layer: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.scale = cfg.attn_scale
+        self.softcap = cfg.attn_softcap
+        self.q = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.o = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        if cfg.use_qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        v = self.v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attend(q, k, v, mask, self.scale, self.softcap)  # (B, H, T, hd)
+        return self.o(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+           softcap: float | None) -> torch.Tensor:
+    """softmax(q k^T * scale [softcapped] + mask) v for q (B, H, T, hd) and k, v (B, KV, S, hd).
+
+    `mask` is boolean (B, 1, T, S) or None for causal attention with T == S.
+    """
+    if softcap is None:
+        # SDPA covers everything but the softcap; it broadcasts the kv heads itself.
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+    # Explicit path: tanh softcap between the scaled logits and the softmax, which SDPA cannot express.
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)  # (B, H, S, hd)
+        v = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale  # (B, H, T, S)
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:
+        T, S = scores.shape[-2:]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    # Softmax in float32, cast back before the value product, as the reference does.
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)

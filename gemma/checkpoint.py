@@ -1,0 +1,278 @@
+"""Checkpoint IO: HF safetensors in and out, native folders in and out, by one parameter-name table.
+
+Loading is strict: a missing or unexpected tensor, or a shape that does not match, is a GemmaError naming the
+tensor. Tensors are converted to the requested dtype one at a time, so a load never holds two full copies.
+Every folder is written under a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from gemma.config import GemmaConfig, read_json
+from gemma.errors import GemmaError
+from gemma.model import Gemma
+
+# ---- the name table ------------------------------------------------------------------------------------------------
+
+_TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+_LAYER = {
+    "layers.{}.attn_norm.weight": "model.layers.{}.input_layernorm.weight",
+    "layers.{}.attn.q.weight": "model.layers.{}.self_attn.q_proj.weight",
+    "layers.{}.attn.k.weight": "model.layers.{}.self_attn.k_proj.weight",
+    "layers.{}.attn.v.weight": "model.layers.{}.self_attn.v_proj.weight",
+    "layers.{}.attn.o.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "layers.{}.mlp.gate.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "layers.{}.mlp.up.weight": "model.layers.{}.mlp.up_proj.weight",
+    "layers.{}.mlp.down.weight": "model.layers.{}.mlp.down_proj.weight",
+}
+_QK_NORM = {
+    "layers.{}.attn.q_norm.weight": "model.layers.{}.self_attn.q_norm.weight",
+    "layers.{}.attn.k_norm.weight": "model.layers.{}.self_attn.k_norm.weight",
+}
+# Gemma 1 has one norm before the MLP, which HF calls post_attention_layernorm.
+_PLAIN_NORMS = {"layers.{}.mlp_norm.weight": "model.layers.{}.post_attention_layernorm.weight"}
+# Gemma 2/3 "sandwich": HF's post_attention_layernorm normalises the attention output instead.
+_SANDWICH_NORMS = {
+    "layers.{}.post_attn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "layers.{}.mlp_norm.weight": "model.layers.{}.pre_feedforward_layernorm.weight",
+    "layers.{}.post_mlp_norm.weight": "model.layers.{}.post_feedforward_layernorm.weight",
+}
+
+# Multimodal Gemma 3 checkpoints keep the text tower under a prefix (4.x and 5.x spellings) and carry towers that
+# are not ours to load.
+_TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."))
+_NOT_OURS = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+# The output head is tied to the embedding; a checkpoint that stores a copy of it loses nothing by skipping it.
+_TIED_HEAD = ("lm_head.weight", "language_model.lm_head.weight")
+
+
+def hf_names(cfg: GemmaConfig) -> dict[str, str]:
+    """native name -> HF name, for every tensor of a model with this config."""
+    layer = dict(_LAYER)
+    if cfg.use_qk_norm:
+        layer.update(_QK_NORM)
+    layer.update(_SANDWICH_NORMS if cfg.sandwich_norms else _PLAIN_NORMS)
+    names = dict(_TOP)
+    for i in range(cfg.num_layers):
+        names.update({k.format(i): v.format(i) for k, v in layer.items()})
+    return names
+
+
+def expected_shapes(cfg: GemmaConfig) -> dict[str, tuple[int, ...]]:
+    """native name -> shape, read off a model built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = Gemma(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def hf_text_key(key: str) -> str | None:
+    """An HF checkpoint key in the plain text-model spelling, or None for a tensor that is not ours."""
+    if key.startswith(_NOT_OURS) or key in _TIED_HEAD:
+        return None
+    for prefix, plain in _TEXT_PREFIXES:
+        if key.startswith(prefix):
+            return plain + key[len(prefix):]
+    return key
+
+
+# ---- reading ---------------------------------------------------------------------------------------------------------
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise GemmaError(f"{index}: no weight_map")
+        files = [folder / name for name in dict.fromkeys(weight_map.values())]
+    elif (folder / "model.safetensors").exists():
+        files = [folder / "model.safetensors"]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise GemmaError(f"{folder}: no model.safetensors (nor an index of shards)")
+    for f in files:
+        if not f.exists():
+            raise GemmaError(f"{f}: shard listed in the index is missing")
+    return files
+
+
+def _iter_tensors(files: list[Path]) -> Iterator[tuple[Path, str, Callable[[], torch.Tensor]]]:
+    """(file, key, loader) for each tensor; the loader reads one tensor. Corruption is a GemmaError."""
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    yield path, key, (lambda f=f, key=key: f.get_tensor(key))
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise GemmaError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
+
+
+def read_state_dict(files: list[Path], cfg: GemmaConfig, to_native: Callable[[str], str | None],
+                    dtype: torch.dtype, show: Callable[[str], str] = lambda n: n) -> dict[str, torch.Tensor]:
+    """The native state dict from safetensors files, strictly checked against `cfg`.
+
+    `to_native` maps a file key to a native name (None: not ours, skip; KeyError: unexpected). `show` turns a
+    native name back into the file's spelling for messages.
+    """
+    shapes = expected_shapes(cfg)
+    out: dict[str, torch.Tensor] = {}
+    for path, key, load in _iter_tensors(files):
+        try:
+            name = to_native(key)
+        except KeyError:
+            raise GemmaError(f"{path}: unexpected tensor {key!r} (not part of this model's config)") from None
+        if name is None:
+            continue
+        if name not in shapes:
+            raise GemmaError(f"{path}: unexpected tensor {key!r} (not part of this model's config)")
+        if name in out:
+            raise GemmaError(f"{path}: tensor {key!r} appears twice")
+        try:
+            tensor = load()
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise GemmaError(f"{path}: cannot read tensor {key!r} ({exc})") from None
+        if tuple(tensor.shape) != shapes[name]:
+            raise GemmaError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                             f"the config needs {shapes[name]}")
+        if not tensor.is_floating_point():
+            raise GemmaError(f"{path}: tensor {key!r} has non-float dtype {tensor.dtype}")
+        out[name] = tensor.to(dtype)  # one tensor at a time: never two full copies
+    missing = [n for n in shapes if n not in out]
+    if missing:
+        raise GemmaError(f"{files[0].parent}: missing tensor {show(missing[0])!r}"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return out
+
+
+def build_model(cfg: GemmaConfig, state: dict[str, torch.Tensor], device="cpu") -> Gemma:
+    """A Gemma holding exactly `state` (assigned, not copied)."""
+    with torch.device("meta"):
+        model = Gemma(cfg)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device).eval()
+
+
+def load_hf_folder(folder: Path, dtype: torch.dtype = torch.float32) -> tuple[GemmaConfig, dict[str, torch.Tensor]]:
+    """(config, native state dict) from an HF checkpoint folder."""
+    cfg = GemmaConfig.from_hf_config(read_json(folder / "config.json"), str(folder / "config.json"))
+    to_native = {v: k for k, v in hf_names(cfg).items()}
+
+    def native(key: str) -> str | None:
+        plain = hf_text_key(key)
+        return None if plain is None else to_native[plain]
+
+    state = read_state_dict(_safetensors_files(folder), cfg, native, dtype, show=hf_names(cfg).get)
+    return cfg, state
+
+
+def load_native_folder(folder: Path,
+                       dtype: torch.dtype = torch.float32) -> tuple[GemmaConfig, dict[str, torch.Tensor]]:
+    """(config, state dict) from a native folder."""
+    cfg = GemmaConfig.from_dict(read_json(folder / "config.json"), str(folder / "config.json"))
+    path = folder / "model.safetensors"
+    if not path.exists():
+        raise GemmaError(f"{folder}: no model.safetensors")
+    return cfg, read_state_dict([path], cfg, lambda k: k, dtype)
+
+
+# ---- writing ---------------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def atomic_dir(dst: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `dst`; on success it replaces `dst`, on failure it is removed.
+
+    An existing `dst` is refused unless `force`; with `force` it is replaced only once the new folder is complete.
+    """
+    dst = Path(dst)
+    if dst.exists() and not force:
+        raise GemmaError(f"{dst}: already exists (use --force to overwrite)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+def write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _contiguous(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    return {k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in state.items()}
+
+
+def save_native(folder: Path, cfg: GemmaConfig, state: dict[str, torch.Tensor], tokenizer_proto: bytes,
+                dtype: torch.dtype | None = None, force: bool = False) -> None:
+    """A native folder: config.json (our config), model.safetensors (our names), tokenizer.model."""
+    with atomic_dir(folder, force) as tmp:
+        save_file(_contiguous(state, dtype), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_json(tmp / "config.json", cfg.to_dict())
+        (tmp / "tokenizer.model").write_bytes(tokenizer_proto)
+
+
+SHARD_BYTES = 5 * 1024**3  # shard an HF export past this size, as transformers does
+
+
+def save_hf(folder: Path, cfg: GemmaConfig, state: dict[str, torch.Tensor], tokenizer_proto: bytes,
+            token_ids: dict[str, int], dtype: torch.dtype | None = None, force: bool = False,
+            shard_bytes: int = SHARD_BYTES) -> None:
+    """An HF folder that transformers loads: config.json (hub shape), model.safetensors (sharded with an index
+    past `shard_bytes`), tokenizer.model and generation_config.json."""
+    names = hf_names(cfg)
+    unknown = sorted(set(state) - set(names))
+    if unknown:
+        raise GemmaError(f"cannot export tensor {unknown[0]!r}: it has no HF name")
+    tensors = {names[k]: v for k, v in _contiguous(state, dtype).items()}
+    torch_dtype = next(iter(tensors.values())).dtype
+    with atomic_dir(folder, force) as tmp:
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for key, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][key] = t
+            size += nbytes
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, name))
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            write_json(tmp / "model.safetensors.index.json",
+                       {"metadata": {"total_size": total}, "weight_map": weight_map})
+        hf_cfg = cfg.to_hf_config(**{k: token_ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+        hf_cfg["torch_dtype"] = str(torch_dtype).removeprefix("torch.")
+        write_json(tmp / "config.json", hf_cfg)
+        write_json(tmp / "generation_config.json", {
+            "bos_token_id": token_ids["bos_token_id"],
+            "eos_token_id": [token_ids["eos_token_id"], token_ids.get("end_of_turn_id", token_ids["eos_token_id"])],
+            "pad_token_id": token_ids["pad_token_id"],
+        })
+        (tmp / "tokenizer.model").write_bytes(tokenizer_proto)

@@ -1,0 +1,366 @@
+"""The model configuration: one dataclass whose fields describe the architecture, presets as data.
+
+Behaviour follows the fields (`attn_softcap`, `use_qk_norm`, `sliding_window`, ...), never a model's name.
+`from_hf_config` reads the `config.json` of every Gemma text generation, in the shape the hub publishes (written
+by transformers 4.x) and in the shape transformers 5.x writes; `to_hf_config` writes the hub's shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gemma.errors import GemmaError
+
+SLIDING = "sliding"
+FULL = "full"
+
+# The on-disk marker of a native config.json (an HF one has `model_type` instead).
+NATIVE_FORMAT = "gemma-sft"
+
+
+@dataclass
+class GemmaConfig:
+    vocab_size: int  # rows of the (tied) embedding matrix
+    hidden_size: int  # residual stream width
+    intermediate_size: int  # GeGLU inner width
+    num_layers: int  # decoder blocks
+    num_heads: int  # query heads
+    num_kv_heads: int  # key/value heads: 1 = MQA, num_heads = MHA, otherwise GQA
+    head_dim: int  # per-head width; independent of hidden_size (gemma 7b: 16 x 256 != 3072)
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    rope_theta: float = 10_000.0  # RoPE base of full-attention (global) layers
+    rope_local_theta: float = 10_000.0  # RoPE base of sliding-window (local) layers
+    rope_scaling: float = 1.0  # linear position scaling on global layers (Gemma 3 4b+: 8)
+    query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5; None means head_dim
+    attn_softcap: float | None = None  # tanh softcap of attention logits (Gemma 2: 50)
+    final_softcap: float | None = None  # tanh softcap of output logits (Gemma 2: 30)
+    use_qk_norm: bool = False  # RMSNorm over head_dim on queries and keys (Gemma 3)
+    sandwich_norms: bool = False  # extra norms after attention and around the MLP (Gemma 2, 3)
+    sliding_window: int | None = None  # a local layer's query sees keys with q_pos - k_pos < sliding_window
+    layer_types: tuple[str, ...] = ()  # per layer: "sliding" or "full"; empty means all full
+    max_seq_len: int = 8192  # context length the model was trained for
+    hf_repo: str | None = None  # the hub repo a preset was read from (informational only)
+
+    def __post_init__(self):
+        if not self.layer_types:
+            self.layer_types = (FULL,) * self.num_layers
+        self.layer_types = tuple(self.layer_types)
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise GemmaError(f"config: {name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise GemmaError(f"config: num_heads ({self.num_heads}) is not a multiple of "
+                             f"num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise GemmaError(f"config: head_dim must be even for RoPE, got {self.head_dim}")
+        if len(self.layer_types) != self.num_layers:
+            raise GemmaError(f"config: {len(self.layer_types)} layer_types for {self.num_layers} layers")
+        bad = sorted(set(self.layer_types) - {SLIDING, FULL})
+        if bad:
+            raise GemmaError(f"config: unknown layer type {bad[0]!r} (expected {SLIDING!r} or {FULL!r})")
+        if SLIDING in self.layer_types and not self.sliding_window:
+            raise GemmaError("config: sliding layers need a positive sliding_window")
+        if self.rope_scaling <= 0:
+            raise GemmaError(f"config: rope_scaling must be positive, got {self.rope_scaling}")
+
+    @property
+    def attn_scale(self) -> float:
+        """The factor applied to q @ k^T."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.layer_types[layer] == SLIDING
+
+    @property
+    def generation(self) -> int:
+        """Which HF architecture family the fields describe (1, 2 or 3), for export only."""
+        if self.use_qk_norm:
+            return 3
+        if self.sandwich_norms:
+            return 2
+        return 1
+
+    # ---- native config.json -------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"format": NATIVE_FORMAT, **dataclasses.asdict(self)}
+        out["layer_types"] = list(self.layer_types)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "config") -> "GemmaConfig":
+        data = {k: v for k, v in data.items() if k != "format"}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise GemmaError(f"{where}: unknown field {unknown[0]!r}")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise GemmaError(f"{where}: {exc}") from None
+
+    # ---- HF config.json -----------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any], where: str = "config.json") -> "GemmaConfig":
+        return from_hf_config(hf, where)
+
+    def to_hf_config(self, **token_ids: int) -> dict[str, Any]:
+        return to_hf_config(self, **token_ids)
+
+
+def _full(hidden, inter, layers, heads, kv, head_dim, **kw) -> dict[str, Any]:
+    return dict(hidden_size=hidden, intermediate_size=inter, num_layers=layers, num_heads=heads,
+                num_kv_heads=kv, head_dim=head_dim, **kw)
+
+
+def _gemma2_layers(n: int) -> tuple[str, ...]:
+    # Gemma 2 alternates local and global, starting with a local layer.
+    return tuple(SLIDING if (i + 1) % 2 else FULL for i in range(n))
+
+
+def _pattern_layers(n: int, pattern: int) -> tuple[str, ...]:
+    # Gemma 3: every `pattern`-th layer is global, the rest local.
+    return tuple(SLIDING if (i + 1) % pattern else FULL for i in range(n))
+
+
+def _g1(hf_repo, *shape):
+    return GemmaConfig(vocab_size=256000, **_full(*shape), max_seq_len=8192, hf_repo=hf_repo)
+
+
+def _g2(hf_repo, *shape, scalar):
+    n = shape[2]
+    return GemmaConfig(vocab_size=256000, **_full(*shape), query_pre_attn_scalar=scalar, attn_softcap=50.0,
+                       final_softcap=30.0, sandwich_norms=True, sliding_window=4096,
+                       layer_types=_gemma2_layers(n), max_seq_len=8192, hf_repo=hf_repo)
+
+
+def _g3(hf_repo, *shape, scalar, vocab, window, context, scaling):
+    n = shape[2]
+    return GemmaConfig(vocab_size=vocab, **_full(*shape), query_pre_attn_scalar=scalar, rope_theta=1_000_000.0,
+                       rope_local_theta=10_000.0, rope_scaling=scaling, use_qk_norm=True, sandwich_norms=True,
+                       sliding_window=window, layer_types=_pattern_layers(n, 6), max_seq_len=context,
+                       hf_repo=hf_repo)
+
+
+# Each preset mirrors the public config.json of the repo it names (the text tower for multimodal Gemma 3).
+_PRESETS = {
+    "2b": lambda: _g1("google/gemma-2b", 2048, 16384, 18, 8, 1, 256),
+    "7b": lambda: _g1("google/gemma-7b", 3072, 24576, 28, 16, 16, 256),
+    "2-2b": lambda: _g2("google/gemma-2-2b", 2304, 9216, 26, 8, 4, 256, scalar=256),
+    "2-9b": lambda: _g2("google/gemma-2-9b", 3584, 14336, 42, 16, 8, 256, scalar=256),
+    "2-27b": lambda: _g2("google/gemma-2-27b", 4608, 36864, 46, 32, 16, 128, scalar=144),
+    "3-270m": lambda: _g3("google/gemma-3-270m", 640, 2048, 18, 4, 1, 256, scalar=256, vocab=262144,
+                          window=512, context=32768, scaling=1.0),
+    "3-1b": lambda: _g3("google/gemma-3-1b-pt", 1152, 6912, 26, 4, 1, 256, scalar=256, vocab=262144,
+                        window=512, context=32768, scaling=1.0),
+    "3-4b": lambda: _g3("google/gemma-3-4b-pt", 2560, 10240, 34, 8, 4, 256, scalar=256, vocab=262208,
+                        window=1024, context=131072, scaling=8.0),
+    "3-12b": lambda: _g3("google/gemma-3-12b-pt", 3840, 15360, 48, 16, 8, 256, scalar=256, vocab=262208,
+                         window=1024, context=131072, scaling=8.0),
+    "3-27b": lambda: _g3("google/gemma-3-27b-pt", 5376, 21504, 62, 32, 16, 128, scalar=168, vocab=262208,
+                         window=1024, context=131072, scaling=8.0),
+}
+PRESETS = tuple(_PRESETS)
+
+
+def preset(name: str) -> GemmaConfig:
+    """The architecture of a named model (`2b 7b 2-2b 2-9b 2-27b 3-270m 3-1b 3-4b 3-12b 3-27b`)."""
+    if name not in _PRESETS:
+        raise GemmaError(f"unknown model size {name!r}; choose one of {' '.join(PRESETS)}")
+    return _PRESETS[name]()
+
+
+# ---- reading HF config.json ---------------------------------------------------------------------------------------
+
+# transformers' defaults for keys a config.json may leave out (the hub's multimodal Gemma 3 configs list only the
+# text settings that differ from these). Taken from the configuration classes of transformers 4.x and 5.x.
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gemma": dict(vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
+                  num_attention_heads=16, num_key_value_heads=16, head_dim=256, max_position_embeddings=8192,
+                  rms_norm_eps=1e-6, rope_theta=10000.0),
+    "gemma2": dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                   num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192,
+                   rms_norm_eps=1e-6, rope_theta=10000.0, query_pre_attn_scalar=256, sliding_window=4096,
+                   final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
+    "gemma3_text": dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                        num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                        max_position_embeddings=131072, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+                        rope_local_base_freq=10000.0, query_pre_attn_scalar=256, sliding_window=4096,
+                        sliding_window_pattern=6, final_logit_softcapping=None, attn_logit_softcapping=None),
+}
+_HF_LAYER_TYPES = {"sliding_attention": SLIDING, "full_attention": FULL}
+_GELU_TANH = {"gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu"}  # "gelu" is the legacy name of tanh GELU
+
+
+def _rope_from_params(params: dict[str, Any], where: str, what: str) -> tuple[float | None, float]:
+    """(theta, linear factor) from one rope_scaling / rope_parameters entry."""
+    if not params:
+        return None, 1.0
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return params.get("rope_theta"), 1.0
+    if kind == "linear":
+        return params.get("rope_theta"), float(params["factor"])
+    raise GemmaError(f"{where}: unsupported RoPE type {kind!r} for {what} layers (supported: default, linear)")
+
+
+def from_hf_config(hf: dict[str, Any], where: str = "config.json") -> GemmaConfig:
+    """A GemmaConfig from an HF config.json (any Gemma text generation, transformers 4.x or 5.x shape)."""
+    if not isinstance(hf, dict):
+        raise GemmaError(f"{where}: expected a JSON object")
+    model_type = hf.get("model_type")
+    if model_type == "gemma3" or "text_config" in hf:
+        # Multimodal Gemma 3: the text tower's settings sit under text_config.
+        text = dict(hf.get("text_config") or {})
+        text.setdefault("model_type", "gemma3_text")
+        return from_hf_config(text, where + ":text_config")
+    if model_type not in _HF_DEFAULTS:
+        raise GemmaError(f"{where}: model_type {model_type!r} is not a Gemma text model "
+                         f"(expected one of {', '.join(_HF_DEFAULTS)}, or gemma3)")
+    c = {**_HF_DEFAULTS[model_type], **{k: v for k, v in hf.items() if v is not None or k.endswith("softcapping")}}
+
+    act = c.get("hidden_activation") or c.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in _GELU_TANH:
+        raise GemmaError(f"{where}: unsupported activation {act!r} (Gemma uses tanh-approximated GELU)")
+    if c.get("attention_bias"):
+        raise GemmaError(f"{where}: attention_bias is not supported (no Gemma checkpoint uses it)")
+    if c.get("use_bidirectional_attention"):
+        raise GemmaError(f"{where}: use_bidirectional_attention (embedding models) is not supported")
+    if c.get("tie_word_embeddings") is False:
+        raise GemmaError(f"{where}: untied embeddings are not supported (Gemma ties the output head)")
+
+    n = int(c["num_hidden_layers"])
+    # Which layers slide: transformers 5.x writes layer_types; 4.x configs imply them.
+    if c.get("layer_types"):
+        try:
+            layer_types = tuple(_HF_LAYER_TYPES[t] for t in c["layer_types"])
+        except KeyError as exc:
+            raise GemmaError(f"{where}: unknown layer type {exc.args[0]!r}") from None
+    elif model_type == "gemma2":
+        layer_types = _gemma2_layers(n)
+    elif model_type == "gemma3_text":
+        layer_types = _pattern_layers(n, int(c.get("sliding_window_pattern") or 6))
+    else:
+        layer_types = (FULL,) * n
+
+    # RoPE: 5.x nests per layer type under rope_parameters; 4.x has rope_theta, rope_local_base_freq, rope_scaling.
+    theta = float(c.get("rope_theta", 10000.0))
+    local_theta = float(c.get("rope_local_base_freq", theta))
+    scaling = 1.0
+    rp = c.get("rope_parameters")
+    if rp and ("full_attention" in rp or "sliding_attention" in rp):
+        t, scaling = _rope_from_params(rp.get("full_attention"), where, "full-attention")
+        theta = float(t) if t is not None else theta
+        t, local_scaling = _rope_from_params(rp.get("sliding_attention"), where, "sliding-window")
+        local_theta = float(t) if t is not None else local_theta
+        if local_scaling != 1.0:
+            raise GemmaError(f"{where}: RoPE scaling on sliding-window layers is not supported")
+    elif rp:
+        t, scaling = _rope_from_params(rp, where, "all")
+        theta = float(t) if t is not None else theta
+        if model_type != "gemma3_text":
+            local_theta = theta
+    if c.get("rope_scaling"):
+        _, scaling = _rope_from_params(c["rope_scaling"], where, "full-attention")
+
+    has_sliding = SLIDING in layer_types
+    try:
+        return GemmaConfig(
+            vocab_size=int(c["vocab_size"]),
+            hidden_size=int(c["hidden_size"]),
+            intermediate_size=int(c["intermediate_size"]),
+            num_layers=n,
+            num_heads=int(c["num_attention_heads"]),
+            num_kv_heads=int(c["num_key_value_heads"]),
+            head_dim=int(c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]),
+            norm_eps=float(c["rms_norm_eps"]),
+            rope_theta=theta,
+            rope_local_theta=local_theta,
+            rope_scaling=scaling,
+            query_pre_attn_scalar=(float(c["query_pre_attn_scalar"]) if model_type != "gemma" else None),
+            attn_softcap=_opt_float(c.get("attn_logit_softcapping")),
+            final_softcap=_opt_float(c.get("final_logit_softcapping")),
+            use_qk_norm=model_type == "gemma3_text",
+            sandwich_norms=model_type in ("gemma2", "gemma3_text"),
+            sliding_window=int(c["sliding_window"]) if has_sliding else None,
+            layer_types=layer_types,
+            max_seq_len=int(c["max_position_embeddings"]),
+            hf_repo=hf.get("_name_or_path") or None,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise GemmaError(f"{where}: bad or missing field ({exc})") from None
+
+
+def _opt_float(v) -> float | None:
+    return None if v is None else float(v)
+
+
+def to_hf_config(cfg: GemmaConfig, bos_token_id: int = 2, eos_token_id: int = 1,
+                 pad_token_id: int = 0) -> dict[str, Any]:
+    """An HF config.json in the hub's shape (transformers 4.x keys, which 5.x reads too)."""
+    gen = cfg.generation
+    model_type, arch = {1: ("gemma", "GemmaForCausalLM"), 2: ("gemma2", "Gemma2ForCausalLM"),
+                        3: ("gemma3_text", "Gemma3ForCausalLM")}[gen]
+    out: dict[str, Any] = {
+        "architectures": [arch],
+        "model_type": model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": True,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": pad_token_id,
+        "torch_dtype": "float32",
+    }
+    if gen == 1:
+        if cfg.rope_local_theta != cfg.rope_theta or cfg.rope_scaling != 1.0 or SLIDING in cfg.layer_types \
+                or cfg.attn_softcap or cfg.final_softcap or cfg.query_pre_attn_scalar not in (None, cfg.head_dim):
+            raise GemmaError("this architecture has no HF Gemma 1 equivalent")
+        out["hidden_act"] = "gelu_pytorch_tanh"
+        return out
+    out["query_pre_attn_scalar"] = cfg.query_pre_attn_scalar or cfg.head_dim
+    out["sliding_window"] = cfg.sliding_window or cfg.max_seq_len
+    out["attn_logit_softcapping"] = cfg.attn_softcap
+    out["final_logit_softcapping"] = cfg.final_softcap
+    out["layer_types"] = [("sliding_attention" if t == SLIDING else "full_attention") for t in cfg.layer_types]
+    if gen == 2:
+        if cfg.rope_local_theta != cfg.rope_theta or cfg.rope_scaling != 1.0:
+            raise GemmaError("this architecture has no HF Gemma 2 equivalent (per-layer RoPE)")
+        out["cache_implementation"] = "hybrid"
+        return out
+    out["rope_local_base_freq"] = cfg.rope_local_theta
+    out["rope_scaling"] = ({"rope_type": "linear", "factor": cfg.rope_scaling} if cfg.rope_scaling != 1.0
+                           else None)
+    return out
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a file, or a one-line error naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise GemmaError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise GemmaError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise GemmaError(f"{path}: expected a JSON object")
+    return data

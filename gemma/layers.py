@@ -1,0 +1,63 @@
+"""The small building blocks: RMSNorm, rotary embeddings, the GeGLU MLP."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with Gemma's zero-centred weight: x / rms(x) * (1 + w).
+
+    Normalised and scaled in float32 and cast back only at the end, as the reference does; doing the multiply in
+    the activation dtype (Llama-style) loses precision in bf16.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).type_as(x)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: float = 1.0, device=None) -> torch.Tensor:
+    """Inverse frequencies (head_dim / 2,), float32; linear scaling divides them (stretches positions)."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    return 1.0 / (theta ** exponents) / scaling
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos and sin (B, T, head_dim) for integer positions (B, T).
+
+    Angles are computed in float32 from the integer positions, then cast to the activation dtype, as the
+    reference does.
+    """
+    angles = positions[..., None].float() * inv_freq  # (B, T, hd/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (B, T, hd): rotate-half layout
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, hd) by the angles; HF's rotate-half layout, so HF q/k weights need no permutation."""
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class GeGLU(nn.Module):
+    """down(gelu_tanh(gate(x)) * up(x)). Gemma's GELU is the tanh approximation, not the exact erf form."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate = nn.Linear(hidden, intermediate, bias=False)
+        self.up = nn.Linear(hidden, intermediate, bias=False)
+        self.down = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.gate(x), approximate="tanh") * self.up(x))

@@ -1,0 +1,108 @@
+"""`gemma.load(source)`: one entry point for every model source, detected automatically.
+
+Sources: an HF checkpoint folder, a native folder, a `.gguf` file, an HF repo id, or a preset name (`3-270m`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from gemma import checkpoint
+from gemma.config import NATIVE_FORMAT, PRESETS, GemmaConfig, preset, read_json
+from gemma.errors import GemmaError
+from gemma.model import Gemma
+from gemma.tokenizer import Tokenizer
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.model",
+             "generation_config.json"]
+
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local folder of an HF repo: the cache first, then the hub; a one-line error when neither has it."""
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError):
+        pass
+    try:
+        return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except LocalEntryNotFoundError:
+        raise GemmaError(f"{repo_id}: not in the local HF cache and the hub cannot be reached") from None
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        hint = " (a gated repo: accept its licence on the hub and run `hf auth login`)" if status in (401, 403) \
+            else ""
+        raise GemmaError(f"{repo_id}: the hub refused the download: {str(exc).splitlines()[0]}{hint}") from None
+    except OSError as exc:
+        raise GemmaError(f"{repo_id}: cannot download from the hub ({exc})") from None
+
+
+def resolve(source: str | Path) -> Path:
+    """A local path (folder or .gguf file) for any accepted source."""
+    text = str(source)
+    if text in PRESETS and not Path(text).exists():
+        try:
+            return hub_snapshot(preset(text).hf_repo)
+        except GemmaError:
+            raise
+    path = Path(text).expanduser()
+    if path.exists():
+        return path
+    if _REPO_ID.match(text) and not text.startswith((".", "/")):
+        return hub_snapshot(text)
+    raise GemmaError(f"{text}: no such file or folder, and not an HF repo id or a preset "
+                     f"({' '.join(PRESETS)})")
+
+
+def folder_kind(folder: Path) -> str:
+    """'native' or 'hf', from config.json."""
+    cfg = folder / "config.json"
+    if not cfg.exists():
+        raise GemmaError(f"{folder}: no config.json (not a model folder)")
+    return "native" if read_json(cfg).get("format") == NATIVE_FORMAT else "hf"
+
+
+def load_weights(source: str | Path, dtype: torch.dtype = torch.float32
+                 ) -> tuple[GemmaConfig, dict[str, torch.Tensor], Tokenizer]:
+    """(config, native state dict, tokenizer) from any source, without building the model."""
+    path = resolve(source)
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            raise GemmaError(f"{path}: GGUF files are not supported yet")
+        raise GemmaError(f"{path}: not a model folder or a .gguf file")
+    tok_path = path / "tokenizer.model"
+    if not tok_path.exists():
+        raise GemmaError(f"{path}: no tokenizer.model")
+    if folder_kind(path) == "native":
+        cfg, state = checkpoint.load_native_folder(path, dtype)
+    else:
+        cfg, state = checkpoint.load_hf_folder(path, dtype)
+    tokenizer = Tokenizer(tok_path)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise GemmaError(f"{tok_path}: the tokenizer has {tokenizer.vocab_size} pieces but the model's "
+                         f"vocabulary is {cfg.vocab_size}")
+    return cfg, state, tokenizer
+
+
+# Adapter loading lives in the LoRA package, which registers itself here (gemma imports nothing from lora).
+ADAPTER_LOADERS: list[Callable[[Gemma, str | Path], Gemma]] = []
+
+
+def load(source: str | Path, adapter: str | Path | None = None, dtype: torch.dtype = torch.float32,
+         device: str | torch.device = "cpu") -> tuple[Gemma, Tokenizer]:
+    """(model, tokenizer) from an HF folder, a native folder, a .gguf file, an HF repo id or a preset name."""
+    cfg, state, tokenizer = load_weights(source, dtype)
+    model = checkpoint.build_model(cfg, state, device)
+    if adapter is not None:
+        if not ADAPTER_LOADERS:
+            raise GemmaError("loading an adapter needs the `lora` package of gemma-sft")
+        model = ADAPTER_LOADERS[0](model, adapter)
+    return model, tokenizer

@@ -1,0 +1,109 @@
+"""The Gemma decoder (generations 1, 2 and 3), built from the modules in layers.py and attention.py."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from gemma.attention import Attention, attention_mask
+from gemma.config import GemmaConfig
+from gemma.layers import GeGLU, RMSNorm, rope_cos_sin, rope_inv_freq
+
+
+class Block(nn.Module):
+    """One decoder layer. Gemma 1: norm -> attn -> add, norm -> mlp -> add. Gemma 2/3 also normalise each
+    sublayer's output before the residual add ("sandwich" norms)."""
+
+    def __init__(self, cfg: GemmaConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = GeGLU(cfg.hidden_size, cfg.intermediate_size)
+        if cfg.sandwich_norms:
+            self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+            self.post_mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        else:
+            self.post_attn_norm = self.post_mlp_norm = None
+
+    def forward(self, x, cos, sin, mask):
+        h = self.attn(self.attn_norm(x), cos, sin, mask)
+        if self.post_attn_norm is not None:
+            h = self.post_attn_norm(h)
+        x = x + h
+        h = self.mlp(self.mlp_norm(x))
+        if self.post_mlp_norm is not None:
+            h = self.post_mlp_norm(h)
+        return x + h
+
+
+class Gemma(nn.Module):
+    """tokens (B, T) -> logits (B, T, vocab), float32."""
+
+    def __init__(self, cfg: GemmaConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[bool, tuple[torch.Tensor, ...]]:
+        """(cos, sin) per layer kind: {is_sliding: (cos, sin)}; local and global layers use different bases."""
+        cfg = self.config
+        out = {}
+        for sliding in set(cfg.is_sliding(i) for i in range(cfg.num_layers)):
+            if sliding:
+                inv = rope_inv_freq(cfg.head_dim, cfg.rope_local_theta, 1.0, positions.device)
+            else:
+                inv = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, positions.device)
+            out[sliding] = rope_cos_sin(positions, inv, dtype)
+        return out
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens)
+        # The sqrt(hidden) normaliser is cast to the activation dtype first, as the reference does
+        # (in bf16 sqrt(3072) = 55.4256 becomes 55.5); parity depends on it.
+        return h * torch.tensor(math.sqrt(self.config.hidden_size), dtype=h.dtype)
+
+    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                      segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The final-normed hidden states (B, T, hidden), before the output head.
+
+        `positions` (B, T) default to 0..T-1; `segment_ids` (B, T) confine attention to equal ids (packing).
+        """
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        x = self.embed_tokens(tokens)
+        rope = self.rope_tables(positions, x.dtype)
+        cfg = self.config
+        masks = {
+            False: attention_mask(positions, None, segment_ids),
+            True: attention_mask(positions, cfg.sliding_window, segment_ids),
+        }
+        for i, block in enumerate(self.layers):
+            sliding = cfg.is_sliding(i)
+            x = block(x, *rope[sliding], masks[sliding])
+        return self.norm(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The tied output head, then the final softcap, in float32."""
+        logits = (h @ self.embed.weight.T).float()
+        if self.config.final_softcap is not None:
+            cap = self.config.final_softcap
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.logits(self.hidden_states(tokens, positions, segment_ids))

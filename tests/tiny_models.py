@@ -1,0 +1,76 @@
+"""Tiny random Gemma models of each generation, built by transformers and saved as HF folders.
+
+Each case covers a feature the parity tests must exercise: MQA, MHA with hidden != heads x head_dim (like gemma
+7b), GQA, a sliding window shorter than the test sequence, both softcaps (small enough that tanh bends), q/k norm,
+linear RoPE scaling, and random (not zero) norm weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB = 300
+
+
+def hf_config(case: str):
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, intermediate_size=96, rms_norm_eps=1e-6, max_position_embeddings=256,
+                  pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    if case == "gemma1-mqa":  # like gemma 2b: one kv head
+        return tf.GemmaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                              head_dim=16, **common)
+    if case == "gemma1-mha":  # like gemma 7b: hidden (48) != heads x head_dim (64)
+        return tf.GemmaConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                              head_dim=16, **common)
+    if case == "gemma2":  # GQA, local/global alternation, both softcaps small enough to bend
+        return tf.Gemma2Config(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                               head_dim=16, query_pre_attn_scalar=24, sliding_window=5,
+                               attn_logit_softcapping=3.0, final_logit_softcapping=2.5, **common)
+    if case == "gemma3":  # q/k norm, per-layer RoPE bases, linear scaling on global layers, 2:1 pattern
+        return tf.Gemma3TextConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=20, sliding_window=5,
+                                   layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                                   rope_parameters={
+                                       "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                          "rope_theta": 1_000_000.0},
+                                       "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
+                                   **common)
+    raise ValueError(case)
+
+
+CASES = ("gemma1-mqa", "gemma1-mha", "gemma2", "gemma3")
+
+
+def hf_model(case: str, seed: int = 0, attn: str = "eager"):
+    """A transformers model with random weights large enough that every feature matters."""
+    import transformers as tf
+
+    cfg = hf_config(case)
+    cfg._attn_implementation = attn
+    cls = {"gemma1-mqa": tf.GemmaForCausalLM, "gemma1-mha": tf.GemmaForCausalLM,
+           "gemma2": tf.Gemma2ForCausalLM, "gemma3": tf.Gemma3ForCausalLM}[case]
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.copy_(torch.randn_like(p) * 0.5)  # zero-centred norm weights, but not zero
+            else:
+                p.copy_(torch.randn_like(p) * (0.5 if "embed" in name else 0.15))
+    return model
+
+
+def save_hf_model(case: str, folder: Path, seed: int = 0) -> Path:
+    model = hf_model(case, seed)
+    model.save_pretrained(folder)
+    return folder
+
+
+def tokens(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(3, VOCAB, (batch, length), generator=g)
+    t[:, 0] = 2  # BOS
+    return t
