@@ -213,6 +213,13 @@ def _rope_from_params(params: dict[str, Any], where: str, what: str) -> tuple[fl
 
 def from_hf_config(hf: dict[str, Any], where: str = "config.json") -> GemmaConfig:
     """A GemmaConfig from an HF config.json (any Gemma text generation, transformers 4.x or 5.x shape)."""
+    try:
+        return _from_hf_config(hf, where)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise GemmaError(f"{where}: malformed field ({type(exc).__name__}: {exc})") from None
+
+
+def _from_hf_config(hf: dict[str, Any], where: str) -> GemmaConfig:
     if not isinstance(hf, dict):
         raise GemmaError(f"{where}: expected a JSON object")
     model_type = hf.get("model_type")
@@ -220,7 +227,7 @@ def from_hf_config(hf: dict[str, Any], where: str = "config.json") -> GemmaConfi
         # Multimodal Gemma 3: the text tower's settings sit under text_config.
         text = dict(hf.get("text_config") or {})
         text.setdefault("model_type", "gemma3_text")
-        return from_hf_config(text, where + ":text_config")
+        return _from_hf_config(text, where + ":text_config")
     if model_type not in _HF_DEFAULTS:
         raise GemmaError(f"{where}: model_type {model_type!r} is not a Gemma text model "
                          f"(expected one of {', '.join(_HF_DEFAULTS)}, or gemma3)")
@@ -236,7 +243,9 @@ def from_hf_config(hf: dict[str, Any], where: str = "config.json") -> GemmaConfi
     if c.get("tie_word_embeddings") is False:
         raise GemmaError(f"{where}: untied embeddings are not supported (Gemma ties the output head)")
 
-    n = int(c["num_hidden_layers"])
+    n = c.get("num_hidden_layers")
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise GemmaError(f"{where}: field 'num_hidden_layers' must be a positive integer, got {n!r}")
     # Which layers slide: transformers 5.x writes layer_types; 4.x configs imply them.
     if c.get("layer_types"):
         try:
@@ -246,7 +255,7 @@ def from_hf_config(hf: dict[str, Any], where: str = "config.json") -> GemmaConfi
     elif model_type == "gemma2":
         layer_types = _gemma2_layers(n)
     elif model_type == "gemma3_text":
-        layer_types = _pattern_layers(n, int(c.get("sliding_window_pattern") or 6))
+        layer_types = _pattern_layers(n, int(c.get("sliding_window_pattern") or c.get("_sliding_window_pattern") or 6))
     else:
         layer_types = (FULL,) * n
 
@@ -270,36 +279,38 @@ def from_hf_config(hf: dict[str, Any], where: str = "config.json") -> GemmaConfi
     if c.get("rope_scaling"):
         _, scaling = _rope_from_params(c["rope_scaling"], where, "full-attention")
 
+    def num(key: str, kind=int):
+        value = c.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+            raise GemmaError(f"{where}: field {key!r} must be a number, got {value!r}")
+        return kind(value)
+
+    def opt(key: str) -> float | None:
+        return None if c.get(key) is None else num(key, float)
+
     has_sliding = SLIDING in layer_types
-    try:
-        return GemmaConfig(
-            vocab_size=int(c["vocab_size"]),
-            hidden_size=int(c["hidden_size"]),
-            intermediate_size=int(c["intermediate_size"]),
-            num_layers=n,
-            num_heads=int(c["num_attention_heads"]),
-            num_kv_heads=int(c["num_key_value_heads"]),
-            head_dim=int(c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]),
-            norm_eps=float(c["rms_norm_eps"]),
-            rope_theta=theta,
-            rope_local_theta=local_theta,
-            rope_scaling=scaling,
-            query_pre_attn_scalar=(float(c["query_pre_attn_scalar"]) if model_type != "gemma" else None),
-            attn_softcap=_opt_float(c.get("attn_logit_softcapping")),
-            final_softcap=_opt_float(c.get("final_logit_softcapping")),
-            use_qk_norm=model_type == "gemma3_text",
-            sandwich_norms=model_type in ("gemma2", "gemma3_text"),
-            sliding_window=int(c["sliding_window"]) if has_sliding else None,
-            layer_types=layer_types,
-            max_seq_len=int(c["max_position_embeddings"]),
-            hf_repo=hf.get("_name_or_path") or None,
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise GemmaError(f"{where}: bad or missing field ({exc})") from None
-
-
-def _opt_float(v) -> float | None:
-    return None if v is None else float(v)
+    return GemmaConfig(
+        vocab_size=num("vocab_size"),
+        hidden_size=num("hidden_size"),
+        intermediate_size=num("intermediate_size"),
+        num_layers=n,
+        num_heads=num("num_attention_heads"),
+        num_kv_heads=num("num_key_value_heads"),
+        head_dim=num("head_dim") if c.get("head_dim") else num("hidden_size") // num("num_attention_heads"),
+        norm_eps=num("rms_norm_eps", float),
+        rope_theta=theta,
+        rope_local_theta=local_theta,
+        rope_scaling=scaling,
+        query_pre_attn_scalar=opt("query_pre_attn_scalar") if model_type != "gemma" else None,
+        attn_softcap=opt("attn_logit_softcapping"),
+        final_softcap=opt("final_logit_softcapping"),
+        use_qk_norm=model_type == "gemma3_text",
+        sandwich_norms=model_type in ("gemma2", "gemma3_text"),
+        sliding_window=num("sliding_window") if has_sliding else None,
+        layer_types=layer_types,
+        max_seq_len=num("max_position_embeddings"),
+        hf_repo=hf.get("_name_or_path") or None,
+    )
 
 
 def to_hf_config(cfg: GemmaConfig, bos_token_id: int = 2, eos_token_id: int = 1,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-VOCAB = 300
+VOCAB = 1024  # at least the tiny tokenizer's vocabulary
 
 
 def hf_config(case: str):
