@@ -118,10 +118,10 @@ def _iter_tensors(files: list[Path]) -> Iterator[tuple[Path, str, Callable[[], t
 
 
 def read_state_dict(files: list[Path], cfg: GemmaConfig, to_native: Callable[[str], str | None],
-                    dtype: torch.dtype, show: Callable[[str], str] = lambda n: n) -> dict[str, torch.Tensor]:
+                    dtype: torch.dtype | None, show: Callable[[str], str] = lambda n: n) -> dict[str, torch.Tensor]:
     """The native state dict from safetensors files, strictly checked against `cfg`.
 
-    `to_native` maps a file key to a native name (None: not ours, skip; KeyError: unexpected). `show` turns a
+    `dtype` None keeps each tensor as stored. `to_native` maps a file key to a native name (None: not ours, skip; KeyError: unexpected). `show` turns a
     native name back into the file's spelling for messages.
     """
     shapes = expected_shapes(cfg)
@@ -146,7 +146,7 @@ def read_state_dict(files: list[Path], cfg: GemmaConfig, to_native: Callable[[st
                              f"the config needs {shapes[name]}")
         if not tensor.is_floating_point():
             raise GemmaError(f"{path}: tensor {key!r} has non-float dtype {tensor.dtype}")
-        out[name] = tensor.to(dtype)  # one tensor at a time: never two full copies
+        out[name] = tensor if dtype is None else tensor.to(dtype)  # one at a time: never two full copies
     missing = [n for n in shapes if n not in out]
     if missing:
         raise GemmaError(f"{files[0].parent}: missing tensor {show(missing[0])!r}"
@@ -162,7 +162,7 @@ def build_model(cfg: GemmaConfig, state: dict[str, torch.Tensor], device="cpu") 
     return model.to(device).eval()
 
 
-def load_hf_folder(folder: Path, dtype: torch.dtype = torch.float32) -> tuple[GemmaConfig, dict[str, torch.Tensor]]:
+def load_hf_folder(folder: Path, dtype: torch.dtype | None = torch.float32) -> tuple[GemmaConfig, dict[str, torch.Tensor]]:
     """(config, native state dict) from an HF checkpoint folder."""
     cfg = GemmaConfig.from_hf_config(read_json(folder / "config.json"), str(folder / "config.json"))
     to_native = {v: k for k, v in hf_names(cfg).items()}
@@ -176,7 +176,7 @@ def load_hf_folder(folder: Path, dtype: torch.dtype = torch.float32) -> tuple[Ge
 
 
 def load_native_folder(folder: Path,
-                       dtype: torch.dtype = torch.float32) -> tuple[GemmaConfig, dict[str, torch.Tensor]]:
+                       dtype: torch.dtype | None = torch.float32) -> tuple[GemmaConfig, dict[str, torch.Tensor]]:
     """(config, state dict) from a native folder."""
     cfg = GemmaConfig.from_dict(read_json(folder / "config.json"), str(folder / "config.json"))
     path = folder / "model.safetensors"

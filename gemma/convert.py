@@ -1,0 +1,42 @@
+"""Conversion between model formats: any source in, an HF or native folder out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from gemma.checkpoint import save_hf, save_native
+from gemma.config import GemmaConfig
+from gemma.errors import GemmaError
+from gemma.load import load_weights
+from gemma.tokenizer import Tokenizer
+
+FORMATS = ("native", "hf")
+
+
+def write_model(dst: str | Path, to: str, cfg: GemmaConfig, state: dict[str, torch.Tensor], tokenizer: Tokenizer,
+                dtype: torch.dtype | None = None, force: bool = False) -> Path:
+    """Write a model folder in format `to` (`native` or `hf`), atomically."""
+    dst = Path(dst)
+    if to == "native":
+        save_native(dst, cfg, state, tokenizer.model_proto, dtype=dtype, force=force)
+    elif to == "hf":
+        ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+        if tokenizer.end_of_turn_id is not None:
+            ids["end_of_turn_id"] = tokenizer.end_of_turn_id
+        save_hf(dst, cfg, state, tokenizer.model_proto, ids, dtype=dtype, force=force)
+    else:
+        raise GemmaError(f"unknown output format {to!r}; choose one of {', '.join(FORMATS)}")
+    return dst
+
+
+def convert(src: str | Path, dst: str | Path, to: str, dtype: torch.dtype | None = None,
+            force: bool = False) -> Path:
+    """Convert any model source to an HF or native folder; `dtype` None keeps the stored dtypes."""
+    if to not in FORMATS:
+        raise GemmaError(f"unknown output format {to!r}; choose one of {', '.join(FORMATS)}")
+    if Path(dst).exists() and not force:  # fail before the (possibly long) read
+        raise GemmaError(f"{dst}: already exists (use --force to overwrite)")
+    cfg, state, tokenizer = load_weights(src, dtype)
+    return write_model(dst, to, cfg, state, tokenizer, dtype=dtype, force=force)
