@@ -5,9 +5,11 @@ is hard-coded. `apply_chat` reproduces, id for id, what transformers gives when 
 template and tokenizes the string, except that message content can never produce a chat marker (see `_encode_span`).
 """
 
+import contextlib
 import os
 import re
-import tempfile
+import uuid
+from collections.abc import Mapping
 
 import sentencepiece as spm
 
@@ -85,20 +87,18 @@ class Tokenizer:
     def save(self, path):
         """Write the model file atomically: a temporary file in the same folder, then renamed into place."""
         path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
+        # A fresh name opened with "x" rather than mkstemp, so the file gets the usual umask permissions, not 0600.
+        tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
+                           f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tokenizer-", suffix=".tmp")
-        except OSError as e:
-            raise GemmaError(f"{path}: cannot write the tokenizer file ({e.strerror or e})") from None
-        try:
-            with os.fdopen(fd, "wb") as f:
+            with open(tmp, "xb") as f:
                 f.write(self.model_proto)
             os.replace(tmp, path)
-        except OSError as e:
-            os.unlink(tmp)
-            raise GemmaError(f"{path}: cannot write the tokenizer file ({e.strerror or e})") from None
-        except BaseException:
-            os.unlink(tmp)
+        except BaseException as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if isinstance(e, OSError):
+                raise GemmaError(f"{path}: cannot write the tokenizer file ({e.strerror or e})") from None
             raise
 
     # ---- ids ----
@@ -137,6 +137,9 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
         """Plain sentencepiece encoding: user-defined pieces in `text` (chat markers included) are matched."""
+        if not isinstance(text, str):
+            # sentencepiece would accept a list and return a list of lists.
+            raise TypeError(f"encode() takes a str, got {type(text).__name__}")
         ids = self._sp.encode(text)
         # Prepended by hand: sentencepiece's add_bos only works when the model declares bos_id itself.
         return [self._bos_id] + ids if bos else ids
@@ -178,7 +181,7 @@ class Tokenizer:
         if not isinstance(messages, (list, tuple)) or not messages:
             raise GemmaError("chat: messages must be a non-empty list of {role, content}")
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
                 raise GemmaError(f"chat: message {i} must be a dict with 'role' and 'content'")
             if m["role"] not in _ROLES:
                 raise GemmaError(f"chat: message {i} has unknown role {m['role']!r} (expected one of {', '.join(_ROLES)})")
