@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemma.config import GemmaConfig
+from gemma.kv_cache import KVCache
 from gemma.layers import RMSNorm, apply_rope
 
 
@@ -33,6 +34,7 @@ def attention_mask(positions: torch.Tensor, window: int | None,
 class Attention(nn.Module):
     def __init__(self, cfg: GemmaConfig, layer: int):
         super().__init__()
+        self.layer, self.sliding = layer, cfg.is_sliding(layer)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.scale = cfg.attn_scale
         self.softcap = cfg.attn_softcap
@@ -46,8 +48,8 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
@@ -55,6 +57,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v, mask = cache.update(self.layer, self.sliding, k, v)  # (B, KV, S, hd), mask (B, 1, T, S)
         out = attend(q, k, v, mask, self.scale, self.softcap)  # (B, H, T, hd)
         return self.o(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 

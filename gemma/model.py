@@ -9,6 +9,7 @@ from torch import nn
 
 from gemma.attention import Attention, attention_mask
 from gemma.config import GemmaConfig
+from gemma.kv_cache import KVCache
 from gemma.layers import GeGLU, RMSNorm, rope_cos_sin, rope_inv_freq
 
 
@@ -28,8 +29,8 @@ class Block(nn.Module):
         else:
             self.post_attn_norm = self.post_mlp_norm = None
 
-    def forward(self, x, cos, sin, mask):
-        h = self.attn(self.attn_norm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask, cache=None):
+        h = self.attn(self.attn_norm(x), cos, sin, mask, cache)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x = x + h
@@ -76,24 +77,33 @@ class Gemma(nn.Module):
         return h * torch.tensor(math.sqrt(self.config.hidden_size), dtype=h.dtype)
 
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                      segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+                      segment_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """The final-normed hidden states (B, T, hidden), before the output head.
 
-        `positions` (B, T) default to 0..T-1; `segment_ids` (B, T) confine attention to equal ids (packing).
+        `positions` (B, T) default to 0..T-1 (after what the cache holds); `segment_ids` (B, T) confine attention
+        to equal ids (packing). With a `cache`, the new tokens attend to everything cached before them and are
+        stored in it; a position of -1 marks a padding token that no other token attends to.
         """
         B, T = tokens.shape
         if positions is None:
-            positions = torch.arange(T, device=tokens.device).expand(B, T)
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
         x = self.embed_tokens(tokens)
-        rope = self.rope_tables(positions, x.dtype)
+        rope = self.rope_tables(positions.clamp(min=0), x.dtype)
         cfg = self.config
-        masks = {
-            False: attention_mask(positions, None, segment_ids),
-            True: attention_mask(positions, cfg.sliding_window, segment_ids),
-        }
+        if cache is not None:
+            if segment_ids is not None:
+                raise ValueError("segment_ids are not supported with a KV cache")
+            cache.plan(positions)
+            masks = {False: None, True: None}  # the cache supplies them
+        else:
+            masks = {
+                False: attention_mask(positions, None, segment_ids),
+                True: attention_mask(positions, cfg.sliding_window, segment_ids),
+            }
         for i, block in enumerate(self.layers):
             sliding = cfg.is_sliding(i)
-            x = block(x, *rope[sliding], masks[sliding])
+            x = block(x, *rope[sliding], masks[sliding], cache)
         return self.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -105,5 +115,9 @@ class Gemma(nn.Module):
         return logits
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self.logits(self.hidden_states(tokens, positions, segment_ids))
+                segment_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        return self.logits(self.hidden_states(tokens, positions, segment_ids, cache))
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """A KV cache for `batch` rows of up to `max_len` tokens, in the model's dtype and device."""
+        return KVCache(self.config, batch, max_len, dtype or self.dtype, self.device)

@@ -1,0 +1,112 @@
+"""The KV cache: preallocated per-layer buffers written in place, static shapes, explicit setup and reset.
+
+Columns ("slots") are shared by the whole batch: the t-th token fed to the model goes to slot t of every row.
+Each row keeps the RoPE position held in each slot (-1 for empty or padding), so rows of different lengths
+(left padding) share one cache and one forward pass. Global layers keep every slot up to `max_len`; sliding-window
+layers keep only the last `window` slots in a ring buffer, so their memory grows with the window, not the context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gemma.config import GemmaConfig
+from gemma.errors import GemmaError
+
+
+@dataclass
+class Step:
+    """What one forward pass does to the cache of one kind of layer (computed once, shared by those layers)."""
+
+    write: torch.Tensor  # slot index of each new column written (T',)
+    keep_from: int  # first new column that is written (a ring holds at most `size` of them)
+    concat: bool  # attend over the old slots plus the new columns (a ring prefill), not the buffer itself
+    used: int  # slots to attend over when not concatenating
+    mask: torch.Tensor  # (B, 1, T, S) True where a query may attend to a key
+
+
+class KVCache(nn.Module):
+    def __init__(self, cfg: GemmaConfig, batch: int, max_len: int, dtype: torch.dtype, device=None):
+        super().__init__()
+        if max_len > cfg.max_seq_len:
+            raise GemmaError(f"a cache of {max_len} tokens exceeds the model's context of {cfg.max_seq_len}")
+        self.batch, self.max_len, self.window = batch, max_len, cfg.sliding_window
+        self.kinds = sorted(set(cfg.is_sliding(i) for i in range(cfg.num_layers)))
+        self.sizes = {s: (min(self.window, max_len) if s else max_len) for s in self.kinds}
+        shape = lambda s: (batch, cfg.num_kv_heads, self.sizes[s], cfg.head_dim)  # noqa: E731
+        self.k = [torch.zeros(shape(cfg.is_sliding(i)), dtype=dtype, device=device) for i in range(cfg.num_layers)]
+        self.v = [torch.zeros_like(k) for k in self.k]
+        self.slot_pos = {s: torch.full((batch, self.sizes[s]), -1, dtype=torch.long, device=device)
+                         for s in self.kinds}
+        self.length = 0  # columns fed so far
+        self.steps: dict[bool, Step] = {}
+
+    def reset(self) -> None:
+        for table in self.slot_pos.values():
+            table.fill_(-1)
+        self.length = 0
+
+    def truncate(self, length: int) -> None:
+        """Forget every column from `length` on (e.g. a rejected continuation); global layers only keep them."""
+        if length > self.length:
+            raise ValueError("cannot truncate forward")
+        if any(self.sizes[s] < self.length for s in self.kinds) and length < self.length:
+            # A ring has overwritten slots that the shorter history would need again.
+            raise GemmaError("cannot rewind a sliding-window cache that has wrapped; reset and prefill instead")
+        for s in self.kinds:
+            self.slot_pos[s][:, length:] = -1
+        self.length = length
+
+    def plan(self, positions: torch.Tensor) -> None:
+        """Prepare one forward pass of T new columns at `positions` (B, T), -1 marking padding."""
+        B, T = positions.shape
+        if B != self.batch:
+            raise ValueError(f"batch {B} does not match the cache's {self.batch}")
+        if self.length + T > self.max_len:
+            raise GemmaError(f"the sequence ({self.length + T} tokens) exceeds the cache ({self.max_len})")
+        cols = self.length + torch.arange(T, device=positions.device)
+        self.steps = {}
+        for s in self.kinds:
+            size, old = self.sizes[s], self.slot_pos[s]
+            ring_prefill = s and T > 1 and size < self.max_len
+            if ring_prefill:
+                # Writing first would overwrite keys that earlier queries of this chunk still need.
+                key_pos = torch.cat([old, positions], dim=1)  # (B, size + T)
+                query_slot = size + torch.arange(T, device=positions.device)
+                used = size + T
+            else:
+                key_pos = old.clone()
+                key_pos[:, cols % size] = positions
+                query_slot = cols % size
+                used = size if s and size < self.max_len else self.length + T
+                key_pos = key_pos[:, :used]
+            keep_from = max(0, T - size)
+            self.steps[s] = Step(write=cols[keep_from:] % size, keep_from=keep_from, concat=ring_prefill,
+                                 used=used, mask=self._mask(positions, key_pos, query_slot, s))
+        for s in self.kinds:
+            self.slot_pos[s][:, self.steps[s].write] = positions[:, self.steps[s].keep_from:]
+        self.length += T
+
+    def _mask(self, q_pos, k_pos, q_slot, sliding: bool) -> torch.Tensor:
+        q, k = q_pos[:, :, None], k_pos[:, None, :]  # (B, T, 1), (B, 1, S)
+        ok = (k >= 0) & (k <= q)
+        if sliding:
+            ok &= (q - k) < self.window
+        # Each column also sees its own slot, so a padding query (position -1) never has an empty softmax row.
+        own = q_slot[:, None] == torch.arange(k_pos.shape[1], device=k_pos.device)[None, :]  # (T, S)
+        return (ok | own[None])[:, None]  # (B, 1, T, S)
+
+    def update(self, layer: int, sliding: bool, k: torch.Tensor, v: torch.Tensor):
+        """Store the new k, v (B, KV, T, hd) of `layer`; return the keys, values and mask to attend over."""
+        step = self.steps[sliding]
+        kb, vb = self.k[layer], self.v[layer]
+        if step.concat:
+            keys, values = torch.cat([kb, k], dim=2), torch.cat([vb, v], dim=2)
+        kb[:, :, step.write] = k[:, :, step.keep_from:]
+        vb[:, :, step.write] = v[:, :, step.keep_from:]
+        if not step.concat:
+            keys, values = kb[:, :, :step.used], vb[:, :, :step.used]
+        return keys, values, step.mask
