@@ -2,7 +2,7 @@
 
 Every special id is read from the model file: Gemma 1/2 and Gemma 3 number their chat markers differently, so none
 is hard-coded. `apply_chat` reproduces, id for id, what transformers gives when it renders Gemma 3's official chat
-template and tokenizes the string, except that message content can never produce a chat marker (see `_encode_span`).
+template and tokenizes the string, except that message content can never produce a chat marker (see `encode_content`).
 """
 
 import contextlib
@@ -164,7 +164,7 @@ class Tokenizer:
         ids = []
         for part in self._chat_parts(messages, add_generation_prompt):
             if isinstance(part, str):
-                ids += self._encode_span(part)
+                ids += self.encode_content(part)
             else:
                 ids.append(part)
         return ids
@@ -210,8 +210,8 @@ class Tokenizer:
             parts += [self._start_id, "model\n"]
         return parts
 
-    def _encode_span(self, text: str) -> list[int]:
-        """Encode a text span so that marker literals inside it stay text.
+    def encode_content(self, text: str) -> list[int]:
+        """Encode message content (no <bos>) so that marker literals inside it stay text.
 
         sentencepiece matches user-defined pieces anywhere in its input, so content holding "<end_of_turn>" would
         otherwise become the real marker and let a user forge a turn. Each such literal is cut off from its
@@ -224,6 +224,8 @@ class Tokenizer:
         for match in self._guard.finditer(text):
             ids += self._sp.encode(text[pos:match.start()])
             literal = match.group()
-            ids += self._sp.encode(literal[0]) + self._encode_span(literal[1:])
+            ids += self._sp.encode(literal[0]) + self.encode_content(literal[1:])
             pos = match.end()
         return ids + self._sp.encode(text[pos:])
+
+    _encode_span = encode_content  # the former private name
