@@ -125,7 +125,7 @@ def _gemma2_layers(n: int) -> tuple[str, ...]:
     return tuple(SLIDING if (i + 1) % 2 else FULL for i in range(n))
 
 
-def _pattern_layers(n: int, pattern: int) -> tuple[str, ...]:
+def pattern_layers(n: int, pattern: int) -> tuple[str, ...]:
     # Gemma 3: every `pattern`-th layer is global, the rest local.
     return tuple(SLIDING if (i + 1) % pattern else FULL for i in range(n))
 
@@ -145,7 +145,7 @@ def _g3(hf_repo, *shape, scalar, vocab, window, context, scaling):
     n = shape[2]
     return GemmaConfig(vocab_size=vocab, **_full(*shape), query_pre_attn_scalar=scalar, rope_theta=1_000_000.0,
                        rope_local_theta=10_000.0, rope_scaling=scaling, use_qk_norm=True, sandwich_norms=True,
-                       sliding_window=window, layer_types=_pattern_layers(n, 6), max_seq_len=context,
+                       sliding_window=window, layer_types=pattern_layers(n, 6), max_seq_len=context,
                        hf_repo=hf_repo)
 
 
@@ -255,7 +255,7 @@ def _from_hf_config(hf: dict[str, Any], where: str) -> GemmaConfig:
     elif model_type == "gemma2":
         layer_types = _gemma2_layers(n)
     elif model_type == "gemma3_text":
-        layer_types = _pattern_layers(n, int(c.get("sliding_window_pattern") or c.get("_sliding_window_pattern") or 6))
+        layer_types = pattern_layers(n, int(c.get("sliding_window_pattern") or c.get("_sliding_window_pattern") or 6))
     else:
         layer_types = (FULL,) * n
 
