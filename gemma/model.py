@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from gemma.attention import Attention, attention_mask
@@ -49,6 +50,8 @@ class Gemma(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        # Recompute each block's activations in the backward pass instead of keeping them (training only).
+        self.grad_checkpointing = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -101,9 +104,14 @@ class Gemma(nn.Module):
                 False: attention_mask(positions, None, segment_ids),
                 True: attention_mask(positions, cfg.sliding_window, segment_ids),
             }
+        checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.layers):
             sliding = cfg.is_sliding(i)
-            x = block(x, *rope[sliding], masks[sliding], cache)
+            if checkpointing:
+                x = torch.utils.checkpoint.checkpoint(block, x, *rope[sliding], masks[sliding], cache,
+                                                      use_reentrant=False)
+            else:
+                x = block(x, *rope[sliding], masks[sliding], cache)
         return self.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,219 @@
+"""The training loop on tiny models: loss normalisation, packing, chunked loss, fp16, exact resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import gemma
+from gemma.checkpoint import build_model, load_hf_folder
+from lora import LoraConfig, inject
+from train.data import Example, collate, load_dataset, pack
+from train.loop import accumulate
+from train.loss import chunked_cross_entropy
+from tiny_models import hf_model
+
+ROOT = Path(__file__).resolve().parents[1]
+ARITH = ROOT / "examples" / "arith_train.jsonl"
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, tiny_tokenizer_path):
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    hf_model("gemma3").save_pretrained(folder)
+    shutil.copy(tiny_tokenizer_path, folder / "tokenizer.model")
+    return folder
+
+
+@pytest.fixture
+def lora_model(tiny_folder):
+    model, tokenizer = gemma.load(tiny_folder)
+    torch.manual_seed(0)
+    inject(model, LoraConfig(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():  # B starts at zero; make the adapter matter
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model, tokenizer
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def test_accumulation_normalises_by_all_target_tokens(lora_model):
+    model, tokenizer = lora_model
+    examples, _ = load_dataset(ROOT / "examples" / "general_zh_en.jsonl", tokenizer, 96)
+    four = examples[:4]
+    assert len({sum(t != -100 for t in e.targets) for e in four}) > 1  # unequal target counts
+    n = sum(sum(t != -100 for t in e.targets) for e in four)
+    whole = [collate(four, tokenizer.pad_id)]
+    split = [collate([e], tokenizer.pad_id) for e in four]
+    loss_a = accumulate(model, whole, n, "fp32", "cpu")
+    ga = grads(model)
+    loss_b = accumulate(model, split, n, "fp32", "cpu")
+    gb = grads(model)
+    assert abs(loss_a - loss_b) <= 1e-6 * abs(loss_a)  # fp32 sums in another order
+    for k in ga:
+        torch.testing.assert_close(ga[k], gb[k], atol=1e-6, rtol=0)
+
+
+def test_packed_batch_gives_each_record_its_own_loss(lora_model):
+    model, tokenizer = lora_model
+    examples, _ = load_dataset(ARITH, tokenizer, 64)
+    records = examples[:6]
+    packed = pack(records, 256)
+    assert len(packed) < len(records)
+    with torch.no_grad():
+        batch = collate(packed, tokenizer.pad_id)
+        h = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+        logits = model.logits(h)
+        alone_total = 0.0
+        for e in records:
+            b = collate([e], tokenizer.pad_id)
+            loss, _ = chunked_cross_entropy(model, model.hidden_states(b["tokens"]), b["targets"])
+            alone_total += loss.item()
+        packed_total = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), batch["targets"].flatten(), reduction="sum", ignore_index=-100).item()
+    assert abs(packed_total - alone_total) < 1e-5 * max(1.0, abs(alone_total))
+
+
+def test_chunked_loss_equals_plain_loss_and_gradients(lora_model):
+    model, tokenizer = lora_model
+    examples, _ = load_dataset(ARITH, tokenizer, 64)
+    batch = collate(examples[:5], tokenizer.pad_id)
+    h = model.hidden_states(batch["tokens"])
+    chunked, n = chunked_cross_entropy(model, h, batch["targets"], chunk=7)
+    chunked.backward()
+    g1 = grads(model)
+    h = model.hidden_states(batch["tokens"])
+    plain = torch.nn.functional.cross_entropy(model.logits(h).flatten(0, 1), batch["targets"].flatten(),
+                                              reduction="sum", ignore_index=-100)
+    plain.backward()
+    g2 = grads(model)
+    assert n == int((batch["targets"] != -100).sum())
+    torch.testing.assert_close(chunked, plain, atol=1e-4, rtol=1e-6)
+    for k in g1:
+        torch.testing.assert_close(g1[k], g2[k], atol=1e-6, rtol=1e-5)
+
+
+# ---- the command ---------------------------------------------------------------------------------------------------
+
+def sft(*args, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "train.sft", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=kw.get("cwd", ROOT), timeout=600)
+
+
+def test_sft_writes_adapter_metrics_and_config(tiny_folder, tmp_path):
+    out = tmp_path / "run"
+    run = sft("--model", tiny_folder, "--data", ARITH, "--max-steps", 4, "--batch-size", 2, "--grad-accum", 2,
+              "--eval-split", 0.05, "--eval-every", 2, "--out", out, "--lora-r", 4)
+    assert run.returncode == 0, run.stderr
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    assert all({"step", "loss", "lr", "tokens_per_s"} <= m.keys() for m in lines)
+    assert "eval_loss" in lines[1] and "eval_loss" in lines[3]
+    config = json.loads((out / "config.json").read_text())
+    assert config["lora_r"] == 4 and config["resolved"]["total_steps"] == 4
+    assert (out / "adapter" / "adapter_config.json").exists()
+    model, _ = gemma.load(tiny_folder, adapter=out / "adapter")  # the adapter loads back
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora" in n) > 0
+
+
+def test_fp16_with_data_smaller_than_one_window(tiny_folder, tmp_path):
+    data = tmp_path / "three.jsonl"
+    data.write_text("\n".join(ARITH.read_text().splitlines()[:3]) + "\n")
+    run = sft("--model", tiny_folder, "--data", data, "--epochs", 2, "--batch-size", 2, "--grad-accum", 4,
+              "--precision", "fp16", "--out", tmp_path / "run")
+    assert run.returncode == 0, run.stderr
+    assert "unscale_" not in run.stderr
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # one partial window per epoch, each stepped
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_interrupted_and_resumed_run_is_bit_identical(tiny_folder, tmp_path, precision):
+    common = ["--model", tiny_folder, "--data", ARITH, "--max-steps", 40, "--batch-size", 2, "--grad-accum", 2,
+              "--lora-dropout", 0.1, "--precision", precision, "--lora-r", 4, "--save-every", 15]
+    whole = sft(*common, "--out", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "train.sft", *map(str, common), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.02)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "Traceback" not in err and "--resume" in err
+    stopped_at = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").iterdir())
+    assert stopped_at < 40
+
+    resumed = sft(*common, "--out", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    b = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert steps == list(range(1, 41))
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"instruction": "a", "output": "b"}\n{"instruction": \n', "bad.jsonl:2"),
+    ('{"question": "a", "answer": "b"}\n', "bad.jsonl:1"),
+    ("", "bad.jsonl"),
+])
+def test_bad_data_is_a_one_line_error(tiny_folder, tmp_path, content, message):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(content)
+    run = sft("--model", tiny_folder, "--data", data, "--max-steps", 1, "--out", tmp_path / "run")
+    assert run.returncode == 2
+    assert run.stderr.startswith("error: ") and message in run.stderr and run.stderr.count("\n") == 1
+
+
+def test_missing_data_and_unwritable_out(tiny_folder, tmp_path):
+    run = sft("--model", tiny_folder, "--data", tmp_path / "nope.jsonl", "--max-steps", 1, "--out", tmp_path / "r")
+    assert run.returncode == 2 and run.stderr.startswith("error: ") and "nope.jsonl" in run.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    run = sft("--model", tiny_folder, "--data", ARITH, "--max-steps", 1, "--out", blocker / "run")
+    assert run.returncode == 2 and run.stderr.startswith("error: ") and run.stderr.count("\n") == 1
+
+
+def test_bad_flag_values(tiny_folder, tmp_path):
+    run = sft("--model", tiny_folder, "--lora-targets", "q,zz", "--out", tmp_path / "r")
+    assert run.returncode == 2 and "zz" in run.stderr
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lr: 0.001\nbogus: 3\n")
+    run = sft("--config", cfg, "--out", tmp_path / "r")
+    assert run.returncode == 2 and "bogus" in run.stderr
+
+
+def test_config_file_with_flag_override(tiny_folder, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {tiny_folder}\ndata: {ARITH}\nmax_steps: 3\nlora_r: 2\nlr: 1e-3\n")
+    run = sft("--config", cfg, "--max-steps", 2, "--out", tmp_path / "r")
+    assert run.returncode == 0, run.stderr
+    resolved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert resolved["max_steps"] == 2 and resolved["lora_r"] == 2 and resolved["lr"] == 1e-3

@@ -1,0 +1,384 @@
+"""The training loop: set up, then for each optimizer step accumulate, clip, step, log, maybe eval, maybe save."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import gemma
+from gemma.errors import GemmaError
+from lora import LoraConfig, inject, save_adapter, summary
+from train import checkpoint as ckpt
+from train.data import Example, collate, load_dataset, pack, plan_epoch, read_records, record_messages, shard
+from train.loss import IGNORE, chunked_cross_entropy
+from train.options import TrainOptions
+from train.report import exact_match, generate_replies, plot_losses
+from train.schedule import lr_at
+
+NONFINITE_LIMIT = 2  # consecutive non-finite losses (fp32/bf16) that stop the run
+FP16_SKIP_LIMIT = 25  # consecutive overflowing fp16 steps that stop the run
+
+
+@dataclass
+class RunState:
+    """What advances during training and is saved in checkpoints."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current pass over the data
+    batch_in_epoch: int = 0  # optimizer steps done within the current epoch
+    best_eval: float = math.inf
+    skipped: int = 0  # steps whose update was skipped (non-finite loss or fp16 overflow)
+    history: list = field(default_factory=list)  # (step, train loss, eval loss or None) for the plot
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; the loop saved a checkpoint and stops."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name:
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise GemmaError(f"--device {name}: CUDA is not available on this machine")
+        return device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_run_dir(opts: TrainOptions) -> Path:
+    name = Path(opts.source).name.removesuffix(".gguf") or "model"
+    return Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def autocast_for(precision: str, device: torch.device):
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def batch_loss(model, batch, precision, device) -> tuple[torch.Tensor, int]:
+    with autocast_for(precision, device):
+        h = model.hidden_states(batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
+        return chunked_cross_entropy(model, h, batch["targets"])
+
+
+def accumulate(model, batches: list[dict], n_targets: int, precision: str, device, scaler=None) -> float:
+    """Backward over the micro-batches of one optimizer step; returns the mean loss per target token.
+
+    Each micro-batch's summed loss is divided by `n_targets`, the target tokens of the whole accumulated batch,
+    so the gradient is that of the mean over all its tokens, however they are split into micro-batches.
+    """
+    loss_sum = torch.zeros((), device=device)
+    for b in batches:
+        loss, _ = batch_loss(model, b, precision, device)
+        scaled = loss / max(n_targets, 1)
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        loss_sum += loss.detach()
+    return (loss_sum / max(n_targets, 1)).item()
+
+
+@torch.no_grad()
+def eval_loss(model, examples: list[Example], pad_id: int, batch_size: int, precision, device) -> float:
+    """Mean loss per target token over `examples`."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    for i in range(0, len(order), batch_size):
+        batch = to_device(collate([examples[j] for j in order[i:i + batch_size]], pad_id), device)
+        loss, n = batch_loss(model, batch, precision, device)
+        total, count = total + loss.item(), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def train(opts: TrainOptions, log=print) -> Path:
+    """Run one fine-tuning job; returns the run folder. Raises Interrupted after saving on SIGINT/SIGTERM."""
+    device = pick_device(opts.device)
+    run_dir = Path(opts.out) if opts.out else default_run_dir(opts)
+    resume_from = _check_run_dir(run_dir, opts.resume)
+    torch.manual_seed(opts.seed)
+    random.seed(opts.seed)
+    np.random.seed(opts.seed)
+
+    # ---- model: frozen base in the compute dtype, LoRA weights and optimizer state in fp32 ----
+    if opts.precision == "fp16" and device.type == "cpu":
+        log("note: fp16 on CPU is slow and overflow-prone; bf16 is the better choice here")
+    base_dtype = torch.bfloat16 if opts.precision == "bf16" else torch.float32
+    model, tokenizer = gemma.load(opts.source, dtype=base_dtype, device=device)
+    lora_cfg = LoraConfig(r=opts.lora_r, alpha=opts.lora_alpha, dropout=opts.lora_dropout, targets=opts.targets,
+                          rslora=opts.rslora, dora=opts.dora)
+    inject(model, lora_cfg)
+    log(summary(model))
+    model.grad_checkpointing = opts.grad_checkpointing
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    # ---- data ----
+    train_examples, stats = load_dataset(opts.data, tokenizer, opts.max_len, opts.train_on_prompt)
+    log(f"train data: {stats.summary()}")
+    eval_examples: list[Example] = []
+    if opts.eval_data:
+        eval_examples, eval_stats = load_dataset(opts.eval_data, tokenizer, opts.max_len, opts.train_on_prompt)
+        log(f"eval data: {eval_stats.summary()}")
+    elif opts.eval_split > 0:
+        order = torch.randperm(len(train_examples), generator=torch.Generator().manual_seed(opts.seed)).tolist()
+        n_eval = max(1, int(len(order) * opts.eval_split))
+        eval_examples = [train_examples[i] for i in order[:n_eval]]
+        train_examples = [train_examples[i] for i in sorted(order[n_eval:])]
+    if opts.packing:
+        train_examples = pack(train_examples, opts.max_len)
+        log(f"packed into {len(train_examples)} sequences of up to {opts.max_len} tokens")
+    if not train_examples:
+        raise GemmaError(f"{opts.data}: no trainable records after filtering")
+    lengths = [len(e.input_ids) for e in train_examples]
+    world, rank = 1, 0
+    global_batch = opts.batch_size * opts.grad_accum * world
+    steps_per_epoch = math.ceil(len(train_examples) / global_batch)
+    total_steps = opts.max_steps or max(1, math.ceil(opts.epochs * steps_per_epoch))
+    warmup = int(opts.warmup_ratio * total_steps)
+
+    # ---- optimizer, scaler, state ----
+    optimizer = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=opts.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=opts.precision == "fp16")
+    state = RunState()
+    metrics_path = run_dir / "metrics.jsonl"
+    if resume_from is not None:
+        saved = ckpt.load_checkpoint(resume_from)
+        _restore(saved, model, optimizer, scaler, state, opts, resume_from)
+        _truncate_metrics(metrics_path, state.step)
+        log(f"resumed from {resume_from} at step {state.step}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(run_dir / "config.json", {**opts.to_dict(), "resolved": {
+        "run_dir": str(run_dir), "device": str(device), "total_steps": total_steps, "warmup_steps": warmup,
+        "global_batch": global_batch, "world_size": world, "train_examples": len(train_examples),
+        "eval_examples": len(eval_examples), "model_config": model.config.to_dict()}})
+
+    def write_adapter(folder: Path) -> None:
+        save_adapter(model, folder, base_model_name_or_path=opts.source, force=True)
+
+    def save(tag: str = "") -> Path:
+        payload = {"trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
+                   "scaler": scaler.state_dict(), "run": state.__dict__.copy(), "rng": ckpt.rng_state(),
+                   "options": opts.to_dict()}
+        return ckpt.save_checkpoint(run_dir, state.step, payload, write_adapter, opts.keep_last)
+
+    # ---- signals: finish the current step, save, stop ----
+    pending: list[int] = []
+
+    def on_signal(signum, frame):
+        if pending:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        pending.append(signum)
+
+    # ---- held-out exact match before training (the base model: LoRA's B starts at zero) ----
+    report_path = run_dir / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    held_out = _held_out(opts)
+    if held_out and "exact_match_before" not in report:
+        score, _ = exact_match(model, tokenizer, held_out)
+        report["exact_match_before"] = score
+        _write_json_atomic(report_path, report)
+        log(f"held-out exact match before training: {score:.1%} of {len(held_out)}")
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
+        plan = plan_epoch(lengths, global_batch, opts.seed, state.epoch)
+        consecutive_bad = 0
+        window_tokens, window_start = 0, time.perf_counter()
+        while state.step < total_steps:
+            if state.batch_in_epoch >= len(plan):
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                plan = plan_epoch(lengths, global_batch, opts.seed, state.epoch)
+            micro = shard(plan[state.batch_in_epoch], rank, world, opts.grad_accum)
+            batches = [to_device(collate([train_examples[i] for i in mb], tokenizer.pad_id), device) for mb in micro]
+            # Normalise by the target tokens of the whole accumulated batch, not per micro-batch.
+            n_targets = sum(int((b["targets"] != IGNORE).sum()) for b in batches)
+            lr = lr_at(state.step, total_steps, opts.lr, warmup, opts.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            step_loss = accumulate(model, batches, n_targets, opts.precision, device, scaler)
+            window_tokens += sum(int((b["tokens"] != tokenizer.pad_id).sum()) for b in batches)
+
+            finite = math.isfinite(step_loss)
+            if not finite and opts.precision != "fp16":
+                consecutive_bad += 1
+                state.skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+                if consecutive_bad >= NONFINITE_LIMIT:
+                    last = ckpt.checkpoint_dirs(run_dir)
+                    raise GemmaError(f"non-finite loss at {consecutive_bad} steps in a row (step {state.step + 1}); "
+                                     f"stopped. Last good checkpoint: {last[-1] if last else 'none'}")
+                grad_norm = float("nan")
+            else:
+                scaler.unscale_(optimizer)  # exactly once per optimizer step
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm or float("inf")))
+                scale_before = scaler.get_scale() if scaler.is_enabled() else None
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                if scaler.is_enabled() and scaler.get_scale() < scale_before:
+                    state.skipped += 1  # overflow: the scaler skipped this update and lowered its scale
+                    consecutive_bad += 1
+                    if consecutive_bad >= FP16_SKIP_LIMIT:
+                        raise GemmaError(f"fp16 overflow at {consecutive_bad} steps in a row; use --precision bf16")
+                else:
+                    consecutive_bad = 0
+            state.step += 1
+            state.batch_in_epoch += 1
+
+            # ---- log, eval, save ----
+            record = None
+            last_step = state.step == total_steps
+            if state.step % opts.log_every == 0 or last_step:
+                elapsed = time.perf_counter() - window_start
+                record = {"step": state.step, "epoch": state.epoch + state.batch_in_epoch / max(len(plan), 1),
+                          "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                          "tokens_per_s": window_tokens / max(elapsed, 1e-9), "skipped_steps": state.skipped}
+                window_tokens, window_start = 0, time.perf_counter()
+            eval_value = None
+            if eval_examples and ((opts.eval_every and state.step % opts.eval_every == 0) or last_step):
+                eval_value = eval_loss(model, eval_examples, tokenizer.pad_id, opts.batch_size, opts.precision,
+                                       device)
+                record = {**(record or {"step": state.step, "loss": step_loss, "lr": lr}), "eval_loss": eval_value}
+                if eval_value < state.best_eval:
+                    state.best_eval = eval_value
+                    write_adapter(run_dir / "best_adapter")
+            if record is not None:
+                state.history.append((state.step, step_loss, eval_value))
+                _append_jsonl(metrics_path, record)
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}",
+                                tok_s=f"{record.get('tokens_per_s', 0):.0f}", refresh=False)
+            bar.update(1)
+            if opts.save_every and state.step % opts.save_every == 0 and not last_step:
+                save()
+            if pending:
+                path = save()
+                bar.close()
+                print(f"interrupted: saved {path}; continue with --resume --out {run_dir}", file=sys.stderr)
+                raise Interrupted(pending[0])
+        bar.close()
+        save()
+        write_adapter(run_dir / "adapter")
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    # ---- what the user sees at the end ----
+    report["train_loss_last"] = state.history[-1][1] if state.history else None
+    if state.best_eval < math.inf:
+        report["eval_loss_best"] = state.best_eval
+    if held_out:
+        score, rows = exact_match(model, tokenizer, held_out)
+        report["exact_match_after"] = score
+        log(f"held-out exact match after training: {score:.1%} (before: {report['exact_match_before']:.1%})")
+        with open(run_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if opts.chat_prompt:
+        reply = generate_replies(model, tokenizer, [[{"role": "user", "content": opts.chat_prompt}]],
+                                 max_new_tokens=64)[0]
+        report["chat"] = {"prompt": opts.chat_prompt, "reply": reply}
+        log(f"user: {opts.chat_prompt}\nmodel: {reply}")
+    plot = plot_losses(state.history, run_dir / "loss.png")
+    if plot:
+        report["loss_plot"] = str(plot)
+    _write_json_atomic(report_path, report)
+    return run_dir
+
+
+def _held_out(opts: TrainOptions) -> list[list[dict]]:
+    """Conversations of the held-out file to score by exact match (the first --eval-generate of them)."""
+    if not (opts.eval_generate and opts.eval_data):
+        return []
+    records = read_records(opts.eval_data)
+    convs = [record_messages(r, f"{opts.eval_data}:record {i + 1}") for i, r in enumerate(records)]
+    return convs[:opts.eval_generate]
+
+
+def _check_run_dir(run_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run; refuses to overwrite a finished or started run."""
+    found = ckpt.checkpoint_dirs(run_dir)
+    if resume:
+        if not found:
+            raise GemmaError(f"{run_dir}: no checkpoint to resume from")
+        return found[-1]
+    if found or (run_dir / "adapter").exists():
+        raise GemmaError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another --out")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise GemmaError(f"{run_dir}: exists and is not a folder")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise GemmaError(f"{run_dir}: cannot write the output folder ({exc.strerror or exc})") from None
+    return None
+
+
+def _restore(saved, model, optimizer, scaler, state: RunState, opts: TrainOptions, where: Path) -> None:
+    named = dict(model.named_parameters())
+    trainable = saved["trainable"]
+    expected = {n for n, p in named.items() if p.requires_grad}
+    if set(trainable) != expected:
+        raise GemmaError(f"{where}: the checkpoint's adapter does not match this run's LoRA settings")
+    for name, tensor in trainable.items():
+        if named[name].shape != tensor.shape:
+            raise GemmaError(f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, this run needs "
+                             f"{tuple(named[name].shape)}")
+        with torch.no_grad():
+            named[name].copy_(tensor)
+    optimizer.load_state_dict(saved["optimizer"])
+    scaler.load_state_dict(saved["scaler"])
+    for key, value in saved["run"].items():
+        setattr(state, key, value)
+    ckpt.set_rng_state(saved["rng"])
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines written after the checkpoint we resume from (they will be written again)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    _write_text_atomic(path, "".join(line + "\n" for line in keep))
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _write_json_atomic(path: Path, data) -> None:
+    _write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
