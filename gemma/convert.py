@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from gemma.checkpoint import save_hf, save_native
+from gemma.checkpoint import build_model, save_hf, save_native
 from gemma.config import GemmaConfig
 from gemma.errors import GemmaError
-from gemma.load import load_weights
+from gemma.load import adapter_loader, check_adapter_folder, load_weights
 from gemma.tokenizer import Tokenizer
 
 FORMATS = ("native", "hf")
@@ -31,12 +31,26 @@ def write_model(dst: str | Path, to: str, cfg: GemmaConfig, state: dict[str, tor
     return dst
 
 
+def merge_adapter(cfg: GemmaConfig, state: dict[str, torch.Tensor], adapter: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict with a PEFT adapter merged in (through the registered adapter loader; the base tensors are
+    updated in place). The merge is computed in float32 and rounded once to each weight's dtype."""
+    model = build_model(cfg, state)  # holds the tensors of `state`, no copy
+    merged = adapter_loader()(model, adapter, merge=True).state_dict()
+    return {k: merged[k] for k in state}  # the base names only: no LoRA tensors in the output
+
+
 def convert(src: str | Path, dst: str | Path, to: str, dtype: torch.dtype | None = None,
-            force: bool = False) -> Path:
-    """Convert any model source to an HF or native folder; `dtype` None keeps the stored dtypes."""
+            force: bool = False, adapter: str | Path | None = None) -> Path:
+    """Convert any model source to an HF or native folder; `dtype` None keeps the stored dtypes. With `adapter`
+    (a PEFT folder) the output holds the merged weights."""
     if to not in FORMATS:
         raise GemmaError(f"unknown output format {to!r}; choose one of {', '.join(FORMATS)}")
     if Path(dst).exists() and not force:  # fail before the (possibly long) read
         raise GemmaError(f"{dst}: already exists (use --force to overwrite)")
-    cfg, state, tokenizer = load_weights(src, dtype)
+    if adapter is not None:
+        check_adapter_folder(adapter)
+    # With an adapter, merge at the stored precision and cast once on writing.
+    cfg, state, tokenizer = load_weights(src, None if adapter is not None else dtype)
+    if adapter is not None:
+        state = merge_adapter(cfg, state, adapter)
     return write_model(dst, to, cfg, state, tokenizer, dtype=dtype, force=force)

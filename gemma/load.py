@@ -108,17 +108,38 @@ def load_weights(source: str | Path, dtype: torch.dtype | None = torch.float32
     return cfg, state, tokenizer
 
 
-# Adapter loading lives in the LoRA package, which registers itself here (gemma imports nothing from lora).
-ADAPTER_LOADERS: list[Callable[[Gemma, str | Path], Gemma]] = []
+# Adapter loading lives in the LoRA package, which declares itself as a Python entry point in this group
+# (pyproject.toml), so that gemma imports nothing from lora. A loader is `(model, folder, merge=False) -> model`.
+ADAPTER_GROUP = "gemma_sft.adapters"
+ADAPTER_FORMAT = "peft"
+
+
+def adapter_loader() -> Callable[..., Gemma]:
+    """The registered loader of PEFT adapters."""
+    from importlib.metadata import entry_points
+
+    found = list(entry_points(group=ADAPTER_GROUP, name=ADAPTER_FORMAT))
+    if not found:
+        raise GemmaError("loading an adapter needs the lora package of gemma-sft, registered by installing the "
+                         "project (pip install -e .)")
+    return found[0].load()
+
+
+def check_adapter_folder(adapter: str | Path) -> None:
+    """Fail before a (possibly long) model read when the adapter folder is not there."""
+    if not Path(adapter).is_dir():
+        raise GemmaError(f"{adapter}: no such adapter folder")
 
 
 def load(source: str | Path, adapter: str | Path | None = None, dtype: torch.dtype = torch.float32,
          device: str | torch.device = "cpu") -> tuple[Gemma, Tokenizer]:
-    """(model, tokenizer) from an HF folder, a native folder, a .gguf file, an HF repo id or a preset name."""
+    """(model, tokenizer) from an HF folder, a native folder, a .gguf file, an HF repo id or a preset name.
+
+    With `adapter` (a PEFT adapter folder) the model gets LoRA layers holding the adapter, unmerged."""
+    if adapter is not None:
+        check_adapter_folder(adapter)
     cfg, state, tokenizer = load_weights(source, dtype)
     model = checkpoint.build_model(cfg, state, device)
     if adapter is not None:
-        if not ADAPTER_LOADERS:
-            raise GemmaError("loading an adapter needs the `lora` package of gemma-sft")
-        model = ADAPTER_LOADERS[0](model, adapter)
+        model = adapter_loader()(model, adapter)
     return model, tokenizer

@@ -131,6 +131,9 @@ def train(opts: TrainOptions, log=print) -> Path:
     lora_cfg = LoraConfig(r=opts.lora_r, alpha=opts.lora_alpha, dropout=opts.lora_dropout, targets=opts.targets,
                           rslora=opts.rslora, dora=opts.dora)
     inject(model, lora_cfg)
+    for p in model.parameters():
+        if p.requires_grad:  # the adapter trains in float32 whatever the base dtype (autocast does the matmuls)
+            p.data = p.data.float()
     log(summary(model))
     model.grad_checkpointing = opts.grad_checkpointing
     model.train()
