@@ -4,5 +4,6 @@ from gemma.config import PRESETS, GemmaConfig, preset
 from gemma.errors import GemmaError
 from gemma.load import load
 from gemma.model import Gemma
+from gemma.sampling import generate
 
-__all__ = ["Gemma", "GemmaConfig", "GemmaError", "PRESETS", "load", "preset"]
+__all__ = ["Gemma", "GemmaConfig", "GemmaError", "PRESETS", "generate", "load", "preset"]

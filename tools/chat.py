@@ -1,0 +1,193 @@
+"""Chat with a Gemma model in the terminal.
+
+    python tools/chat.py [--model SRC] [--adapter DIR] [--system TEXT] [--prompt TEXT] [--raw] [sampling flags]
+
+Interactive by default: type a message, the reply streams back; the conversation's KV cache is kept between
+turns, so each turn only feeds the model its new tokens. When the conversation outgrows the context (--max-len),
+the oldest turns are dropped, with a notice. Commands: /reset (new conversation), /help, /exit (or Ctrl-D).
+Ctrl-C stops a reply, not the program. Input is read line by line, so it can be piped.
+
+With --prompt TEXT it answers once, prints only the reply and exits; the text is exactly what `gemma.generate`
+gives for the same settings. --raw feeds the text as is, with no chat template (a base model continues it).
+Notices, statistics (--stats) and errors go to stderr, replies to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Iterable, TextIO
+
+from gemma.cli import DTYPES, main_guard, parse_dtype
+from gemma.errors import GemmaError
+
+COMMANDS = """\
+/reset   start a new conversation (the system prompt stays)
+/help    show this help
+/exit    quit (also Ctrl-D, or end of input)
+Ctrl-C stops a reply."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tools/chat.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="3-270m",
+                   help="HF folder, native folder, .gguf file, HF repo id or preset name (default: 3-270m)")
+    p.add_argument("--size", metavar="NAME", default=None, help="a preset name, instead of --model")
+    p.add_argument("--adapter", metavar="DIR", default=None, help="a PEFT LoRA adapter folder to apply")
+    p.add_argument("--dtype", choices=DTYPES, default="bf16", help="compute dtype (default bf16)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--prompt", metavar="TEXT", default=None, help="answer this once, print the reply, exit")
+    p.add_argument("--system", metavar="TEXT", default=None, help="a system prompt (folded into the first turn)")
+    p.add_argument("--raw", action="store_true", help="no chat template: the model continues the text")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="reply length limit (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set reaching probability p")
+    p.add_argument("--min-p", type=float, default=None, help="drop tokens below min-p x the top probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--stop", metavar="TEXT", action="append", default=[],
+                   help="stop the reply at this text (not printed); repeatable")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="context kept for a conversation, in tokens (default: the model's, at most 8192)")
+    p.add_argument("--stats", action="store_true", help="print token counts and tokens/s after each reply")
+    return p
+
+
+def sampling_kwargs(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def write_stream(pieces: Iterable[str], out: TextIO) -> bool:
+    """Print the pieces as they come and end the line; False if Ctrl-C stopped them."""
+    try:
+        for piece in pieces:
+            out.write(piece)
+            out.flush()
+        return True
+    except KeyboardInterrupt:
+        return False
+    finally:
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            close()  # a reply stopped by Ctrl-C keeps what was shown
+        out.write("\n")
+        out.flush()
+
+
+def one_shot(model, tokenizer, args, out: TextIO, err: TextIO) -> int:
+    from gemma.sampling import GenerationStats, stream_generate
+
+    if args.raw:
+        if args.system:
+            raise GemmaError("--system needs the chat template (not --raw)")
+        ids = tokenizer.encode(args.prompt)
+    else:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        ids = tokenizer.apply_chat(system + [{"role": "user", "content": args.prompt}])
+    stats = GenerationStats()
+    pieces = stream_generate(model, tokenizer, ids, **sampling_kwargs(args), stop_strings=args.stop, stats=stats)
+    finished = write_stream(pieces, out)
+    if args.stats:
+        print(stats.summary(), file=err)
+    return 0 if finished else 130
+
+
+def read_lines(stdin: TextIO, err: TextIO) -> Iterable[str]:
+    """The user's lines: with line editing at a terminal, plain reads from a pipe. Ctrl-C at the prompt is a hint,
+    not an exit."""
+    interactive = stdin.isatty()
+    while True:
+        try:
+            if interactive:
+                line = input("> ")
+            else:
+                line = stdin.readline()
+                if not line:
+                    return
+        except EOFError:
+            return
+        except KeyboardInterrupt:
+            print("\n(/exit or Ctrl-D quits)", file=err)
+            continue
+        yield line.rstrip("\r\n")
+
+
+def chat_loop(session, lines: Iterable[str], out: TextIO, err: TextIO, stats: bool = False) -> int:
+    """Run the interactive conversation over `lines`; returns the exit status."""
+    for line in lines:
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            command = text.split()[0].lower()
+            if command in ("/exit", "/quit"):
+                break
+            if command == "/reset":
+                session.reset()
+                print("[new conversation]", file=err)
+            elif command == "/help":
+                print(COMMANDS, file=out)
+            else:
+                print(f"unknown command {command}; /help lists them", file=err)
+            continue
+        try:
+            reply = session.send(line)
+        except GemmaError as exc:  # e.g. a message longer than the context: say so and carry on
+            print(f"error: {exc}", file=err)
+            continue
+        if not write_stream(reply, out):
+            print("[stopped]", file=err)
+        if stats:
+            print(f"[{session.stats.summary()}]", file=err)
+    return 0
+
+
+@main_guard
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("max_new_tokens", "max_len"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise GemmaError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+
+    import torch
+
+    import gemma
+    from gemma.sampling import ChatSession, SamplingParams, check_stop_strings
+
+    # Check the settings before the (slow) load.
+    SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
+    check_stop_strings(args.stop)
+    dtype = parse_dtype(args.dtype)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    source = args.size or args.model
+    # Replies are text in any language: never fail on a character the terminal's encoding lacks.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")
+
+    start = time.perf_counter()
+    try:
+        model, tokenizer = gemma.load(source, adapter=args.adapter, dtype=dtype, device=device)
+    except KeyboardInterrupt:
+        return 130
+    model.eval()
+    loaded = f"[loaded {source} ({args.dtype}, {device}) in {time.perf_counter() - start:.1f}s]"
+
+    if args.prompt is not None:
+        if args.stats:
+            print(loaded, file=sys.stderr)
+        return one_shot(model, tokenizer, args, sys.stdout, sys.stderr)
+
+    session = ChatSession(model, tokenizer, max_len=args.max_len, system=args.system, raw=args.raw,
+                          **sampling_kwargs(args), stop_strings=args.stop,
+                          notify=lambda message: print(f"[{message}]", file=sys.stderr))
+    print(f"{loaded}\n[/help for commands, /exit to quit]", file=sys.stderr)
+    return chat_loop(session, read_lines(sys.stdin, sys.stderr), sys.stdout, sys.stderr, args.stats)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
