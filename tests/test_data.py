@@ -413,7 +413,7 @@ def test_examples_regenerate_and_load(tmp_path, tok):
         committed = os.path.join(ROOT, "examples", name)
         assert (tmp_path / name).read_bytes() == open(committed, "rb").read(), f"{name}: rerun make_data.py"
     train, held_out = (read_records(tmp_path / n) for n in names[:2])
-    assert len(train) == 600 and len(held_out) == 60
+    assert len(train) == 570 and len(held_out) == 60
     assert not {r["instruction"] for r in train} & {r["instruction"] for r in held_out}
     assert all(r["output"].isdigit() for r in train + held_out)
     for name in names:

@@ -12,13 +12,14 @@ import sys
 import time
 
 from gemma.cli import main_guard
+from gemma.errors import GemmaError
 from train.options import EXAMPLES, parse_options
 
 # The main job's settings when the user gives no data of their own.
 DEMO = {
     "eval_data": str(EXAMPLES / "arith_eval.jsonl"),
     "eval_generate": 60,
-    "chat_prompt": "小明有23个苹果，又买了19个，现在一共有多少个苹果？",
+    "chat_prompt": "小明有13个苹果，又买了9个，现在一共有多少个苹果？",
 }
 
 
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(opts, key) in (None, 0, 0.0):
                 setattr(opts, key, value)
 
+    from train import distributed
     from train.loop import Interrupted, train
 
     start = time.perf_counter()
@@ -39,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = train(opts, log=lambda m: print(m, flush=True))
     except Interrupted as stop:
         return 128 + stop.signum
+    except GemmaError as exc:  # under torchrun, rank 0 reports what every process hit
+        mine = distributed.error_to_report(exc)
+        if mine is None:
+            return 2
+        raise mine from None
+    if distributed.env_rank() != 0:
+        return 0
     print(f"done in {time.perf_counter() - start:.0f}s: adapter in {run_dir / 'adapter'}", flush=True)
     report = run_dir / "report.json"
     if report.exists():
