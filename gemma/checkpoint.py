@@ -215,6 +215,14 @@ def atomic_dir(dst: Path, force: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """save_file, with the permissions an ordinary file gets (safetensors creates its files owner-only)."""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -227,7 +235,7 @@ def save_native(folder: Path, cfg: GemmaConfig, state: dict[str, torch.Tensor], 
                 dtype: torch.dtype | None = None, force: bool = False) -> None:
     """A native folder: config.json (our config), model.safetensors (our names), tokenizer.model."""
     with atomic_dir(folder, force) as tmp:
-        save_file(_contiguous(state, dtype), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_safetensors(_contiguous(state, dtype), tmp / "model.safetensors")
         write_json(tmp / "config.json", cfg.to_dict())
         (tmp / "tokenizer.model").write_bytes(tokenizer_proto)
 
@@ -257,12 +265,12 @@ def save_hf(folder: Path, cfg: GemmaConfig, state: dict[str, torch.Tensor], toke
             shards[-1][key] = t
             size += nbytes
         if len(shards) == 1:
-            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            save_safetensors(shards[0], tmp / "model.safetensors")
         else:
             weight_map = {}
             for i, shard in enumerate(shards, 1):
                 name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                save_safetensors(shard, tmp / name)
                 weight_map.update(dict.fromkeys(shard, name))
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             write_json(tmp / "model.safetensors.index.json",

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from gemma.checkpoint import atomic_dir, expected_shapes, hf_names, hf_text_key, write_json
+
+from gemma.checkpoint import atomic_dir, expected_shapes, hf_names, hf_text_key, save_safetensors, write_json
 from gemma.config import GemmaConfig, read_json
 from gemma.errors import GemmaError
 from gemma.model import Gemma
@@ -121,7 +121,7 @@ def save_adapter(model: Gemma, folder: str | Path, base_model_name_or_path: str 
                for k, v in adapter_state_dict(model).items()}
     folder = Path(folder)
     with atomic_dir(folder, force) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_safetensors(tensors, tmp / WEIGHTS_FILE)
         write_json(tmp / CONFIG_FILE, peft_config(model.config, cfg, base_model_name_or_path))
     return folder
 
