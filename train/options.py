@@ -61,6 +61,8 @@ class TrainOptions:
     grad_checkpointing: bool = _opt(False, "recompute block activations in the backward pass (less memory)")
     device: str | None = _opt(None, "cpu, cuda, cuda:N (default: cuda when available)")
     distributed: str = _opt("ddp", "under torchrun: ddp | fsdp", choices=("ddp", "fsdp"))
+    dist_timeout: int = _opt(1800, "under torchrun: seconds a process waits for the others in a collective before "
+                                   "the job fails")
     seed: int = _opt(0, "seed for LoRA init, data order and dropout")
     # logging, evaluation, checkpoints
     log_every: int = _opt(1, "write a metrics line every N steps")
@@ -88,6 +90,7 @@ class TrainOptions:
             (self.log_every >= 1, "--log-every must be at least 1"),
             (self.precision in ("fp32", "bf16", "fp16"), f"unknown --precision {self.precision!r}"),
             (self.distributed in ("ddp", "fsdp"), f"unknown --distributed {self.distributed!r}"),
+            (self.dist_timeout >= 1, "--dist-timeout must be at least 1 second"),
         ]
         for ok, message in checks:
             if not ok:

@@ -1,0 +1,232 @@
+"""Data-parallel training under torchrun, with 2 CPU processes (gloo) on a tiny model: DDP and FSDP against one
+process at the same global batch, an interrupted and resumed run, and failures that end the whole job."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed
+from safetensors.torch import load_file
+
+from tiny_models import hf_model
+
+ROOT = Path(__file__).resolve().parents[1]
+ARITH = ROOT / "examples" / "arith_train.jsonl"
+GENERAL = ROOT / "examples" / "general_zh_en.jsonl"
+
+pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                                reason="torch.distributed with gloo is not available")
+
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+# Every run of the comparisons: a tiny adapter in fp32 without dropout (each process draws its own dropout masks).
+COMMON = ["--batch-size", 1, "--lora-r", 4, "--lora-dropout", 0, "--precision", "fp32", "--lr", 1e-3, "--epochs", 2,
+          "--max-len", 96]
+
+
+def torchrun_cmd(*args, script: Path | None = None, nproc: int = 2) -> list[str]:
+    target = [str(script)] if script else ["-m", "train.sft"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target,
+            *map(str, args)]
+
+
+def torchrun(*args, script: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(torchrun_cmd(*args, script=script), capture_output=True, text=True, env=ENV, cwd=ROOT,
+                          timeout=timeout)
+
+
+def sft(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "train.sft", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, cwd=ROOT, timeout=300)
+
+
+def adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, tiny_tokenizer_path):
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    hf_model("gemma3").save_pretrained(folder)
+    shutil.copy(tiny_tokenizer_path, folder / "tokenizer.model")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def nine(tmp_path_factory):
+    """Nine records with answers of 4 to 23 tokens, so that normalising per process instead of over the global
+    batch would show. At a global batch of 4 each epoch ends with a group of one, which leaves the second of two
+    processes without a micro-batch."""
+    path = tmp_path_factory.mktemp("data") / "nine.jsonl"
+    path.write_text("\n".join(GENERAL.read_text().splitlines()[:9]) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_folder, nine, tmp_path_factory):
+    """One process, 4 micro-batches of 1 per step: the reference for 2 processes x 2 micro-batches."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    run = sft("--model", tiny_folder, "--data", nine, *COMMON, "--grad-accum", 4, "--out", out)
+    assert run.returncode == 0, run.stderr
+    return out
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one_at_the_same_global_batch(tiny_folder, nine, one_process, tmp_path, mode):
+    out = tmp_path / "run"
+    run = torchrun("--model", tiny_folder, "--data", nine, *COMMON, "--grad-accum", 2, "--distributed", mode,
+                   "--out", out)
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = adapter(one_process), adapter(out)
+    assert a.keys() == b.keys()
+    assert max(b[k].abs().max().item() for k in b if "lora_B" in k) > 1e-3  # it trained
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0, msg=k)
+    mine, ref = metrics(out), metrics(one_process)
+    assert [m["step"] for m in mine] == [1, 2, 3, 4, 5, 6]  # once per step: only rank 0 writes
+    for x, y in zip(mine, ref):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 * abs(y["loss"])
+    assert run.stdout.count("done in") == 1
+    resolved = json.loads((out / "config.json").read_text())["resolved"]
+    assert resolved["world_size"] == 2 and resolved["global_batch"] == 4 and resolved["distributed"] == mode
+
+
+def _interrupt_after(cmd: list[str], metrics_path: Path, lines: int) -> subprocess.CompletedProcess:
+    """Start torchrun, send it SIGINT (as Ctrl-C does) once the run has logged `lines` steps."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics_path.exists() and len(metrics_path.read_text().splitlines()) >= lines:
+            proc.send_signal(signal.SIGINT)  # torchrun passes it on to every process
+            break
+        time.sleep(0.02)
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def resume_args(tiny_folder, mode: str) -> list:
+    return ["--model", tiny_folder, "--data", ARITH, "--max-steps", 30, "--batch-size", 1, "--grad-accum", 2,
+            "--lora-dropout", 0.1, "--precision", "fp32", "--lora-r", 4, "--save-every", 10, "--distributed", mode]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_folder, tmp_path_factory):
+    """mode -> a finished 2-process run of resume_args (made on first use)."""
+    runs = {}
+
+    def get(mode: str) -> Path:
+        if mode not in runs:
+            out = tmp_path_factory.mktemp(f"whole-{mode}") / "run"
+            run = torchrun(*resume_args(tiny_folder, mode), "--out", out)
+            assert run.returncode == 0, run.stderr[-3000:]
+            runs[mode] = out
+        return runs[mode]
+
+    return get
+
+
+@pytest.mark.parametrize("mode", ["fsdp", pytest.param("ddp", marks=pytest.mark.slow)])
+def test_interrupted_and_resumed_run_is_bit_identical(tiny_folder, uninterrupted, tmp_path, mode):
+    common = resume_args(tiny_folder, mode)
+    whole = uninterrupted(mode)
+    out = tmp_path / "cut"
+    cut = _interrupt_after(torchrun_cmd(*common, "--out", out), out / "metrics.jsonl", 3)
+    assert cut.stderr.count("interrupted: saved") == 1, cut.stderr[-3000:]  # every process saved, rank 0 says so
+    saved = [p for p in (out / "checkpoints").iterdir() if p.name.startswith("step-")]
+    assert len(saved) == 1 and int(saved[0].name.split("-")[1]) < 30
+    assert sorted(p.name for p in saved[0].iterdir()) == ["adapter", "rank-00000.pt", "rank-00001.pt", "state.pt"]
+
+    resumed = torchrun(*common, "--out", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = adapter(whole), adapter(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [m["step"] for m in metrics(out)] == list(range(1, 31))
+
+
+def test_resume_needs_the_same_layout_and_every_file(tiny_folder, uninterrupted, tmp_path):
+    common = resume_args(tiny_folder, "fsdp")
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted("fsdp"), out)
+    # Another number of processes is refused, in one line.
+    alone = sft(*common, "--out", out, "--resume")
+    assert alone.returncode == 2 and alone.stderr.count("\n") == 1, alone.stderr
+    assert alone.stderr.startswith("error: ") and "written by 2 processes" in alone.stderr
+    # A file that only one process reads is damaged: every process stops, and rank 0 says which.
+    last = sorted((out / "checkpoints").iterdir())[-1]
+    (last / "rank-00001.pt").write_bytes(b"not a checkpoint")
+    broken = torchrun(*common, "--out", out, "--resume")
+    assert broken.returncode != 0
+    errors = error_lines(broken.stderr)
+    assert len(errors) == 1 and "rank 1:" in errors[0] and "rank-00001.pt" in errors[0], broken.stderr[-3000:]
+
+
+FAIL_ON_RANK_1 = """
+import os, sys
+import train.loop as loop
+
+real, calls = loop.accumulate, [0]
+
+
+def failing(*args, **kwargs):
+    calls[0] += 1
+    if os.environ["RANK"] == "1" and calls[0] == 2:
+        raise RuntimeError("injected failure on rank 1")
+    return real(*args, **kwargs)
+
+
+loop.accumulate = failing
+from train.sft import main
+
+sys.exit(main())
+"""
+
+
+def test_an_error_on_one_process_ends_the_job(tiny_folder, nine, tmp_path):
+    script = tmp_path / "fail_on_rank_1.py"
+    script.write_text(FAIL_ON_RANK_1)
+    start = time.time()
+    run = torchrun("--model", tiny_folder, "--data", nine, "--max-steps", 6, "--batch-size", 1, "--lora-r", 4,
+                   "--out", tmp_path / "run", script=script, timeout=240)
+    assert run.returncode != 0
+    assert time.time() - start < 120  # rank 0 waited in a collective: it must not hang there
+    assert "RuntimeError: injected failure on rank 1" in run.stderr
+
+
+def test_a_user_error_is_one_line_from_rank_0(tiny_folder, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
+    run = torchrun("--model", tiny_folder, "--data", data, "--max-steps", 1, "--out", tmp_path / "run")
+    assert run.returncode != 0
+    errors = error_lines(run.stderr)
+    assert len(errors) == 1 and f"{data}:2: malformed JSON" in errors[0], run.stderr[-3000:]
+    assert run.stderr.count("Traceback") <= 1  # torchrun's own report of the failed processes, none of theirs
+
+
+def test_readme_memory_table_is_computed_from_the_presets():
+    from train.distributed import memory_table, parameter_counts
+    from gemma.config import preset
+
+    # The published totals of the HF checkpoints (text towers for Gemma 3).
+    assert parameter_counts(preset("2b"))["total"] == 2_506_172_416
+    assert parameter_counts(preset("7b"))["total"] == 8_537_680_896
+    assert parameter_counts(preset("2-27b"))["total"] == 27_227_128_320
+    assert parameter_counts(preset("3-270m"))["total"] == 268_098_176
+    assert memory_table() in (ROOT / "README.md").read_text()

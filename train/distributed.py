@@ -1,0 +1,356 @@
+"""Data-parallel training under torchrun: the process group, DDP or FSDP2 around the loss, and the collectives the
+loop needs.
+
+`torchrun --nproc_per_node=N -m train.sft ...` starts N copies of the same command. Each finds RANK, LOCAL_RANK and
+WORLD_SIZE in its environment, and `start()` joins them into one process group (nccl on CUDA, gloo on CPU). Every
+process loads the model and the data and reads its share of each global batch (`train.data.shard`); the loop keeps
+them in step:
+
+- The target tokens of the whole global batch are summed over the processes before the backward passes, and each
+  process divides its summed loss by that count, times the number of processes because DDP and FSDP average
+  gradients. So a global batch gives the same update however many processes share it (GEMMA_NOTES 9).
+- Gradients are synchronised once per optimizer step, on the last micro-batch (`no_sync` under DDP,
+  `set_requires_gradient_sync(False)` under FSDP2). A process with fewer micro-batches than the others (the small
+  last group of an epoch) runs empty ones: under FSDP every forward and backward is a collective, under DDP the
+  last backward is.
+- A user's mistake found on some processes only becomes the same GemmaError on all of them (`agreed_errors`), so no
+  process waits for one that has quit; only rank 0 reports it. Any other error ends its process with a traceback,
+  torchrun then stops the others, and a process blocked in a collective gives up after `--dist-timeout` seconds at
+  the latest.
+
+Only rank 0 writes logs, metrics, plots, reports and adapters. A checkpoint holds rank 0's state plus one file per
+process: its RNG state and, under FSDP, its shards of the adapter and of the optimizer state.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gemma.checkpoint import atomic_dir, save_safetensors, write_json
+from gemma.config import GemmaConfig, preset
+from gemma.errors import GemmaError
+from lora.inject import adapter_state_dict
+from lora.io import CONFIG_FILE, WEIGHTS_FILE, peft_config, peft_names, save_adapter
+
+_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or a launcher that sets the same variables)."""
+    return all(k in os.environ for k in _ENV)
+
+
+def env_rank() -> int:
+    """This process's rank from the environment (0 outside torchrun); usable after the group is gone."""
+    return int(os.environ.get("RANK", "0")) if launched() else 0
+
+
+class AgreedError(GemmaError):
+    """A user's mistake that every process raises at the same point; rank 0 reports it, the others stay quiet."""
+
+
+def error_to_report(exc: GemmaError) -> GemmaError | None:
+    """What this process should print for a user's mistake: None when rank 0 reports it for everyone; an error seen
+    by this rank alone (outside rank 0) keeps its text, prefixed with the rank."""
+    rank = env_rank()
+    if rank == 0:
+        return exc
+    if isinstance(exc, AgreedError):
+        return None
+    return GemmaError(f"[rank {rank}] {exc}")
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name:
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise GemmaError(f"--device {name}: CUDA is not available on this machine")
+        return device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class Dist:
+    """Where this process stands: alone (mode None, no process group) or rank `rank` of `world` under torchrun."""
+
+    device: torch.device  # this process's device: cuda:LOCAL_RANK under torchrun on CUDA
+    world: int = 1  # processes in the job
+    rank: int = 0  # this process's place among them; rank 0 writes the files
+    mode: str | None = None  # None (one process), "ddp" or "fsdp"
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode is not None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.mode == "fsdp"
+
+    @property
+    def layout(self) -> dict:
+        """What a checkpoint must match to resume here."""
+        return {"world": self.world, "sharded": self.sharded}
+
+    def all_sum(self, *values: float) -> list[float]:
+        """The sums over all processes of a few numbers, in one all-reduce (float64: counts stay exact)."""
+        if not self.enabled:
+            return [float(v) for v in values]
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every process."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    @contextmanager
+    def agreed_errors(self):
+        """Run a block that may raise GemmaError on some processes only; then all raise the same AgreedError.
+
+        The block must hold no collective (a process that raised would never reach it). The exchange at its end
+        is one, so it also keeps the processes in step. Other exceptions pass through: that process ends, and
+        torchrun (or the collective timeout) ends the others.
+        """
+        error = None
+        try:
+            yield
+        except GemmaError as exc:
+            if not self.enabled:
+                raise
+            error = str(exc)
+        if not self.enabled:
+            return
+        errors: list = [None] * self.world
+        dist.all_gather_object(errors, error)
+        found = [(r, e) for r, e in enumerate(errors) if e is not None]
+        if found:
+            rank, message = found[0]
+            if len(found) < self.world or len({e for _, e in found}) > 1:
+                message = f"rank {rank}: {message}"
+            raise AgreedError(message)
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def start(opts) -> Dist:
+    """Join the process group when started by torchrun; a plain Dist for one process otherwise."""
+    if not launched():
+        return Dist(device=pick_device(opts.device))
+    world, rank, local = (int(os.environ[k]) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
+    try:  # every process checks the same options: rank 0 reports a mistake
+        if opts.precision == "fp16" and opts.distributed == "fsdp":
+            raise GemmaError("--precision fp16 is not supported with --distributed fsdp (the gradient scaler would "
+                             "have to agree on overflows across shards); use bf16")
+        if opts.device and opts.device.startswith("cuda:"):
+            raise GemmaError(f"--device {opts.device}: under torchrun each process uses cuda:LOCAL_RANK; "
+                             "pass --device cuda (and CUDA_VISIBLE_DEVICES to choose the GPUs)")
+        device = pick_device(opts.device)
+        if device.type == "cuda" and local >= torch.cuda.device_count():
+            raise GemmaError(f"LOCAL_RANK {local} but this machine shows {torch.cuda.device_count()} CUDA "
+                             "device(s); use --nproc_per_node <= the GPUs of a node")
+    except GemmaError as exc:
+        raise AgreedError(str(exc)) from None
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=opts.dist_timeout),
+                            device_id=device if device.type == "cuda" else None)
+    return Dist(device=device, world=world, rank=rank, mode=opts.distributed)
+
+
+class Replicas:
+    """A loss module as every process runs it: as is (one process), under DDP, or sharded by FSDP2.
+
+    `module(batch)` returns the summed token loss of a micro-batch. It is this module, not the Gemma model, that
+    is wrapped: the loss path calls `model.hidden_states` and the chunked loss rather than `model.forward`, which
+    would bypass a wrapper around the model itself. FSDP2 shards each block in `blocks` and, through the root
+    wrapper, what is left (the embedding, which is also the tied output head, and the final norm).
+    """
+
+    def __init__(self, module: nn.Module, blocks, d: Dist, precision: str):
+        self.module, self.d = module, d
+        self.wrapped = module
+        if d.mode == "ddp":
+            params = [p for p in module.parameters() if p.requires_grad]
+            # Every process loaded the same base weights; only the adapter needs to start from rank 0's values
+            # (init_sync would broadcast the frozen base too, the whole model).
+            for p in params:
+                dist.broadcast(p.data, src=0)
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.wrapped = DistributedDataParallel(
+                module, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+                init_sync=False)
+        elif d.mode == "fsdp":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            mesh = init_device_mesh(d.device.type, (d.world,))
+            # bf16: weights gathered and computed in bf16, gradients reduced and kept (like the adapter and the
+            # optimizer state) in float32.
+            mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                  if precision == "bf16" else MixedPrecisionPolicy())
+            for block in blocks:
+                fully_shard(block, mesh=mesh, mp_policy=mp)
+            fully_shard(module, mesh=mesh, mp_policy=mp)
+        self.params = [p for p in module.parameters() if p.requires_grad]  # sharded DTensors under FSDP
+
+    def __call__(self, batch: dict) -> torch.Tensor:
+        return self.wrapped(batch)
+
+    def sync(self, on: bool):
+        """Context for one micro-batch: synchronise gradients in its backward pass or not (accumulate locally)."""
+        if self.d.mode == "ddp" and not on:
+            return self.wrapped.no_sync()
+        if self.d.mode == "fsdp":
+            self.wrapped.set_requires_gradient_sync(on)
+        return nullcontext()
+
+    @torch.no_grad()
+    def evaluate(self, batch: dict) -> torch.Tensor:
+        # DDP adds nothing to a forward pass without gradients; FSDP must gather the weights.
+        return (self.wrapped if self.d.sharded else self.module)(batch)
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Clip the adapter's gradient to `max_norm` in total; returns the norm before clipping."""
+        if not self.d.sharded:
+            return float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        from torch.distributed.tensor import DTensor
+
+        total = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        if isinstance(total, DTensor):  # a partial sum over the shards until reduced
+            total = total.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(self.params, max_norm, total)
+        return float(total)
+
+    # ---- the adapter and the sharded state ----
+
+    def gather_adapter(self, model) -> dict[str, torch.Tensor] | None:
+        """Under FSDP the whole adapter by native name, on the CPU (a collective: every process calls it); None
+        otherwise (each process holds it whole)."""
+        if not self.d.sharded:
+            return None
+        return {k: v.full_tensor().detach().cpu() for k, v in adapter_state_dict(model).items()}
+
+    def write_adapter(self, model, folder: Path, gathered: dict | None, base: str | None) -> None:
+        """Write the adapter as a PEFT folder (rank 0 calls this; `gathered` from gather_adapter)."""
+        if gathered is None:
+            save_adapter(model, folder, base_model_name_or_path=base, force=True)
+            return
+        # lora.save_adapter reads the model's parameters, which are shards here: write the gathered tensors with the
+        # same names and config.
+        names = peft_names(model.config, model.lora_config)
+        with atomic_dir(Path(folder), force=True) as tmp:
+            save_safetensors({names[k]: v.contiguous() for k, v in gathered.items()}, tmp / WEIGHTS_FILE)
+            write_json(tmp / CONFIG_FILE, peft_config(model.config, model.lora_config, base))
+
+    def save_adapter(self, model, folder: Path, base: str | None) -> None:
+        """Every process calls this; rank 0 writes."""
+        gathered = self.gather_adapter(model)
+        if self.d.main:
+            self.write_adapter(model, folder, gathered, base)
+
+    def local_state(self, model, optimizer) -> dict:
+        """This process's shards of the adapter and of the optimizer state (FSDP), as plain tensors."""
+        trainable = {n: p.to_local().detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        opt = optimizer.state_dict()
+        state = {i: {k: _local(v) for k, v in s.items()} for i, s in opt["state"].items()}
+        return {"trainable": trainable, "optimizer": {"state": state, "param_groups": opt["param_groups"]}}
+
+    def load_local_state(self, model, optimizer, own: dict, where: Path) -> None:
+        """The inverse of local_state, for a run with the same number of processes."""
+        from torch.distributed.tensor import DTensor
+
+        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        trainable = own["trainable"]
+        if set(trainable) != set(named):
+            raise GemmaError(f"{where}: the checkpoint's adapter does not match this run's LoRA settings")
+        with torch.no_grad():
+            for name, tensor in trainable.items():
+                local = named[name].to_local()
+                if local.shape != tensor.shape:
+                    raise GemmaError(f"{where}: shard of {name!r} has shape {tuple(tensor.shape)}, this process "
+                                     f"holds {tuple(local.shape)}")
+                local.copy_(tensor)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        saved = own["optimizer"]
+        state = {}
+        for i, s in saved["state"].items():
+            p = params[int(i)]
+            state[i] = {k: (DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, run_check=False,
+                                               shape=p.shape, stride=p.stride())
+                            if torch.is_tensor(v) and v.shape == p.to_local().shape and v.dim() else v)
+                        for k, v in s.items()}
+        optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+
+
+def _local(v):
+    from torch.distributed.tensor import DTensor
+
+    return v.to_local().detach().clone() if isinstance(v, DTensor) else v
+
+
+# ---- memory per GPU, from the model shapes (the README table) --------------------------------------------------------
+
+_GB = 1e9
+
+
+def parameter_counts(cfg: GemmaConfig, lora_r: int = 16) -> dict[str, int]:
+    """Parameters of the base model (embedding, one block, total) and of a LoRA adapter on all seven projections."""
+    h, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    norms = (4 if cfg.sandwich_norms else 2) * h + (2 * cfg.head_dim if cfg.use_qk_norm else 0)
+    block = h * q + 2 * h * kv + q * h + 3 * h * i + norms
+    embed = cfg.vocab_size * h
+    lora = lora_r * ((h + q) * 2 + (h + kv) * 2 + (h + i) * 3)  # q, o; k, v; gate, up, down
+    return {"embed": embed, "block": block, "total": embed + cfg.num_layers * block + h,
+            "lora": cfg.num_layers * lora}
+
+
+def memory_per_gpu(cfg: GemmaConfig, processes: int = 1, mode: str = "ddp", lora_r: int = 16) -> float:
+    """GB (10^9 bytes) each GPU holds for the model in bf16 training, activations aside.
+
+    One process or DDP: the bf16 base, and per adapter parameter 4 bytes of fp32 weight, 4 of gradient, 4 of DDP's
+    gradient bucket (one process has none) and 8 of AdamW state. FSDP over N processes: 1/N of the base and of the
+    adapter's 16 bytes, plus what is gathered while it computes: the root group (the embedding, kept whole through
+    the forward and backward passes because it is also the output head) and two blocks (the one computing and the
+    one prefetched).
+    """
+    n = parameter_counts(cfg, lora_r)
+    if mode == "fsdp":
+        sharded = (2 * n["total"] + 16 * n["lora"]) / processes
+        return (sharded + 2 * n["embed"] + 2 * 2 * n["block"]) / _GB
+    return (2 * n["total"] + (20 if processes > 1 else 16) * n["lora"]) / _GB
+
+
+def memory_table(names=("2b", "7b", "2-2b", "2-9b", "2-27b", "3-270m", "3-1b", "3-4b", "3-12b", "3-27b"),
+                 lora_r: int = 16) -> str:
+    """The README's table of memory per GPU for each preset, as markdown."""
+    rows = ["| preset | base params | LoRA r16 params | 1 GPU | DDP, any N | FSDP 2 | FSDP 4 | FSDP 8 |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in names:
+        cfg = preset(name)
+        n = parameter_counts(cfg, lora_r)
+        cells = [memory_per_gpu(cfg, 1, "ddp", lora_r), memory_per_gpu(cfg, 2, "ddp", lora_r)]
+        cells += [memory_per_gpu(cfg, k, "fsdp", lora_r) for k in (2, 4, 8)]
+        rows.append(f"| {name} | {n['total'] / 1e9:.2f}B | {n['lora'] / 1e6:.1f}M | "
+                    + " | ".join(f"{c:.1f} GB" for c in cells) + " |")
+    return "\n".join(rows)
