@@ -1,0 +1,514 @@
+"""Continuous batching: concurrent generation requests share one model, one KV cache and one forward pass a step.
+
+One background thread owns the model. Requests wait in a queue; each turn of the thread's loop
+  1. retires the rows of cancelled requests,
+  2. admits waiting requests into free rows: their prompts are prefilled together in a cache of their own and copied
+     into the shared cache (`KVCache.load_row`),
+  3. feeds every active row its latest token in one forward pass over the rows in use, and samples each row's next
+     token with that request's own settings and RNG,
+  4. hands each request its new text (as whole characters) and retires the rows that finished.
+So a request that arrives while others generate joins the batch at the next step, and one that ends leaves it.
+
+The shared cache. Its columns advance together for all rows (see kv_cache.py). Each row's tokens sit in consecutive
+columns that end at the cursor (`cache.length`): the token at position p at column offset + p, with the row's own
+offset. That keeps the sliding layers' ring buffers right: the slot a new column overwrites holds the token that just
+left that row's window. A prompt of P tokens is placed to end at the cursor (offset = cursor - P); when a new prompt
+is longer than what the cursor has behind it, or rows have left, `KVCache.shift` moves the columns so that the cursor
+sits right after the longest row. Every row's past is shorter than the context and its future at most the context,
+so a cache of twice the context in columns never runs out, and the global layers attend over the longest row only.
+Positions, which RoPE sees, stay within the context; only columns go past it.
+
+Greedy decoding gives what `gemma.generate` gives for the prompt alone, token for token, and seeded sampling draws
+the same tokens (each request has its own RNG, used in the same order); up to float rounding, as a batch does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from gemma.errors import GemmaError
+from gemma.kv_cache import KVCache
+from gemma.sampling import (SamplingParams, TextStream, check_stop_strings, decode_one_token, new_generator,
+                            prefill, sample, seen_mask)
+
+log = logging.getLogger("gemma.engine")
+
+
+class EngineBusy(RuntimeError):
+    """The queue of waiting requests is full (try again later)."""
+
+
+class EngineClosed(RuntimeError):
+    """The engine has been closed and takes no more requests."""
+
+
+# ---- what a request receives ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New text of a request, never splitting a character (and never part of a stop string)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finish:
+    """The end of a request: always its last event."""
+
+    reason: str  # "stop" (stop id or string), "length" (max_new_tokens or the context's end), "cancelled", "error"
+    token_ids: tuple[int, ...]  # the new ids, stop id excluded (as gemma.generate returns them)
+    text: str  # the reply's text, cut before a stop string: all the Deltas joined
+    prompt_tokens: int
+    error: str | None = None  # what went wrong, for reason "error"
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+Event = Delta | Finish
+
+
+class Request:
+    """One generation submitted to an Engine.
+
+    Its events (`Delta`s, then one `Finish`) go to the `sink` given at submission (called on the engine's thread;
+    it must not block), or else into a queue that iterating over the request reads. `cancel()` stops it at the next
+    step; `result()` waits for the Finish.
+    """
+
+    _ids = itertools.count(1)
+
+    def __init__(self, engine: "Engine", prompt: list[int], max_new_tokens: int, params: SamplingParams,
+                 seed: int | None, stop_ids: frozenset[int], stop_strings: tuple[str, ...],
+                 sink: Callable[[Event], None] | None):
+        self.id = next(Request._ids)
+        self.prompt, self.max_new_tokens, self.params, self.seed = prompt, max_new_tokens, params, seed
+        self.stop_ids, self.stop_strings = stop_ids, stop_strings
+        self.finish: Finish | None = None
+        self._engine = engine
+        self._queue: queue.SimpleQueue | None = queue.SimpleQueue() if sink is None else None
+        self._sink = sink or self._queue.put
+        self._cancelled = False
+        self._done = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop generating (a no-op once finished); the request then finishes with reason "cancelled"."""
+        self._cancelled = True
+        self._engine._wake()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def __iter__(self) -> Iterator[Event]:
+        """The events as they come, up to and including the Finish (only for requests submitted without a sink)."""
+        if self._queue is None:
+            raise RuntimeError("this request's events go to its sink")
+        while True:
+            event = self._queue.get()
+            yield event
+            if isinstance(event, Finish):
+                return
+
+    def result(self, timeout: float | None = None) -> Finish:
+        """Wait for the request to end and return its Finish (TimeoutError after `timeout` seconds)."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} has not finished")
+        return self.finish
+
+    def _emit(self, event: Event) -> None:
+        if isinstance(event, Finish):
+            self.finish = event
+        try:
+            self._sink(event)
+        except Exception:  # the consumer is gone (e.g. its event loop closed): stop generating for it
+            self._cancelled = True
+        if isinstance(event, Finish):
+            self._done.set()
+
+
+# ---- the engine ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Row:
+    """A request that holds a row of the shared cache."""
+
+    request: Request
+    pos: int  # its tokens in the cache, so the position of the next one fed
+    token: int  # the latest sampled token, not yet fed
+    ids: list[int]  # tokens generated (stop id excluded)
+    sampled: int  # tokens sampled, stop id included (what max_new_tokens counts)
+    stream: TextStream
+    generator: torch.Generator
+    seen: torch.Tensor | None  # (V,) tokens in the context, for a repetition penalty
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine started (read from any thread)."""
+
+    requests: int = 0  # requests finished, whatever the reason
+    cancelled: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0  # tokens prefilled
+    new_tokens: int = 0  # tokens sampled
+    steps: int = 0  # one-token forward passes over the batch
+    rows_stepped: int = 0  # rows in those passes: rows_stepped / steps is the mean batch
+
+
+class Engine:
+    """Serves generation requests from any thread, batching those that run at the same time.
+
+    `max_batch` rows share each forward pass; `max_len` caps the tokens one request spans (prompt and reply; by
+    default the model's context); at most `max_waiting` requests queue for a row (`submit` raises EngineBusy
+    beyond). `threads` sets torch's intra-op threads of the engine's thread. Use as a context manager, or call
+    `close()`.
+    """
+
+    def __init__(self, model, tokenizer, max_batch: int = 8, max_len: int | None = None, max_waiting: int = 1024,
+                 threads: int | None = None):
+        cfg = model.config
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise GemmaError(f"max_batch must be a positive integer, got {max_batch!r}")
+        if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2):
+            raise GemmaError(f"max_len must be an integer of at least 2, got {max_len!r}")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.context = min(cfg.max_seq_len, max_len or cfg.max_seq_len)  # tokens one request may span
+        self.max_batch, self.max_waiting, self.threads = max_batch, max_waiting, threads
+        # Columns are not positions: the cache may hold twice the context in columns (see the module docstring).
+        self.cache = KVCache(dataclasses.replace(cfg, max_seq_len=2 * self.context), max_batch, 2 * self.context,
+                             model.dtype, model.device)
+        self.vocab_limit = tokenizer.vocab_size  # ids past it have no piece and are never sampled
+        self.stats = EngineStats()
+        self._rows: dict[int, _Row] = {}
+        self._waiting: deque[Request] = deque()
+        self._admitting: list[Request] = []
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._failure: BaseException | None = None  # what stopped the engine's thread, if anything did
+
+    @property
+    def cache_bytes(self) -> int:
+        """Memory of the shared KV cache."""
+        return sum(t.numel() * t.element_size() for t in self.cache.k + self.cache.v)
+
+    @property
+    def active(self) -> int:
+        return len(self._rows)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def healthy(self) -> bool:
+        """False once the engine is closed or its thread has died."""
+        return not self._closed and self._failure is None and (self._thread is None or self._thread.is_alive())
+
+    # ---- submitting (any thread) ----
+
+    def submit(self, prompt: Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,
+               top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+               repetition_penalty: float = 1.0, seed: int | None = None, *, stop_ids: Sequence[int] | None = None,
+               stop_strings: Sequence[str] | None = None, sink: Callable[[Event], None] | None = None) -> Request:
+        """Queue one prompt (token ids); settings as `gemma.generate`'s. Bad settings raise GemmaError here.
+
+        Generation ends after `max_new_tokens`, at the context's end (`max_len`), at a stop id (by default the
+        tokenizer's `<eos>` and `<end_of_turn>`), or once the text holds a stop string.
+        """
+        request = self._prepare(prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
+                                stop_ids=stop_ids, stop_strings=stop_strings, sink=sink)
+        self._enqueue([request], limit=self.max_waiting)
+        return request
+
+    def run_all(self, prompts: Sequence[Sequence[int]], on_finish: Callable[[int, Finish], None] | None = None,
+                **settings) -> list[Finish]:
+        """Generate for every prompt (all queued at once, whatever `max_waiting`) and return their Finishes in order.
+
+        `on_finish(index, finish)` is called on the engine's thread as each one ends (e.g. to advance a progress bar).
+        """
+        sinks = [(lambda i: lambda event: on_finish(i, event) if isinstance(event, Finish) else None)(i)
+                 for i in range(len(prompts))] if on_finish else [None] * len(prompts)
+        requests = [self._prepare(p, sink=sink, **settings) for p, sink in zip(prompts, sinks)]
+        self._enqueue(requests, limit=None)
+        try:
+            return [r.result() for r in requests]
+        finally:
+            for r in requests:
+                r.cancel()
+
+    def generate(self, prompts: Sequence[Sequence[int]], **settings) -> list[list[int]]:
+        """`gemma.generate` through the engine: the new ids of each prompt."""
+        finishes = self.run_all(prompts, **settings)
+        for f in finishes:
+            if f.reason == "error":
+                raise RuntimeError(f"generation failed: {f.error}")
+        return [list(f.token_ids) for f in finishes]
+
+    def _prepare(self, prompt, max_new_tokens=256, temperature=0.0, top_k=None, top_p=None, min_p=None,
+                 repetition_penalty=1.0, seed=None, *, stop_ids=None, stop_strings=None, sink=None) -> Request:
+        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
+        prompt = self._check_prompt(prompt)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise GemmaError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                                 or not -(1 << 63) <= seed < (1 << 64)):  # what torch.Generator takes
+            raise GemmaError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
+        stops = frozenset(self.tokenizer.stop_ids if stop_ids is None else stop_ids)
+        return Request(self, prompt, min(max_new_tokens, self.context - len(prompt)), params, seed, stops,
+                       check_stop_strings(stop_strings), sink)
+
+    def _check_prompt(self, prompt) -> list[int]:
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.tolist()
+        vocab = self.model.config.vocab_size
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise GemmaError("a prompt must be a non-empty list of token ids")
+        if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab for i in prompt):
+            raise GemmaError(f"a prompt holds something other than token ids in [0, {vocab})")
+        if len(prompt) >= self.context:
+            raise GemmaError(f"a prompt of {len(prompt)} tokens leaves no room in the context of {self.context}")
+        return list(prompt)
+
+    def _enqueue(self, requests: list[Request], limit: int | None) -> None:
+        with self._cond:
+            if self._closed:
+                raise EngineClosed("the engine is closed")
+            if self._failure is not None:
+                raise EngineClosed(f"the engine stopped: {self._failure}")
+            if limit is not None and len(self._waiting) + len(requests) > limit:
+                raise EngineBusy(f"{len(self._waiting)} requests are already waiting")
+            for r in requests:
+                if r.max_new_tokens == 0:
+                    r._emit(Finish("length", (), "", len(r.prompt)))
+                else:
+                    self._waiting.append(r)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="gemma-engine", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Stop the engine's thread; requests still waiting or running finish with reason "error"."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._finish_everything("the engine was closed")
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- the engine's thread ----
+
+    def _run(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)  # intra-op threads are set per thread
+        try:
+            with torch.no_grad():
+                while True:
+                    with self._cond:
+                        while not self._closed and not self._rows and not self._waiting:
+                            self._cond.wait()
+                        if self._closed:
+                            return
+                        self._admitting = self._take_admissible()
+                    try:
+                        self._retire_cancelled()
+                        if self._admitting:
+                            self._admit(self._admitting)
+                        self._admitting = []
+                        if self._rows:
+                            self._step()
+                    except Exception as exc:  # a failed pass: fail the requests it served, then carry on
+                        log.exception("generation step failed")
+                        self._fail_rows(f"{type(exc).__name__}: {exc}")
+        except BaseException as exc:  # pragma: no cover - the thread itself failed; say so to every caller
+            self._failure = exc
+            log.exception("the engine's thread stopped")
+            self._finish_everything(f"the engine stopped: {exc}")
+
+    def _take_admissible(self) -> list[Request]:
+        """Pop the waiting requests that get a row now (cancelled ones are finished instead). Holds the lock."""
+        if any(r.cancelled for r in self._waiting):
+            for r in [r for r in self._waiting if r.cancelled]:
+                self._finish_unstarted(r, "cancelled")
+            self._waiting = deque(r for r in self._waiting if not r.cancelled)
+        free = self.max_batch - len(self._rows)
+        return [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+
+    def _admit(self, requests: list[Request]) -> None:
+        """Prefill the prompts of `requests` together, copy them into free rows, sample their first tokens."""
+        device, cfg = self.model.device, self.model.config
+        free = [r for r in range(self.max_batch) if r not in self._rows][:len(requests)]
+        width = max(len(r.prompt) for r in requests)
+        tokens = torch.full((len(requests), width), self.tokenizer.pad_id, dtype=torch.long)
+        positions = torch.full((len(requests), width), -1, dtype=torch.long)
+        for i, r in enumerate(requests):  # left-padded, as gemma.generate batches them
+            tokens[i, width - len(r.prompt):] = torch.tensor(r.prompt)
+            positions[i, width - len(r.prompt):] = torch.arange(len(r.prompt))
+        staging = self.model.new_cache(len(requests), width)
+        logits = prefill(self.model, staging, tokens.to(device), positions.to(device))  # (n, V)
+        self.stats.prompt_tokens += sum(len(r.prompt) for r in requests)
+        self._move_cursor(max([width] + [row.pos for row in self._rows.values()]))
+        for i, (request, slot) in enumerate(zip(requests, free)):
+            P = len(request.prompt)
+            self.cache.load_row(slot, staging, i, self.cache.length - P)
+            seen = (seen_mask([request.prompt], cfg.vocab_size, device)[0]
+                    if request.params.repetition_penalty != 1.0 else None)
+            self._rows[slot] = _Row(request, P, -1, [], 0, TextStream(self.tokenizer, request.stop_strings),
+                                    new_generator(request.seed, device), seen)
+        self._mask_vocab(logits)
+        for i, slot in enumerate(free):
+            self._take(slot, logits[i:i + 1])
+
+    def _step(self) -> None:
+        """One token for every active row, in one forward pass over rows [0, highest active row]."""
+        if self.cache.length + 1 > self.cache.max_len:  # never, by the layout's arithmetic; kept as a guard
+            self._move_cursor(max(row.pos for row in self._rows.values()))
+        device = self.model.device
+        n = max(self._rows) + 1
+        tokens = torch.full((n,), self.tokenizer.pad_id, dtype=torch.long)
+        positions = torch.full((n,), -1, dtype=torch.long)  # rows without a request feed padding
+        for slot, row in self._rows.items():
+            tokens[slot], positions[slot] = row.token, row.pos
+        view = self.cache.first_rows(n)
+        logits = decode_one_token(self.model, view, tokens.to(device), positions.to(device))  # (n, V)
+        self.cache.length = view.length
+        self.stats.steps += 1
+        self.stats.rows_stepped += len(self._rows)
+        self._mask_vocab(logits)
+        # Plain greedy rows take one argmax together (one device sync); the others sample with their own RNG.
+        greedy = [slot for slot, row in self._rows.items() if row.request.params.greedy and row.seen is None]
+        picked = dict(zip(greedy, logits[greedy].argmax(dim=-1).tolist())) if greedy else {}
+        for slot, row in list(self._rows.items()):
+            row.pos += 1
+            if slot in picked:
+                self._accept(slot, picked[slot])
+            else:
+                self._take(slot, logits[slot:slot + 1])
+        self._compact()
+
+    def _mask_vocab(self, logits: torch.Tensor) -> None:
+        """Ids past the tokenizer's pieces (padding rows of the embedding) are never sampled."""
+        if self.vocab_limit < logits.shape[-1]:
+            logits[:, self.vocab_limit:] = float("-inf")
+
+    def _take(self, slot: int, logits: torch.Tensor) -> None:
+        """Sample a row's next token and accept it; a failure (settings whose arithmetic overflows to NaN, say)
+        ends that request alone."""
+        try:
+            token = self._sample(self._rows[slot], logits)
+        except Exception as exc:
+            return self._retire(slot, "error", f"sampling failed: {exc}")
+        self._accept(slot, token)
+
+    def _sample(self, row: _Row, logits: torch.Tensor) -> int:
+        """The next token of one row from its (masked) logits (1, V), with its request's settings and RNG."""
+        seen = row.seen[None] if row.seen is not None else None
+        token = int(sample(logits, row.request.params, row.generator, seen)[0])
+        if row.seen is not None:
+            row.seen[token] = True
+        return token
+
+    def _accept(self, slot: int, token: int) -> None:
+        """Record a row's sampled token: stream its text, or finish the request."""
+        row = self._rows[slot]
+        request = row.request
+        row.sampled += 1
+        self.stats.new_tokens += 1
+        if token in request.stop_ids:
+            return self._retire(slot, "stop")
+        row.ids.append(token)
+        piece = row.stream.push(token)
+        if piece:
+            request._emit(Delta(piece))
+        if row.stream.stopped:
+            return self._retire(slot, "stop")
+        if row.sampled >= request.max_new_tokens:
+            return self._retire(slot, "length")
+        row.token = token
+
+    def _retire(self, slot: int, reason: str, error: str | None = None) -> None:
+        row = self._rows.pop(slot)
+        self.cache.reset_row(slot)
+        if reason in ("stop", "length"):
+            rest = row.stream.finish()
+            if rest:
+                row.request._emit(Delta(rest))
+            if row.stream.stopped:  # a stop string completed in the text held back until now
+                reason = "stop"
+        self._count(reason)
+        row.request._emit(Finish(reason, tuple(row.ids), row.stream.text, len(row.request.prompt), error))
+
+    def _retire_cancelled(self) -> None:
+        for slot in [s for s, row in self._rows.items() if row.request.cancelled]:
+            self._retire(slot, "cancelled")
+        self._compact()
+
+    def _compact(self) -> None:
+        """After rows leave: start afresh when none is left, or move the columns back when much of the attended span
+        has become empty (it is attended over at every step)."""
+        if not self._rows:
+            self.cache.reset()
+            return
+        waste = self.cache.length - max(row.pos for row in self._rows.values())
+        if waste > max(64, self.cache.length // 2):
+            self.cache.shift(waste)
+
+    def _move_cursor(self, target: int) -> None:
+        """Shift the columns so that the cursor is at `target` (at least the longest active row)."""
+        if not self._rows:
+            self.cache.reset()  # every slot is empty: any cursor is consistent
+            self.cache.length = target
+        else:
+            self.cache.shift(self.cache.length - target)
+
+    def _count(self, reason: str) -> None:
+        self.stats.requests += 1
+        self.stats.cancelled += reason == "cancelled"
+        self.stats.errors += reason == "error"
+
+    def _finish_unstarted(self, request: Request, reason: str, error: str | None = None) -> None:
+        self._count(reason)
+        request._emit(Finish(reason, (), "", len(request.prompt), error))
+
+    def _fail_rows(self, error: str) -> None:
+        """Finish every request being served with an error and start the cache afresh."""
+        for slot in list(self._rows):
+            self._retire(slot, "error", error)
+        for request in self._admitting:
+            if request.finish is None:
+                self._finish_unstarted(request, "error", error)
+        self._admitting = []
+        self.cache.reset()
+
+    def _finish_everything(self, error: str) -> None:
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), deque()
+        for request in waiting:
+            self._finish_unstarted(request, "error", error)
+        if self._thread is None or not self._thread.is_alive():
+            self._fail_rows(error)
+
