@@ -5,6 +5,7 @@ Sources: an HF checkpoint folder, a native folder, a `.gguf` file, an HF repo id
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 from typing import Callable
@@ -36,10 +37,8 @@ def hub_snapshot(repo_id: str) -> Path:
     import huggingface_hub
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    try:
+    with contextlib.suppress(LocalEntryNotFoundError, FileNotFoundError):  # not cached: ask the hub
         return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
-    except (LocalEntryNotFoundError, FileNotFoundError):
-        pass
     try:
         return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_FILES))
     except LocalEntryNotFoundError:
