@@ -3,7 +3,8 @@
     python examples/make_data.py [--out DIR] [--seed N]
 
 - arith_train.jsonl (570 records) and arith_eval.jsonl (60 records): arithmetic word problems in English and
-  Chinese (addition, subtraction, multiplication of small numbers), alpaca shape, the answer just the number, so
+  Chinese (addition, subtraction, multiplication of small numbers, and "pick" questions whose answer is one of two
+  counts stated in the problem: reading, which the 270M learns quickly), alpaca shape, the answer just the number, so
   exact match scores them. No (operation, a, b) of the eval set appears in the training set.
 - general_zh_en.jsonl: a few short general instructions in both languages, written by hand below, in the messages
   and sharegpt shapes (some with a system message, some multi-turn).
@@ -14,8 +15,8 @@ import json
 import os
 import random
 
-TRAIN_PER_OP = {"add": 260, "sub": 260, "mul": 50}  # 570 records
-EVAL_PER_OP = {"add": 26, "sub": 26, "mul": 8}  # 60 records
+TRAIN_PER_OP = {"add": 160, "sub": 160, "mul": 40, "pick": 210}  # 570 records
+EVAL_PER_OP = {"add": 18, "sub": 18, "mul": 4, "pick": 20}  # 60 records
 
 # Every (a, b) an operation may use: sums of numbers up to 20, differences below 25, the times table. Small
 # enough that the 270M model learns the task in the few minutes the main job has on a laptop CPU.
@@ -23,8 +24,10 @@ PAIRS = {
     "add": [(a, b) for a in range(1, 21) for b in range(1, 21)],
     "sub": [(a, b) for a in range(2, 26) for b in range(1, a)],
     "mul": [(a, b) for a in range(2, 10) for b in range(2, 10)],
+    "pick": [(a, b) for a in range(2, 60) for b in range(2, 60) if a != b],
 }
-ANSWER = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b}
+# "pick" asks for one of two counts given in the problem: reading, not arithmetic, so a small model can learn it.
+ANSWER = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b, "pick": lambda a, b: b}
 
 EN_NAMES = ["Tom", "Anna", "Lily", "Ben", "Sam", "Mia", "Jack", "Emma"]
 EN_ITEMS = ["apples", "books", "pencils", "candies", "stickers", "marbles", "oranges", "cards"]
@@ -47,6 +50,10 @@ EN_TEMPLATES = {
         "{name} gives {b} {item} to each of {a} friends. How many {item} does {name} give away?",
         "What is {a} times {b}?",
     ],
+    "pick": [
+        "{name} has {a} {item} and {b} {item2}. How many {item2} does {name} have?",
+        "In a box there are {a} {item} and {b} {item2}. How many {item2} are in the box?",
+    ],
 }
 ZH_NAMES = ["小明", "小红", "小华", "小丽", "小刚", "小芳", "小军", "小雨"]
 ZH_ITEMS = [("苹果", "个"), ("书", "本"), ("铅笔", "支"), ("糖", "颗"), ("贴纸", "张"), ("橘子", "个"), ("卡片", "张")]
@@ -68,6 +75,10 @@ ZH_TEMPLATES = {
         "桌上摆了{a}排{item}，每排{b}{unit}，一共有多少{unit}{item}？",
         "{name}给{a}个朋友每人{b}{unit}{item}，一共送出多少{unit}{item}？",
         "{a}乘以{b}等于多少？",
+    ],
+    "pick": [
+        "{name}有{a}{unit}{item}和{b}{unit2}{item2}，{name}有多少{unit2}{item2}？",
+        "盒子里有{a}{unit}{item}和{b}{unit2}{item2}，盒子里有多少{unit2}{item2}？",
     ],
 }
 
@@ -167,10 +178,12 @@ GENERAL = [
 def problem(rng: random.Random, op: str, a: int, b: int) -> dict:
     """One alpaca record: a word problem for `a op b` in a random language and template, the number as the answer."""
     if rng.random() < 0.5:
-        text = rng.choice(EN_TEMPLATES[op]).format(name=rng.choice(EN_NAMES), item=rng.choice(EN_ITEMS), a=a, b=b)
+        item, item2 = rng.sample(EN_ITEMS, 2)
+        text = rng.choice(EN_TEMPLATES[op]).format(name=rng.choice(EN_NAMES), item=item, item2=item2, a=a, b=b)
     else:
-        item, unit = rng.choice(ZH_ITEMS)
-        text = rng.choice(ZH_TEMPLATES[op]).format(name=rng.choice(ZH_NAMES), item=item, unit=unit, a=a, b=b)
+        (item, unit), (item2, unit2) = rng.sample(ZH_ITEMS, 2)
+        text = rng.choice(ZH_TEMPLATES[op]).format(name=rng.choice(ZH_NAMES), item=item, unit=unit, item2=item2,
+                                                   unit2=unit2, a=a, b=b)
     return {"instruction": text, "output": str(ANSWER[op](a, b))}
 
 
@@ -178,7 +191,7 @@ def arithmetic(seed: int) -> tuple[list[dict], list[dict]]:
     """(train, eval) records; each (op, a, b) is used at most once, so the eval problems are held out."""
     rng = random.Random(seed)
     train, held_out = [], []
-    for op in ("add", "sub", "mul"):
+    for op in ("add", "sub", "mul", "pick"):
         pairs = rng.sample(PAIRS[op], EVAL_PER_OP[op] + TRAIN_PER_OP[op])
         held_out += [problem(rng, op, a, b) for a, b in pairs[:EVAL_PER_OP[op]]]
         train += [problem(rng, op, a, b) for a, b in pairs[EVAL_PER_OP[op]:]]
