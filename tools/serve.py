@@ -370,10 +370,57 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 def _failed(finish) -> ApiError:
     return ApiError(503 if "closed" in (finish.error or "") else 500, f"generation failed: {finish.error}")
 
+def include_usage(body) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+def stream_reply(gen, delta_chunk, final_chunk, with_usage: bool, first: dict | None = None) -> "EventStream":
+    """Server-sent events in OpenAI's chunk format for one generation, ending with [DONE]; the generation is
+    cancelled when the client goes away."""
+    from gemma.engine import Delta
+
+    async def events():
+        try:
+            if first is not None:
+                yield sse(first)
+            while (event := await gen.next_event()) is not None:
+                if isinstance(event, Delta):
+                    yield sse(delta_chunk(event.text))
+                    continue
+                if event.reason == "error":
+                    yield sse({"error": {"message": f"generation failed: {event.error}",
+                                         "type": "server_error", "param": None, "code": None}})
+                else:
+                    final = final_chunk(event.reason)
+                    yield sse(final)
+                    if with_usage:
+                        yield sse({**final, "choices": [],
+                                   "usage": usage(event.prompt_tokens, event.completion_tokens)})
+                yield "data: [DONE]\n\n"
+                return
+        finally:
+            gen.cancel()
+
+    return EventStream(events())
+
+
+async def finish_reply(gen):
+    """The generation's Finish, or the response to send instead (499 when the client left; errors raise)."""
+    try:
+        finish = await gen.finish()
+    finally:
+        gen.cancel()
+    if finish is None:
+        return error_response(499, "client closed the request")
+    if finish.reason == "error":
+        raise _failed(finish)
+    return finish
+
+
 
 def create_app(engine, model_name: str, api_key: str | None = None, max_body_bytes: int = 1 << 20):
     """The ASGI app serving `engine` (a gemma.engine.Engine) as `model_name`."""
-    from gemma.engine import Delta
+    from gemma.engine import Finish
 
     tokenizer = engine.tokenizer
     started = int(time.time())
@@ -437,38 +484,11 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_body_byt
                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
 
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-            async def events():
-                try:
-                    yield sse(chunk({"role": "assistant", "content": ""}))
-                    while (event := await gen.next_event()) is not None:
-                        if isinstance(event, Delta):
-                            yield sse(chunk({"content": event.text}))
-                            continue
-                        if event.reason == "error":
-                            yield sse({"error": {"message": f"generation failed: {event.error}",
-                                                 "type": "server_error", "param": None, "code": None}})
-                        else:
-                            yield sse(chunk({}, event.reason))
-                            if include_usage:
-                                yield sse({"id": ident, "object": "chat.completion.chunk", "created": created,
-                                           "model": model_name, "choices": [],
-                                           "usage": usage(event.prompt_tokens, event.completion_tokens)})
-                        yield "data: [DONE]\n\n"
-                        return
-                finally:
-                    gen.cancel()
-
-            return EventStream(events())
-        try:
-            finish = await gen.finish()
-        finally:
-            gen.cancel()
-        if finish is None:
-            return error_response(499, "client closed the request")
-        if finish.reason == "error":
-            raise _failed(finish)
+            return stream_reply(gen, lambda text: chunk({"content": text}), lambda reason: chunk({}, reason),
+                                include_usage(body), first=chunk({"role": "assistant", "content": ""}))
+        finish = await finish_reply(gen)
+        if not isinstance(finish, Finish):
+            return finish
         return {"id": ident, "object": "chat.completion", "created": created, "model": model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": finish.text},
                              "logprobs": None, "finish_reason": finish.reason}],
@@ -487,37 +507,10 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_body_byt
                     "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
 
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-            async def events():
-                try:
-                    while (event := await gen.next_event()) is not None:
-                        if isinstance(event, Delta):
-                            yield sse(chunk(event.text))
-                            continue
-                        if event.reason == "error":
-                            yield sse({"error": {"message": f"generation failed: {event.error}",
-                                                 "type": "server_error", "param": None, "code": None}})
-                        else:
-                            yield sse(chunk("", event.reason))
-                            if include_usage:
-                                yield sse({"id": ident, "object": "text_completion", "created": created,
-                                           "model": model_name, "choices": [],
-                                           "usage": usage(event.prompt_tokens, event.completion_tokens)})
-                        yield "data: [DONE]\n\n"
-                        return
-                finally:
-                    gen.cancel()
-
-            return EventStream(events())
-        try:
-            finish = await gen.finish()
-        finally:
-            gen.cancel()
-        if finish is None:
-            return error_response(499, "client closed the request")
-        if finish.reason == "error":
-            raise _failed(finish)
+            return stream_reply(gen, chunk, lambda reason: chunk("", reason), include_usage(body))
+        finish = await finish_reply(gen)
+        if not isinstance(finish, Finish):
+            return finish
         return {"id": ident, "object": "text_completion", "created": created, "model": model_name,
                 "choices": [{"index": 0, "text": finish.text, "logprobs": None, "finish_reason": finish.reason}],
                 "usage": usage(finish.prompt_tokens, finish.completion_tokens)}
