@@ -21,6 +21,16 @@ def parse_dtype(name: str):
     return table[name]
 
 
+def add_model_args(parser) -> None:
+    """The model flags every tool shares: --model, --size, --adapter, --dtype, --device."""
+    parser.add_argument("--model", default="3-270m",
+                        help="HF folder, native folder, .gguf file, HF repo id or preset name (default: 3-270m)")
+    parser.add_argument("--size", metavar="NAME", default=None, help="a preset name, instead of --model")
+    parser.add_argument("--adapter", metavar="DIR", default=None, help="a PEFT LoRA adapter folder to apply")
+    parser.add_argument("--dtype", choices=DTYPES, default="bf16", help="compute dtype (default bf16)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
 def main_guard(main: Callable[..., int | None]) -> Callable[..., int]:
     """Wrap a `main()` so that a GemmaError prints one `error:` line and exits 2, with no traceback."""
 

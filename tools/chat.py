@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Iterable, TextIO
 
-from gemma.cli import DTYPES, main_guard, parse_dtype
+from gemma.cli import add_model_args, main_guard, parse_dtype
 from gemma.errors import GemmaError
 
 COMMANDS = """\
@@ -32,12 +32,7 @@ Ctrl-C stops a reply."""
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tools/chat.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="3-270m",
-                   help="HF folder, native folder, .gguf file, HF repo id or preset name (default: 3-270m)")
-    p.add_argument("--size", metavar="NAME", default=None, help="a preset name, instead of --model")
-    p.add_argument("--adapter", metavar="DIR", default=None, help="a PEFT LoRA adapter folder to apply")
-    p.add_argument("--dtype", choices=DTYPES, default="bf16", help="compute dtype (default bf16)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_model_args(p)
     p.add_argument("--prompt", metavar="TEXT", default=None, help="answer this once, print the reply, exit")
     p.add_argument("--system", metavar="TEXT", default=None, help="a system prompt (folded into the first turn)")
     p.add_argument("--raw", action="store_true", help="no chat template: the model continues the text")

@@ -25,17 +25,14 @@ import time
 import uuid
 from pathlib import Path
 
-from gemma.cli import DTYPES, main_guard, parse_dtype
+from gemma.cli import add_model_args, main_guard, parse_dtype
 from gemma.errors import GemmaError
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tools/evaluate.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="3-270m",
-                   help="HF folder, native folder, .gguf file, HF repo id or preset name (default: 3-270m)")
-    p.add_argument("--size", metavar="NAME", default=None, help="a preset name, instead of --model")
-    p.add_argument("--adapter", metavar="DIR", default=None, help="a PEFT LoRA adapter folder to apply")
+    add_model_args(p)
     p.add_argument("--data", metavar="FILE", required=True, help="JSON or JSONL records (alpaca, sharegpt, messages)")
     p.add_argument("--out", metavar="FILE.json", required=True, help="where the summary goes")
     p.add_argument("--predictions", metavar="FILE", default=None,
@@ -46,8 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens a record may span (default: the model's context, at most 8192); longer prompts are "
                         "an error, longer records are truncated for the loss as in training")
     p.add_argument("--limit", type=int, default=None, help="score only the first N records")
-    p.add_argument("--dtype", choices=DTYPES, default="bf16", help="compute dtype (default bf16)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     return p
 
 

@@ -33,7 +33,7 @@ import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal
 
-from gemma.cli import DTYPES, main_guard, parse_dtype
+from gemma.cli import add_model_args, main_guard, parse_dtype
 from gemma.errors import GemmaError
 
 try:
@@ -554,12 +554,7 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_body_byt
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tools/serve.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="3-270m",
-                   help="HF folder, native folder, .gguf file, HF repo id or preset name (default: 3-270m)")
-    p.add_argument("--size", metavar="NAME", default=None, help="a preset name, instead of --model")
-    p.add_argument("--adapter", metavar="DIR", default=None, help="a PEFT LoRA adapter folder to apply")
-    p.add_argument("--dtype", choices=DTYPES, default="bf16", help="compute dtype (default bf16)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--api-key", metavar="KEY", default=None,
