@@ -534,15 +534,9 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_body_byt
                         temperature=0.0 if greedy else body.temperature,
                         top_k=None if greedy or body.top_k in (0, -1) else body.top_k,
                         top_p=None if greedy or body.top_p == 1.0 else body.top_p)
-        gen = _Generation(engine, prompt, settings, http)
-        try:
-            finish = await gen.finish()
-        finally:
-            gen.cancel()
-        if finish is None:
-            return error_response(499, "client closed the request")
-        if finish.reason == "error":
-            raise _failed(finish)
+        finish = await finish_reply(_Generation(engine, prompt, settings, http))
+        if not isinstance(finish, Finish):
+            return finish
         return JSONResponse(finish.text)
 
     return Guard(app, api_key, max_body_bytes)
