@@ -8,7 +8,7 @@ from torch import nn
 
 from gemma.config import GemmaConfig
 from gemma.kv_cache import KVCache
-from gemma.layers import RMSNorm, apply_rope
+from gemma.layers import Linear, RMSNorm, apply_rope
 
 
 def attention_mask(positions: torch.Tensor, window: int | None,
@@ -38,10 +38,10 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.scale = cfg.attn_scale
         self.softcap = cfg.attn_softcap
-        self.q = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
-        self.k = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.v = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.o = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.q = Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim)
+        self.k = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim)
+        self.v = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim)
+        self.o = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size)
         if cfg.use_qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)

@@ -7,6 +7,34 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T without bias. A single input row (decoding one token at batch 1) goes through torch.mv, which
+    streams the weight once at memory speed; on CPU the general matmul kernel is ~1.6x slower for one row in bf16
+    (measured on the 262144 x 640 output head: 15.5 ms against 24.7 ms). The result is the same product, summed in
+    float32 either way. Only without autograd or autocast, whose rules are written for the matmul ops."""
+    if (x.numel() == weight.shape[1] and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled(x.device.type)):
+        return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight)
+
+
+class Linear(nn.Linear):
+    """A bias-free nn.Linear whose single-row inputs take the matrix-vector path (see `linear`)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
+
+
+class Embedding(nn.Embedding):
+    """The token embedding, whose table is also the output head (Gemma ties them): `project(h)` = h @ table.T."""
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        return linear(h, self.weight)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm with Gemma's zero-centred weight: x / rms(x) * (1 + w).
 
@@ -55,9 +83,9 @@ class GeGLU(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
-        self.gate = nn.Linear(hidden, intermediate, bias=False)
-        self.up = nn.Linear(hidden, intermediate, bias=False)
-        self.down = nn.Linear(intermediate, hidden, bias=False)
+        self.gate = Linear(hidden, intermediate)
+        self.up = Linear(hidden, intermediate)
+        self.down = Linear(intermediate, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.gelu(self.gate(x), approximate="tanh") * self.up(x))

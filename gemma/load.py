@@ -16,6 +16,7 @@ from gemma import checkpoint
 from gemma.config import NATIVE_FORMAT, PRESETS, GemmaConfig, preset, read_json
 from gemma.errors import GemmaError
 from gemma.model import Gemma
+from gemma.quantize import MODES as QUANTIZE_MODES, quantize_model
 from gemma.tokenizer import Tokenizer
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -131,14 +132,20 @@ def check_adapter_folder(adapter: str | Path) -> None:
 
 
 def load(source: str | Path, adapter: str | Path | None = None, dtype: torch.dtype = torch.float32,
-         device: str | torch.device = "cpu") -> tuple[Gemma, Tokenizer]:
+         device: str | torch.device = "cpu", quantize: str | None = None) -> tuple[Gemma, Tokenizer]:
     """(model, tokenizer) from an HF folder, a native folder, a .gguf file, an HF repo id or a preset name.
 
-    With `adapter` (a PEFT adapter folder) the model gets LoRA layers holding the adapter, unmerged."""
+    With `adapter` (a PEFT adapter folder) the model gets LoRA layers holding the adapter, unmerged. With
+    `quantize` ('int8') the weights are stored in int8 for inference (gemma.quantize); an adapter is then merged
+    into the weights before they are quantized."""
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise GemmaError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
     if adapter is not None:
         check_adapter_folder(adapter)
     cfg, state, tokenizer = load_weights(source, dtype)
     model = checkpoint.build_model(cfg, state, device)
     if adapter is not None:
-        model = adapter_loader()(model, adapter)
+        model = adapter_loader()(model, adapter, merge=quantize is not None)
+    if quantize is not None:
+        model = quantize_model(model, quantize)
     return model, tokenizer

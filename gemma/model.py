@@ -11,7 +11,7 @@ from torch import nn
 from gemma.attention import Attention, attention_mask
 from gemma.config import GemmaConfig
 from gemma.kv_cache import KVCache
-from gemma.layers import GeGLU, RMSNorm, rope_cos_sin, rope_inv_freq
+from gemma.layers import Embedding, GeGLU, RMSNorm, rope_cos_sin, rope_inv_freq
 
 
 class Block(nn.Module):
@@ -47,7 +47,7 @@ class Gemma(nn.Module):
     def __init__(self, cfg: GemmaConfig):
         super().__init__()
         self.config = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         # Recompute each block's activations in the backward pass instead of keeping them (training only).
@@ -55,11 +55,11 @@ class Gemma(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
+        return self.norm.weight.dtype  # the compute dtype (the weights may be quantized: gemma.quantize)
 
     @property
     def device(self) -> torch.device:
-        return self.embed.weight.device
+        return self.norm.weight.device
 
     def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[bool, tuple[torch.Tensor, ...]]:
         """(cos, sin) per layer kind: {is_sliding: (cos, sin)}; local and global layers use different bases."""
@@ -116,7 +116,7 @@ class Gemma(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The tied output head, then the final softcap, in float32."""
-        logits = (h @ self.embed.weight.T).float()
+        logits = self.embed.project(h).float()
         if self.config.final_softcap is not None:
             cap = self.config.final_softcap
             logits = torch.tanh(logits / cap) * cap

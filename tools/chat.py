@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Iterable, TextIO
 
-from gemma.cli import add_model_args, main_guard, parse_dtype
+from gemma.cli import add_model_args, main_guard, parse_dtype, precision_label
 from gemma.errors import GemmaError
 
 COMMANDS = """\
@@ -166,11 +166,12 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     try:
-        model, tokenizer = gemma.load(source, adapter=args.adapter, dtype=dtype, device=device)
+        model, tokenizer = gemma.load(source, adapter=args.adapter, dtype=dtype, device=device,
+                                      quantize=args.quantize)
     except KeyboardInterrupt:
         return 130
     model.eval()
-    loaded = f"[loaded {source} ({args.dtype}, {device}) in {time.perf_counter() - start:.1f}s]"
+    loaded = f"[loaded {source} ({precision_label(args)}, {device}) in {time.perf_counter() - start:.1f}s]"
 
     if args.prompt is not None:
         if args.stats:

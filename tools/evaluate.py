@@ -25,7 +25,7 @@ import time
 import uuid
 from pathlib import Path
 
-from gemma.cli import add_model_args, main_guard, parse_dtype
+from gemma.cli import add_model_args, main_guard, parse_dtype, precision_label
 from gemma.errors import GemmaError
 
 
@@ -134,9 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     source = args.size or args.model
     started = time.perf_counter()
-    model, tokenizer = gemma.load(source, adapter=args.adapter, dtype=dtype, device=device)
+    model, tokenizer = gemma.load(source, adapter=args.adapter, dtype=dtype, device=device,
+                                  quantize=args.quantize)
     model.eval()
-    print(f"[loaded {source} ({args.dtype}, {device}) in {time.perf_counter() - started:.1f}s; "
+    print(f"[loaded {source} ({precision_label(args)}, {device}) in {time.perf_counter() - started:.1f}s; "
           f"{len(cases)} records to score]", file=sys.stderr)
     context = min(model.config.max_seq_len, args.max_len or 8192)
 

@@ -33,7 +33,7 @@ import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal
 
-from gemma.cli import add_model_args, main_guard, parse_dtype
+from gemma.cli import add_model_args, main_guard, parse_dtype, precision_label
 from gemma.errors import GemmaError
 
 try:
@@ -612,10 +612,12 @@ def main(argv: list[str] | None = None) -> int:
     sock = listen(args.host, args.port)
     start = time.perf_counter()
     try:
-        model, tokenizer = gemma.load(source, adapter=args.adapter, dtype=dtype, device=device)
+        model, tokenizer = gemma.load(source, adapter=args.adapter, dtype=dtype, device=device,
+                                      quantize=args.quantize)
     except KeyboardInterrupt:
         return 130
-    print(f"[loaded {source} ({args.dtype}, {device}) in {time.perf_counter() - start:.1f}s]", file=sys.stderr)
+    print(f"[loaded {source} ({precision_label(args)}, {device}) in {time.perf_counter() - start:.1f}s]",
+          file=sys.stderr)
 
     max_len = args.max_len or min(model.config.max_seq_len, 8192)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_len=max_len, max_waiting=args.max_waiting,

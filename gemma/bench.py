@@ -1,0 +1,282 @@
+"""Benchmark workloads for tools/bench.py: greedy decoding and prefill, ours and transformers' (the reference), the
+machine's memory read bandwidth, and peak memory.
+
+Each workload runs in a process of its own (tools/bench.py starts one per workload, implementation and repetition,
+alternating ours and the reference) so that its peak memory is its own: RSS on CPU, `max_memory_allocated` on CUDA.
+transformers is imported here only inside the reference workloads; nothing in the product imports this module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from gemma.config import GemmaConfig, preset
+from gemma.errors import GemmaError
+
+CACHE = Path.home() / ".cache" / "gemma-sft" / "bench"
+
+
+# ---- measuring ------------------------------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> float:
+    """Seconds `fn()` takes, waiting for the device before and after."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes of this process so far: resident set on CPU, allocated tensor memory on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def read_bandwidth(device: torch.device, nbytes: int = 1 << 29, reps: int = 7) -> float:
+    """Measured memory read bandwidth (bytes/s): the median time to sum a buffer far larger than the caches."""
+    buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    buf.sum()  # touch it once
+    times = [timed(buf.sum, device) for _ in range(reps)]
+    del buf
+    return nbytes / statistics.median(times)
+
+
+def median(xs) -> float:
+    return statistics.median(xs) if xs else math.nan
+
+
+def emit(result: dict) -> None:
+    """A worker's result: one JSON line on stdout, the last thing it prints."""
+    sys.stdout.write("BENCH " + json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+# ---- the models compared ----------------------------------------------------------------------------------------
+#
+# Both sides read the same HF folder: the real Gemma 3 270M converted once to bf16 (the default), or a preset's
+# architecture with seeded random weights (`--size`), written once into the cache.
+
+
+def real_270m_folder() -> Path:
+    """An HF folder of the real Gemma 3 270M (bf16), converted once from whatever source `3-270m` resolves to."""
+    folder = CACHE / "3-270m-hf"
+    if not (folder / "config.json").exists():
+        from gemma.convert import convert
+
+        convert("3-270m", folder, "hf", dtype=torch.bfloat16, force=True)
+    return folder
+
+
+def random_folder(size: str, seed: int = 0) -> Path:
+    """An HF folder holding `size`'s architecture with seeded random bf16 weights (no tokenizer: the benchmarks
+    feed token ids)."""
+    from gemma.checkpoint import atomic_dir, hf_names, save_safetensors
+    from gemma.model import Gemma
+
+    cfg = preset(size)
+    folder = CACHE / f"random-{size}-hf"
+    if (folder / "config.json").exists():
+        return folder
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = Gemma(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0.0, 0.1)
+            elif name == "embed.weight":
+                p.normal_(0.0, 0.03)
+    names = hf_names(cfg)
+    state = {names[k]: v.contiguous() for k, v in model.state_dict().items()}
+    with atomic_dir(folder, force=True) as tmp:
+        save_safetensors(state, tmp / "model.safetensors")
+        (tmp / "config.json").write_text(json.dumps(cfg.to_hf_config(), indent=2))
+    return folder
+
+
+def model_folder(source: str) -> Path:
+    """An HF folder for `source`: 'random:PRESET' (seeded random weights), an HF folder as it is, or any other
+    model source (`3-270m`, a native folder, a .gguf file, a repo id) converted once to a bf16 HF folder."""
+    if source.startswith("random:"):
+        return random_folder(source.split(":", 1)[1])
+    if source == "3-270m":
+        return real_270m_folder()
+    path = Path(source)
+    if (path / "config.json").exists() and "model_type" in json.loads((path / "config.json").read_text()):
+        return path
+    from gemma.convert import convert
+
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(path.expanduser().resolve() if path.exists()
+                                                                         else source))
+    folder = CACHE / f"{slug.strip('_')[-80:]}-hf"
+    if not (folder / "config.json").exists():
+        convert(source, folder, "hf", dtype=torch.bfloat16, force=True)
+    return folder
+
+
+def ours(folder: Path, dtype: torch.dtype, device: torch.device, quantize: str | None = None):
+    """Our model from an HF folder (no tokenizer needed), in eval mode."""
+    from gemma import checkpoint
+
+    cfg, state = checkpoint.load_hf_folder(folder, dtype)
+    model = checkpoint.build_model(cfg, state, device).eval()
+    if quantize is not None:
+        from gemma.quantize import quantize_model
+
+        quantize_model(model, quantize)
+    return model
+
+
+def reference(folder: Path, dtype: torch.dtype, device: torch.device):
+    """transformers' model from the same folder, in eval mode (SDPA attention, its default)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+
+
+def weight_bytes(model) -> int:
+    """Bytes of weights one decoding step reads: every parameter and buffer of the model (the tied embedding
+    counted once: as the output head it is read whole every step; the KV cache is not a weight)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def prompt_ids(batch: int, length: int, vocab_size: int, seed: int = 0) -> torch.Tensor:
+    """Seeded random ids (batch, length) in [3, min(20000, vocab)): ordinary tokens, no special ones."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, min(20000, vocab_size), (batch, length), generator=g)
+
+
+# ---- workloads: each returns a dict of samples for the result JSON -----------------------------------------------
+#
+# Decoding is measured as the difference of two greedy generations from the same prompt, one of `new_tokens`
+# tokens and one of a single token: (new_tokens - 1) decode steps, prefill and set-up cancelled out, the same way
+# on both sides. tokens/s counts every row's tokens (batch x steps / s).
+
+
+def _ours_generate(model, ids: torch.Tensor, new_tokens: int) -> None:
+    from gemma.sampling import SamplingParams, decode_steps
+
+    B, T = ids.shape
+    cache = model.new_cache(B, T + new_tokens)
+    positions = torch.arange(T, device=ids.device).expand(B, T)
+    for _ in decode_steps(model, cache, ids, positions, new_tokens, SamplingParams()):
+        pass
+
+
+def _reference_generate(model, ids: torch.Tensor, new_tokens: int) -> None:
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                   do_sample=False, pad_token_id=0)
+
+
+def decode(impl: str, folder: Path, *, batch: int, prompt_len: int = 32, new_tokens: int = 64, runs: int = 3,
+           dtype: torch.dtype = torch.bfloat16, device: torch.device, quantize: str | None = None) -> dict:
+    load_start = time.perf_counter()
+    model = ours(folder, dtype, device, quantize) if impl == "ours" else reference(folder, dtype, device)
+    load_s = time.perf_counter() - load_start
+    generate = _ours_generate if impl == "ours" else _reference_generate
+    vocab = model.config.vocab_size
+    ids = prompt_ids(batch, prompt_len, vocab).to(device)
+    rates = []
+    with torch.inference_mode():
+        generate(model, ids, 4)  # warm-up
+        for _ in range(runs):
+            t_one = timed(lambda: generate(model, ids, 1), device)
+            t_all = timed(lambda: generate(model, ids, new_tokens), device)
+            rates.append(batch * (new_tokens - 1) / max(t_all - t_one, 1e-9))
+    peak = peak_memory(device)  # before the bandwidth probe's buffer
+    bandwidth = read_bandwidth(device)
+    nbytes = weight_bytes(model)
+    # Each step reads the weights once for all rows: the bound is bandwidth / bytes steps per second.
+    bound = bandwidth / nbytes * batch
+    return {"tokens_per_s": rates, "peak_memory": peak, "weight_bytes": nbytes,
+            "bandwidth": bandwidth, "bound_tokens_per_s": bound, "load_s": load_s}
+
+
+def prefill_run(impl: str, folder: Path, *, prompt_len: int = 512, runs: int = 5,
+                dtype: torch.dtype = torch.bfloat16, device: torch.device, quantize: str | None = None) -> dict:
+    """One forward pass over a `prompt_len`-token prompt that fills the KV cache and returns the last position's
+    logits: what generation does first (transformers: `logits_to_keep=1`, its own cache)."""
+    from gemma.sampling import prefill
+
+    model = ours(folder, dtype, device, quantize) if impl == "ours" else reference(folder, dtype, device)
+    ids = prompt_ids(1, prompt_len, model.config.vocab_size, seed=1).to(device)
+    if impl == "ours":
+        positions = torch.arange(prompt_len, device=device)[None]
+        step = lambda: prefill(model, model.new_cache(1, prompt_len + 1), ids, positions)  # noqa: E731
+    else:
+        step = lambda: model(ids, logits_to_keep=1, use_cache=True)  # noqa: E731
+    rates = []
+    with torch.inference_mode():
+        step()  # warm-up
+        for _ in range(runs):
+            rates.append(prompt_len / timed(step, device))
+    return {"tokens_per_s": rates, "peak_memory": peak_memory(device)}
+
+
+def _greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
+    from gemma.sampling import SamplingParams, decode_steps
+
+    ids = torch.tensor([prompt], device=model.device)
+    cache = model.new_cache(1, len(prompt) + new_tokens)
+    positions = torch.arange(len(prompt), device=model.device)[None]
+    return [step[0] for step in decode_steps(model, cache, ids, positions, new_tokens, SamplingParams())]
+
+
+def _teacher_forced(model, prompt: list[int], continuation: list[int]) -> torch.Tensor:
+    """The model's greedy choice at each position of `continuation`, given the true tokens before it."""
+    ids = torch.tensor([prompt + continuation[:-1]], device=model.device)
+    return model(ids)[0, len(prompt) - 1:].argmax(-1).cpu()
+
+
+def agreement(folder: Path, prompts: list[list[int]], *, new_tokens: int = 32, dtype: torch.dtype = torch.bfloat16,
+              device: torch.device, quantize: str = "int8") -> dict:
+    """How often the quantized model's greedy choice equals the unquantized one's, over `prompts`.
+
+    - teacher_forced: at each of the `new_tokens` positions of the bf16 greedy continuation, given the same
+      preceding tokens, the share of positions where the quantized model picks the same token. The same share for
+      a float32 model against bf16 is reported beside it: the disagreement that rounding alone causes.
+    - identical_prefix: the share of generated tokens before the quantized model's own greedy run first differs
+      (one early difference makes the whole rest of a reply differ, so this is the stricter figure).
+    """
+    base, quant = ours(folder, dtype, device), ours(folder, dtype, device, quantize)
+    full = ours(folder, torch.float32, device)
+    same_q = same_f = prefix = total = whole = 0
+    with torch.inference_mode():
+        for prompt in prompts:
+            ref = _greedy(base, prompt, new_tokens)
+            want = torch.tensor(ref)
+            same_q += int((_teacher_forced(quant, prompt, ref) == want).sum())
+            same_f += int((_teacher_forced(full, prompt, ref) == want).sum())
+            own = _greedy(quant, prompt, new_tokens)
+            first = next((i for i, (a, b) in enumerate(zip(ref, own)) if a != b), len(ref))
+            prefix += first
+            whole += first == len(ref)
+            total += len(ref)
+    return {"prompts": len(prompts), "tokens": total, "teacher_forced": same_q / total,
+            "teacher_forced_fp32": same_f / total, "identical_prefix": prefix / total,
+            "identical_replies": whole / len(prompts), "peak_memory": peak_memory(device)}

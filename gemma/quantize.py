@@ -1,0 +1,97 @@
+"""Opt-in int8 weights for inference (`--quantize int8`): each weight matrix is stored as int8 with one float scale
+per output row (symmetric, round to nearest: w ~ q * scale, |q| <= 127), which halves the bytes a decoding step reads
+from memory against bf16. Norms stay in the model's dtype; activations, the KV cache and the logits are unchanged.
+
+The seven projections run weight-only (activations stay bf16/fp32) through PyTorch's int8 matrix kernel. The tied
+embedding / output head, two thirds of the 270M's weight bytes, is one int8 table: a token's embedding is its row
+dequantized; the output head multiplies by the int8 table directly (see `Int8Embedding.project`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gemma.errors import GemmaError
+from gemma.layers import Linear
+
+MODES = ("int8",)
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 q (N, K), float32 scale (N,)) with weight ~ q * scale[:, None]: symmetric, one scale per row."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (..., K) @ (q * scale[:, None]).T -> (..., N) in x's dtype, without materialising the float weight on CPU."""
+    lead, K = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if x.device.type == "cpu":
+        out = torch._weight_int8pack_mm(x2.contiguous(), q, scale.to(x.dtype))
+    else:  # no fused kernel assumed: dequantize (correct everywhere; the saving is memory, not speed)
+        out = F.linear(x2, q.to(x.dtype)) * scale.to(x.dtype)
+    return out.view(*lead, q.shape[0])
+
+
+class Int8Linear(nn.Module):
+    """A bias-free linear layer holding int8 weights and per-row scales (weight-only quantization)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        q, scale = quantize_rows(weight)
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_matmul(x, self.q, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+class Int8Embedding(nn.Module):
+    """The tied embedding table in int8: lookup dequantizes the rows asked for; `project` is the output head."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        q, scale = quantize_rows(weight)
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
+        self.compute_dtype = weight.dtype
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(tokens, self.q).to(torch.float32) * self.scale[tokens, None]
+        return rows.to(self.compute_dtype)
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        return int8_matmul(h, self.q, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8"
+
+
+def quantize_model(model: nn.Module, mode: str = "int8") -> nn.Module:
+    """Replace, in place, every projection and the tied embedding of a Gemma by their int8 forms; returns it.
+
+    Inference only: the int8 weights are buffers, not parameters. A LoRA adapter must be merged first; its merged
+    weights are what gets quantized."""
+    if mode not in MODES:
+        raise GemmaError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
+    if getattr(model, "quantized", None):
+        raise GemmaError(f"the model is already quantized ({model.quantized})")
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, Linear) or getattr(child, "merged", False):  # a plain or a merged LoRA projection
+                setattr(module, name, Int8Linear(child.weight))
+            elif hasattr(child, "merged"):
+                raise GemmaError("merge the LoRA adapter before quantizing (its update would be lost)")
+    model.embed = Int8Embedding(model.embed.weight)
+    model.quantized = mode
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,260 @@
+"""Performance side by side with transformers (+ peft), in one run.
+
+    python tools/bench.py [--model SRC | --size PRESET] [--device cpu|cuda] [--quantize int8]
+                          [--only decode1,decode8,prefill,sft] [--reps 3] [--out bench.json]
+
+Workloads: greedy decoding at batch 1 and 8 (tokens/s, and as a fraction of the memory-bandwidth bound: weight
+bytes read per step / measured read bandwidth), prefill of a 512-token prompt, and a LoRA SFT step (r 16, all seven
+projections, bf16) at the same tokens per step. Each (workload, implementation, repetition) runs in a fresh
+process, so peak memory (RSS on CPU, max_memory_allocated on CUDA) is that workload's own; ours and the reference
+alternate, and each figure is the median over all repetitions. With --quantize int8 our int8-weight model is also
+measured (against transformers in --dtype) and its greedy choices are compared with the unquantized model's.
+
+The default model is the real Gemma 3 270M, converted once to a bf16 HF folder under ~/.cache/gemma-sft/bench;
+--size PRESET benchmarks that architecture with seeded random weights instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from gemma.cli import DTYPES, main_guard, parse_dtype
+from gemma.errors import GemmaError
+
+WORKLOADS = ("decode1", "decode8", "prefill", "sft")
+LABELS = {"decode1": "greedy decode, batch 1", "decode8": "greedy decode, batch 8", "prefill": "prefill",
+          "sft": "LoRA SFT step", "int8-decode1": "int8 decode, batch 1", "int8-decode8": "int8 decode, batch 8"}
+TARGETS = {"decode1": 1.5, "prefill": 1.2, "sft": 1.5, "int8-decode1": 2.5}  # speed ratios the project aims for
+MEMORY_TARGETS = {"sft": 0.7}
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "general_zh_en.jsonl"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default="3-270m",
+                     help="HF folder or any model source (converted once to a bf16 HF folder); default 3-270m")
+    src.add_argument("--size", metavar="PRESET", default=None, help="a preset's architecture with random weights")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", choices=DTYPES, default="bf16", help="weights and compute dtype (default bf16)")
+    p.add_argument("--quantize", choices=("int8",), default=None, help="also measure our int8-weight model")
+    p.add_argument("--only", default=",".join(WORKLOADS), help=f"comma list of {','.join(WORKLOADS)}")
+    p.add_argument("--reps", type=int, default=3, help="processes per workload and implementation (default 3)")
+    p.add_argument("--runs", type=int, default=3, help="timed runs in each process (default 3)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per decode run (default 64)")
+    p.add_argument("--prompt-len", type=int, default=512, help="prefill prompt length (default 512)")
+    p.add_argument("--sft-batch", type=int, default=4, help="sequences per SFT step (default 4)")
+    p.add_argument("--sft-len", type=int, default=256, help="tokens per SFT sequence (default 256)")
+    p.add_argument("--sft-steps", type=int, default=3, help="timed SFT steps per process (default 3)")
+    p.add_argument("--agree-prompts", type=int, default=16,
+                   help="prompts for the int8 agreement check (from examples/general_zh_en.jsonl; default 16)")
+    p.add_argument("--out", default="bench.json", help="where to write the JSON results (default bench.json)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    only = [w.strip() for w in args.only.split(",") if w.strip()]
+    bad = [w for w in only if w not in WORKLOADS]
+    if bad or not only:
+        p.error(f"--only: unknown workload {bad[0]!r}; choose from {','.join(WORKLOADS)}" if bad else "--only is empty")
+    args.only = only
+    for flag in ("reps", "runs", "new_tokens", "prompt_len", "sft_batch", "sft_len", "sft_steps"):
+        if getattr(args, flag) < (2 if flag == "new_tokens" else 1):
+            p.error(f"--{flag.replace('_', '-')} is too small")
+    return args
+
+
+# ---- a worker: one workload, one implementation, in this process ------------------------------------------------
+
+
+def run_worker(spec: dict) -> None:
+    import torch
+
+    from gemma import bench
+
+    device, dtype = torch.device(spec["device"]), parse_dtype(spec["dtype"])
+    folder, kind, impl = Path(spec["folder"]), spec["kind"], spec["impl"]
+    quantize = spec.get("quantize")
+    if kind in ("decode1", "decode8"):
+        result = bench.decode(impl, folder, batch=1 if kind == "decode1" else 8, new_tokens=spec["new_tokens"],
+                              runs=spec["runs"], dtype=dtype, device=device, quantize=quantize)
+    elif kind == "prefill":
+        result = bench.prefill_run(impl, folder, prompt_len=spec["prompt_len"], runs=spec["runs"] + 2, dtype=dtype,
+                                   device=device)
+    elif kind == "sft":
+        from train.bench import sft
+
+        result = sft(impl, folder, batch=spec["sft_batch"], seq_len=spec["sft_len"], steps=spec["sft_steps"],
+                     device=device)
+    elif kind == "agreement":
+        result = bench.agreement(folder, spec["prompts"], dtype=dtype, device=device, quantize=quantize)
+    else:
+        raise ValueError(kind)
+    bench.emit(result)
+
+
+def spawn(spec: dict) -> dict:
+    """Run one workload in a fresh process; its result."""
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
+                          capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH ")]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise GemmaError(f"the {spec['impl']} {spec['kind']} workload failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(lines[-1][len("BENCH "):])
+
+
+# ---- the run --------------------------------------------------------------------------------------------------
+
+
+def agreement_prompts(folder: Path, n: int) -> list[list[int]]:
+    """The first `n` instructions of examples/general_zh_en.jsonl, as chat prompts (the user turn only)."""
+    from gemma.tokenizer import Tokenizer
+    from train.data import read_records, record_messages
+
+    tokenizer = Tokenizer(folder / "tokenizer.model")
+    prompts = []
+    for i, record in enumerate(read_records(EXAMPLES)[:n]):
+        turns = record_messages(record, f"{EXAMPLES}: record {i + 1}")
+        prompts.append(tokenizer.apply_chat([m for m in turns if m["role"] != "model"][:2]))
+    return prompts
+
+
+def median(xs):
+    xs = sorted(xs)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2 if xs else float("nan")
+
+
+def machine(device: str) -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpu": _cpu_name()}
+    for name in ("transformers", "peft"):
+        try:
+            info[name] = __import__(name).__version__
+        except ImportError:
+            info[name] = None
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def gb(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.2f} GB"
+
+
+def table(results: dict) -> str:
+    head = ("workload", "ours", "transformers", "speed", "target", "ours peak", "ref peak", "memory", "ours/bound",
+            "ref/bound")
+    rows = [head]
+    for key, r in results.items():
+        o, ref = r["ours"], r["reference"]
+        speed = o["median"] / ref["median"]
+        mem = o["peak_memory"] / ref["peak_memory"]
+        unit = "tok/s"
+        bound = lambda x: f"{x['median'] / x['bound_tokens_per_s']:.0%}" if "bound_tokens_per_s" in x else ""  # noqa
+        target = TARGETS.get(key)
+        mem_target = MEMORY_TARGETS.get(key)
+        rows.append((r["label"], f"{o['median']:.1f} {unit}", f"{ref['median']:.1f} {unit}", f"{speed:.2f}x",
+                     (f">={target}x " + ("ok" if speed >= target else "MISSED")) if target else "",
+                     gb(o["peak_memory"]), gb(ref["peak_memory"]),
+                     f"{mem:.2f}x" + ((" ok" if mem <= mem_target else " MISSED") if mem_target else ""),
+                     bound(o), bound(ref)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+@main_guard
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker is not None:
+        run_worker(json.loads(args.worker))
+        return 0
+    from gemma import bench
+
+    started = time.time()
+    source = f"random:{args.size}" if args.size else args.model
+    print(f"[preparing {source} ...]", file=sys.stderr, flush=True)
+    folder = bench.model_folder(source)
+    base = {"folder": str(folder), "device": args.device, "dtype": args.dtype, "runs": args.runs,
+            "new_tokens": args.new_tokens, "prompt_len": args.prompt_len, "sft_batch": args.sft_batch,
+            "sft_len": args.sft_len, "sft_steps": args.sft_steps}
+    # (key, kind, quantize): the int8 rows compare our int8 model with transformers' unquantized one.
+    plan = [(w, w, None) for w in args.only]
+    if args.quantize:
+        plan += [(f"{args.quantize}-{w}", w, args.quantize) for w in args.only if w.startswith("decode")]
+    samples: dict = {key: {"ours": [], "reference": []} for key, _, _ in plan}
+    reference_runs: dict = {}  # the reference's result per kind, shared by the bf16 and int8 rows
+    for rep in range(args.reps):
+        for key, kind, quantize in plan:
+            order = ("ours", "reference") if rep % 2 == 0 else ("reference", "ours")
+            for impl in order:
+                if impl == "reference" and quantize:
+                    continue  # the unquantized row's reference runs serve this row too
+                print(f"[{rep + 1}/{args.reps}] {LABELS[key]}: {impl} ...", file=sys.stderr, flush=True)
+                r = spawn({**base, "kind": kind, "impl": impl, "quantize": quantize})
+                samples[key][impl].append(r)
+                if impl == "reference":
+                    reference_runs.setdefault(kind, []).append(r)
+    results = {}
+    for key, kind, quantize in plan:
+        results[key] = {"label": LABELS[key]}
+        for impl in ("ours", "reference"):
+            runs = samples[key][impl] if impl == "ours" or not quantize else reference_runs.get(kind, [])
+            if not runs:  # an int8 row whose unquantized workload was not selected
+                runs = [spawn({**base, "kind": kind, "impl": impl, "quantize": None})]
+            merged = {"tokens_per_s": [x for r in runs for x in r["tokens_per_s"]],
+                      "peak_memory": max(r["peak_memory"] for r in runs), "processes": runs}
+            merged["median"] = median(merged["tokens_per_s"])
+            if "bound_tokens_per_s" in runs[0]:
+                merged["bound_tokens_per_s"] = median([r["bound_tokens_per_s"] for r in runs])
+                merged["weight_bytes"] = runs[0]["weight_bytes"]
+                merged["bandwidth"] = median([r["bandwidth"] for r in runs])
+            results[key][impl] = merged
+    agree = None
+    if args.quantize and (folder / "tokenizer.model").exists():
+        print("[int8 agreement ...]", file=sys.stderr, flush=True)
+        agree = spawn({**base, "kind": "agreement", "impl": "ours", "quantize": args.quantize,
+                       "prompts": agreement_prompts(folder, args.agree_prompts)})
+    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "source": source,
+              "folder": str(folder), "machine": machine(args.device), "settings": {**base, "reps": args.reps},
+              "results": results, "agreement": agree, "seconds": round(time.time() - started, 1)}
+    out = Path(args.out)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(out)
+    print(f"{source} on {args.device} ({args.dtype}), median of {args.reps} processes x {args.runs} runs; "
+          f"{report['machine']['cpu']}, torch {report['machine']['torch']}, "
+          f"transformers {report['machine']['transformers']}, peft {report['machine']['peft']}")
+    print(table(results))
+    if agree:
+        print(f"{args.quantize} greedy agreement with {args.dtype} over {agree['prompts']} prompts x "
+              f"{agree['tokens'] // agree['prompts']} tokens: same choice at {agree['teacher_forced']:.1%} of "
+              f"positions given the same context (fp32 vs {args.dtype}: {agree['teacher_forced_fp32']:.1%}); "
+              f"free-running, {agree['identical_prefix']:.1%} of tokens before the first difference, "
+              f"{agree['identical_replies']:.0%} of replies identical")
+    print(f"[wrote {out} in {report['seconds']:.0f}s]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
