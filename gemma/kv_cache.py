@@ -23,9 +23,11 @@ class Step:
 
     write: torch.Tensor  # slot index of each new column written (T',)
     keep_from: int  # first new column that is written (a ring holds at most `size` of them)
-    concat: bool  # attend over the old slots plus the new columns (a ring prefill), not the buffer itself
-    used: int  # slots to attend over when not concatenating
-    mask: torch.Tensor  # (B, 1, T, S) True where a query may attend to a key
+    keys: str  # what to attend over: "buffer" (its first `used` slots), "concat" (the old slots, then the new
+    #            columns: a ring prefill, which must not overwrite keys its own queries still need) or "new" (only
+    #            the new columns: nothing was cached before them)
+    used: int  # slots to attend over from the buffer
+    mask: torch.Tensor | None  # (B, 1, T, S) True where a query may attend to a key; None: plain causal, T == S
 
 
 class KVCache(nn.Module):
@@ -69,24 +71,31 @@ class KVCache(nn.Module):
         if self.length + T > self.max_len:
             raise GemmaError(f"the sequence ({self.length + T} tokens) exceeds the cache ({self.max_len})")
         cols = self.length + torch.arange(T, device=positions.device)
+        new_only = self.length == 0 and T > 1
+        # A fresh prompt without padding that fits every window needs only the causal mask (SDPA's fast path).
+        causal = new_only and (self.window is None or T <= self.window) and bool((positions >= 0).all()) and bool(
+            (positions[:, 1:] > positions[:, :-1]).all())
         self.steps = {}
         for s in self.kinds:
             size, old = self.sizes[s], self.slot_pos[s]
             ring_prefill = s and T > 1 and size < self.max_len
-            if ring_prefill:
+            if new_only:
+                key_pos, query_slot, keys = positions, torch.arange(T, device=positions.device), "new"
+                used = T
+            elif ring_prefill:
                 # Writing first would overwrite keys that earlier queries of this chunk still need.
                 key_pos = torch.cat([old, positions], dim=1)  # (B, size + T)
                 query_slot = size + torch.arange(T, device=positions.device)
-                used = size + T
+                used, keys = size + T, "concat"
             else:
                 key_pos = old.clone()
                 key_pos[:, cols % size] = positions
                 query_slot = cols % size
                 used = size if s and size < self.max_len else self.length + T
-                key_pos = key_pos[:, :used]
+                key_pos, keys = key_pos[:, :used], "buffer"
             keep_from = max(0, T - size)
-            self.steps[s] = Step(write=cols[keep_from:] % size, keep_from=keep_from, concat=ring_prefill,
-                                 used=used, mask=self._mask(positions, key_pos, query_slot, s))
+            mask = None if causal else self._mask(positions, key_pos, query_slot, s)
+            self.steps[s] = Step(write=cols[keep_from:] % size, keep_from=keep_from, keys=keys, used=used, mask=mask)
         for s in self.kinds:
             self.slot_pos[s][:, self.steps[s].write] = positions[:, self.steps[s].keep_from:]
         self.length += T
@@ -101,14 +110,17 @@ class KVCache(nn.Module):
         return (ok | own[None])[:, None]  # (B, 1, T, S)
 
     def update(self, layer: int, sliding: bool, k: torch.Tensor, v: torch.Tensor):
-        """Store the new k, v (B, KV, T, hd) of `layer`; return the keys, values and mask to attend over."""
+        """Store the new k, v (B, KV, T, hd) of `layer`; return the keys, values and mask to attend over (None:
+        plain causal attention over the new columns)."""
         step = self.steps[sliding]
         kb, vb = self.k[layer], self.v[layer]
-        if step.concat:
+        if step.keys == "concat":
             keys, values = torch.cat([kb, k], dim=2), torch.cat([vb, v], dim=2)
+        elif step.keys == "new":
+            keys, values = k, v
         kb[:, :, step.write] = k[:, :, step.keep_from:]
         vb[:, :, step.write] = v[:, :, step.keep_from:]
-        if not step.concat:
+        if step.keys == "buffer":
             keys, values = kb[:, :, :step.used], vb[:, :, :step.used]
         return keys, values, step.mask
 
