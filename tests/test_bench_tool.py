@@ -1,0 +1,102 @@
+"""gemma.bench and tools/bench.py: the decode, prefill and agreement workloads measure the same work on both sides,
+and the command runs end to end (tiny random model, one repetition), printing the table and writing the JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gemma.bench import agreement, decode, model_folder, ours, prefill_run, prompt_ids, reference, weight_bytes
+from gemma.quantize import quantize_model
+from tiny_models import save_hf_model
+
+ROOT = Path(__file__).resolve().parent.parent
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    return save_hf_model("gemma3", tmp_path_factory.mktemp("bench") / "hf")
+
+
+def test_model_folder_takes_hf_folders_as_they_are(hf_folder):
+    assert model_folder(str(hf_folder)) == hf_folder
+
+
+def test_weight_bytes_counts_the_tied_head_once(hf_folder):
+    model = ours(hf_folder, torch.bfloat16, torch.device("cpu"))
+    n = sum(p.numel() for p in model.parameters())  # the embedding is one parameter, used twice
+    assert weight_bytes(model) == 2 * n
+    ref = reference(hf_folder, torch.bfloat16, torch.device("cpu"))
+    assert weight_bytes(ref) >= weight_bytes(model)  # + its rotary tables (buffers)
+    quantize_model(model)
+    assert weight_bytes(model) < 0.6 * 2 * n  # int8 + per-row scales + bf16 norms
+
+
+@pytest.mark.parametrize("impl", ["ours", "reference"])
+def test_decode_and_prefill_workloads(hf_folder, impl):
+    cpu = torch.device("cpu")
+    r = decode(impl, hf_folder, batch=2, new_tokens=5, runs=2, device=cpu)
+    assert len(r["tokens_per_s"]) == 2 and all(x > 0 for x in r["tokens_per_s"])
+    assert r["peak_memory"] > 0 and r["bandwidth"] > 1e8 and r["bound_tokens_per_s"] > 0
+    p = prefill_run(impl, hf_folder, prompt_len=16, runs=2, device=cpu)
+    assert len(p["tokens_per_s"]) == 2
+
+
+def test_ours_and_reference_decode_the_same_tokens(hf_folder):
+    """The two sides of the decode benchmark do the same work: the same greedy tokens from the same prompt."""
+    from gemma.bench import _ours_generate, _reference_generate
+
+    cpu = torch.device("cpu")
+    mine, theirs = ours(hf_folder, torch.float32, cpu), reference(hf_folder, torch.float32, cpu)
+    ids = prompt_ids(2, 8, mine.config.vocab_size)
+    seen = []
+    from gemma import sampling
+
+    real = sampling.decode_steps
+
+    def spy(*args, **kwargs):
+        for step in real(*args, **kwargs):
+            seen.append(step)
+            yield step
+
+    sampling.decode_steps = spy
+    try:
+        with torch.no_grad():
+            _ours_generate(mine, ids, 6)
+    finally:
+        sampling.decode_steps = real
+    ours_tokens = torch.tensor(seen).T  # (B, 6)
+    with torch.no_grad():
+        theirs_tokens = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                        min_new_tokens=6, do_sample=False, pad_token_id=0)[:, 8:]
+    assert torch.equal(ours_tokens, theirs_tokens)
+
+
+def test_agreement_of_a_model_with_itself_in_fp32(hf_folder, tiny_tokenizer_path):
+    import shutil
+
+    shutil.copy(tiny_tokenizer_path, hf_folder / "tokenizer.model")
+    r = agreement(hf_folder, [[2, 5, 6, 7], [2, 9, 10]], new_tokens=4, dtype=torch.float32,
+                  device=torch.device("cpu"))
+    assert r["tokens"] == 8 and r["teacher_forced_fp32"] == 1.0
+    assert 0.0 <= r["teacher_forced"] <= 1.0 and 0.0 <= r["identical_prefix"] <= 1.0
+
+
+def test_bench_cli_prints_the_table_and_writes_json(hf_folder, tmp_path):
+    out = tmp_path / "b.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--model", str(hf_folder),
+                           "--only", "decode1,prefill", "--quantize", "int8", "--reps", "1", "--runs", "1",
+                           "--new-tokens", "4", "--prompt-len", "16", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "greedy decode, batch 1" in proc.stdout and "int8 decode, batch 1" in proc.stdout
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"decode1", "prefill", "int8-decode1"}
+    row = report["results"]["decode1"]
+    assert row["ours"]["median"] > 0 and row["reference"]["median"] > 0 and row["ours"]["bound_tokens_per_s"] > 0
+    bad = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--only", "decode3"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown workload" in bad.stderr
