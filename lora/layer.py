@@ -49,6 +49,56 @@ def unmerge_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Ten
     return (w - delta).to(weight.dtype)
 
 
+class _LoRAMatmul(torch.autograd.Function):
+    """W x + scale * B A dx for a frozen W, as one autograd node (dx: x after dropout, None when no dropout).
+
+    The arithmetic of `F.linear(x, W) + F.linear(F.linear(dx, A), B) * scale` under autocast, in the compute
+    dtype (autocast's, else x's), with the scale and the sum folded into the matmuls (`addmm`): the update is
+    added in the matmul's float32 accumulator and rounded once, and no (..., out) temporaries are made for the
+    scaling and the sum, forward or backward. Only what the adapter's gradients need is kept: dx and A dx.
+    """
+
+    @staticmethod
+    def forward(ctx, x, dx, weight, lora_A, lora_B, scale):
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        with torch.autocast(device, enabled=False):
+            w, a, b = weight.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (N, in)
+            d2 = x2 if dx is None else dx.reshape(-1, dx.shape[-1]).to(dtype)
+            out = torch.mm(x2, w.t())  # (N, out)
+            xa = torch.mm(d2, a.t())  # (N, r)
+            out.addmm_(xa, b.t(), alpha=scale)
+        ctx.save_for_backward(d2, xa, w, a, b)
+        ctx.scale, ctx.dropout = scale, dx is not None
+        ctx.dtypes = (x.dtype, None if dx is None else dx.dtype, lora_A.dtype, lora_B.dtype)
+        return out.view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        d2, xa, w, a, b = ctx.saved_tensors
+        x_dtype, dx_dtype, a_dtype, b_dtype = ctx.dtypes
+        shape = grad.shape[:-1]
+        need_x, need_dx, _, need_a, need_b, _ = ctx.needs_input_grad
+        grad_x = grad_dx = grad_a = grad_b = None
+        with torch.autocast(grad.device.type, enabled=False):
+            g = grad.reshape(-1, grad.shape[-1]).to(w.dtype)  # (N, out)
+            gxa = torch.mm(g, b).mul_(ctx.scale)  # (N, r): the gradient at A dx
+            if need_b:
+                grad_b = torch.mm(g.t(), xa).mul_(ctx.scale).to(b_dtype)  # (out, r)
+            if need_a:
+                grad_a = torch.mm(gxa.t(), d2).to(a_dtype)  # (r, in)
+            if need_x:
+                grad_x = torch.mm(g, w)  # (N, in)
+                if not ctx.dropout:
+                    grad_x = grad_x.addmm_(gxa, a).to(x_dtype).view(*shape, -1)
+                else:
+                    grad_x = grad_x.to(x_dtype).view(*shape, -1)
+            if need_dx:  # dropout's own backward takes the branch's gradient on to x
+                grad_dx = torch.mm(gxa, a).to(dx_dtype).view(*shape, -1)
+        return grad_x, grad_dx, None, grad_a, grad_b, None
+
+
 class LoRALinear(nn.Module):
     """A bias-free linear layer with a frozen `weight` and a trainable low-rank update (optionally DoRA)."""
 
@@ -97,12 +147,17 @@ class LoRALinear(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight)
         if self.merged:
-            return out
+            return F.linear(x, self.weight)
         dx = F.dropout(x, self.dropout, self.training) if self.dropout and self.training else x
-        # The adapter may be kept in float32 over a bf16 base (training); outside autocast, match dtypes by hand.
-        lora = F.linear(F.linear(dx.to(self.lora_A.dtype), self.lora_A), self.lora_B).to(out.dtype)  # (..., out)
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if self.magnitude is None and not self.weight.requires_grad and (autocast or self.lora_A.dtype == x.dtype):
+            return _LoRAMatmul.apply(x, None if dx is x else dx, self.weight, self.lora_A, self.lora_B, self.scale)
+        out = F.linear(x, self.weight)
+        # The adapter may be kept in float32 over a bf16 base (training). Outside autocast, match dtypes by hand.
+        if not autocast:
+            dx = dx.to(self.lora_A.dtype)
+        lora = F.linear(F.linear(dx, self.lora_A), self.lora_B).to(out.dtype)  # (..., out)
         if self.magnitude is None:
             return out + lora * self.scale
         # DoRA. The row norm is a constant for the backward pass (DoRA paper, section 4.3; peft detaches it), so it

@@ -121,3 +121,21 @@ def test_chat_cli_quantized(tok, tmp_path):
     assert quant.stdout.strip()
     bad = subprocess.run(cmd + ["--quantize", "int3"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_training_loss_code_scores_a_quantized_model(tok, tmp_path):
+    """evaluate.py --quantize int8 takes the reference loss with train.loss, whose fast path reads the float head."""
+    import torch.nn.functional as F
+
+    from train.loss import chunked_cross_entropy
+
+    model = quantize_model(tiny_generator("gemma2", tok, tmp_path))
+    ids = torch.randint(3, tok.vocab_size, (2, 9))
+    targets = torch.randint(3, tok.vocab_size, (2, 9))
+    targets[0, :3] = -100
+    with torch.no_grad():
+        h = model.hidden_states(ids)
+        total, n = chunked_cross_entropy(model, h, targets, chunk=4)
+        keep = targets != -100
+        want = F.cross_entropy(model.logits(h)[keep], targets[keep], reduction="sum")
+    assert n == int(keep.sum()) and torch.allclose(total, want, rtol=1e-6)

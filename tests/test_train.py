@@ -19,9 +19,9 @@ import gemma
 from gemma.checkpoint import build_model, load_hf_folder
 from lora import LoraConfig, inject
 from train.data import Example, collate, load_dataset, pack
-from train.loop import accumulate
+from train.loop import accumulate, autocast_for
 from train.loss import chunked_cross_entropy
-from tiny_models import hf_model
+from tiny_models import hf_model, tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 ARITH = ROOT / "examples" / "arith_train.jsonl"
@@ -107,6 +107,42 @@ def test_chunked_loss_equals_plain_loss_and_gradients(lora_model):
     torch.testing.assert_close(chunked, plain, atol=1e-4, rtol=1e-6)
     for k in g1:
         torch.testing.assert_close(g1[k], g2[k], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ("gemma2", "gemma3"))  # gemma2: the final softcap
+@pytest.mark.parametrize("precision", ("fp32", "bf16"))
+def test_chunked_loss_gradient_by_hand_is_as_accurate_as_autograd(case, precision, tmp_path):
+    # The chunked loss computes the hidden states' gradient by hand in its forward pass and scales it in backward,
+    # which rounds differently from autograd through model.logits and F.cross_entropy. The loss must be the same
+    # and the gradient as close to the float64 gradient of the same (rounded) logits (bf16: under autocast).
+    hf_model(case).save_pretrained(tmp_path)
+    cfg, state = load_hf_folder(tmp_path, torch.bfloat16 if precision == "bf16" else torch.float32)
+    model = build_model(cfg, state, "cpu").requires_grad_(False)  # a frozen head, as under LoRA
+    x = tokens(3, 20)
+    targets = torch.cat([x[:, 1:], torch.full((3, 1), -100)], dim=1)
+    targets[0, :5] = -100
+    h = model.hidden_states(x).detach()
+    results = []
+    for by_hand in (True, False):
+        leaf = h.clone().requires_grad_()
+        with autocast_for(precision, torch.device("cpu")):
+            if by_hand:
+                loss, _ = chunked_cross_entropy(model, leaf, targets, chunk=7)
+            else:
+                loss = torch.nn.functional.cross_entropy(model.logits(leaf).flatten(0, 1), targets.flatten(),
+                                                         reduction="sum", ignore_index=-100)
+        (loss / 37).backward()  # as accumulate divides by the target count
+        results.append((loss.detach(), leaf.grad))
+    with autocast_for(precision, torch.device("cpu")):
+        z = torch.nn.functional.linear(h, model.embed.weight).double().requires_grad_()  # the rounded logits
+    cap = cfg.final_softcap
+    logits = torch.tanh(z / cap) * cap if cap is not None else z
+    (torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum") / 37).backward()
+    exact = z.grad @ model.embed.weight.double()
+    (loss_a, grad_a), (loss_b, grad_b) = results
+    torch.testing.assert_close(loss_a, loss_b, atol=0, rtol=1e-5)  # summed in another order
+    error = lambda g: ((g.double() - exact).abs().max() / exact.abs().max()).item()  # noqa: E731
+    assert error(grad_a) <= 2 * error(grad_b) + 1e-7
 
 
 # ---- the command ---------------------------------------------------------------------------------------------------
