@@ -19,11 +19,19 @@ from gemma.layers import Linear
 MODES = ("int8",)
 
 
-def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 q (N, K), float32 scale (N,)) with weight ~ q * scale[:, None]: symmetric, one scale per row."""
-    w = weight.detach().float()
-    scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+def quantize_rows(weight: torch.Tensor, block: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 q (N, K), float32 scale (N,)) with weight ~ q * scale[:, None]: symmetric, one scale per row.
+
+    Worked out `block` rows at a time, so that the float32 working copy stays small (the 270M's embedding is
+    671 MB in float32)."""
+    N, K = weight.shape
+    q = torch.empty(N, K, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(N, dtype=torch.float32, device=weight.device)
+    for i in range(0, N, block):
+        w = weight[i:i + block].detach().float()
+        s = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
+        q[i:i + block] = torch.round(w / s[:, None]).clamp_(-127, 127)
+        scale[i:i + block] = s
     return q, scale
 
 
