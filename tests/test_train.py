@@ -180,15 +180,14 @@ def test_fp16_with_data_smaller_than_one_window(tiny_folder, tmp_path):
     assert steps == [1, 2]  # one partial window per epoch, each stepped
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_interrupted_and_resumed_run_is_bit_identical(tiny_folder, tmp_path, precision):
-    common = ["--model", tiny_folder, "--data", ARITH, "--max-steps", 40, "--batch-size", 2, "--grad-accum", 2,
-              "--lora-dropout", 0.1, "--precision", precision, "--lora-r", 4, "--save-every", 15]
-    whole = sft(*common, "--out", tmp_path / "whole")
+def _interrupted_and_resumed(common: list, where: Path) -> list[str]:
+    """Train `common` whole, then again interrupted by SIGINT after 3 steps and resumed; the adapter tensors that
+    differ between the two (none when the resume is exact)."""
+    whole = sft(*common, "--out", where / "whole")
     assert whole.returncode == 0, whole.stderr
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = tmp_path / "cut"
+    out = where / "cut"
     proc = subprocess.Popen([sys.executable, "-m", "train.sft", *map(str, common), "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     metrics = out / "metrics.jsonl"
@@ -206,13 +205,27 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny_folder, tmp_path, pre
 
     resumed = sft(*common, "--out", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    a = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
-    b = load_file(out / "adapter" / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
     steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
     assert steps == list(range(1, 41))
+    a = load_file(where / "whole" / "adapter" / "adapter_model.safetensors")
+    b = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    return [k for k in a if not torch.equal(a[k], b[k])]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_interrupted_and_resumed_run_is_bit_identical(tiny_folder, tmp_path, precision):
+    common = ["--model", tiny_folder, "--data", ARITH, "--max-steps", 40, "--batch-size", 2, "--grad-accum", 2,
+              "--lora-dropout", 0.1, "--precision", precision, "--lora-r", 4, "--save-every", 15]
+    # A second try, and only one. In two CI runs out of about fifteen, one of the three fresh processes computed the
+    # very first step's loss differently from the others (bf16: 25.42504 against 25.42586 everywhere else, before
+    # any update, so before anything was saved or resumed): this machine's matrix kernels are not always
+    # reproducible from one process to the next. A resume that is not exact differs on every try and still fails
+    # (checked by dropping the RNG restore: both tries differ).
+    differ = _interrupted_and_resumed(common, tmp_path / "try1")
+    if differ:
+        differ = _interrupted_and_resumed(common, tmp_path / "try2")
+    assert not differ, differ[:3]
 
 
 @pytest.mark.parametrize("content, message", [
