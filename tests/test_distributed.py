@@ -141,11 +141,8 @@ def uninterrupted(tiny_folder, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("mode", ["fsdp", pytest.param("ddp", marks=pytest.mark.slow)])
-def test_interrupted_and_resumed_run_is_bit_identical(tiny_folder, uninterrupted, tmp_path, mode):
-    common = resume_args(tiny_folder, mode)
-    whole = uninterrupted(mode)
-    out = tmp_path / "cut"
+def _cut_and_resumed(common: list, out: Path) -> dict[str, torch.Tensor]:
+    """The adapter of `common` interrupted by SIGINT after 3 steps, then resumed."""
     cut = _interrupt_after(torchrun_cmd(*common, "--out", out), out / "metrics.jsonl", 3)
     assert cut.stderr.count("interrupted: saved") == 1, cut.stderr[-3000:]  # every process saved, rank 0 says so
     saved = [p for p in (out / "checkpoints").iterdir() if p.name.startswith("step-")]
@@ -154,11 +151,24 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny_folder, uninterrupted
 
     resumed = torchrun(*common, "--out", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = adapter(whole), adapter(out)
+    assert [m["step"] for m in metrics(out)] == list(range(1, 31))
+    return adapter(out)
+
+
+@pytest.mark.parametrize("mode", ["fsdp", pytest.param("ddp", marks=pytest.mark.slow)])
+def test_interrupted_and_resumed_run_is_bit_identical(tiny_folder, uninterrupted, tmp_path, mode):
+    common = resume_args(tiny_folder, mode)
+    a, b = adapter(uninterrupted(mode)), _cut_and_resumed(common, tmp_path / "cut")
     assert a.keys() == b.keys()
+    if any(not torch.equal(a[k], b[k]) for k in a):
+        # One more try, with a fresh uninterrupted run: now and then one process on this machine computes the
+        # first step differently from the others (see tests/test_train.py). An inexact resume fails both tries.
+        whole = tmp_path / "whole"
+        run = torchrun(*common, "--out", whole)
+        assert run.returncode == 0, run.stderr[-3000:]
+        a, b = adapter(whole), _cut_and_resumed(common, tmp_path / "cut2")
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert [m["step"] for m in metrics(out)] == list(range(1, 31))
 
 
 def test_resume_needs_the_same_layout_and_every_file(tiny_folder, uninterrupted, tmp_path):
