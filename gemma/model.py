@@ -30,11 +30,13 @@ class Block(nn.Module):
         else:
             self.post_attn_norm = self.post_mlp_norm = None
 
-    def forward(self, x, cos, sin, mask, cache=None):
-        h = self.attn(self.attn_norm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache=None, last_only: bool = False):
+        """(B, T, hidden) -> (B, T, hidden), or (B, 1, hidden) for the last column with `last_only` (all columns
+        still go into the cache)."""
+        h = self.attn(self.attn_norm(x), cos, sin, mask, cache, last_only)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
-        x = x + h
+        x = (x[:, -1:] if last_only else x) + h
         h = self.mlp(self.mlp_norm(x))
         if self.post_mlp_norm is not None:
             h = self.post_mlp_norm(h)
@@ -80,9 +82,13 @@ class Gemma(nn.Module):
         return h * torch.tensor(math.sqrt(self.config.hidden_size), dtype=h.dtype)
 
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                      segment_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                      segment_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                      last_only: bool = False) -> torch.Tensor:
         """The final-normed hidden states (B, T, hidden), before the output head.
 
+        With `last_only`, those of the last column only (B, 1, hidden), which is all that generation needs: the
+        last layer then works out keys and values (for the cache) for every column, and its query, attention and
+        MLP for the last column alone, which saves that much of a long prefill.
         `positions` (B, T) default to 0..T-1 (after what the cache holds); `segment_ids` (B, T) confine attention
         to equal ids (packing). With a `cache`, the new tokens attend to everything cached before them and are
         stored in it; a position of -1 marks a padding token that no other token attends to.
@@ -105,13 +111,16 @@ class Gemma(nn.Module):
                 True: attention_mask(positions, cfg.sliding_window, segment_ids),
             }
         checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        last = len(self.layers) - 1
         for i, block in enumerate(self.layers):
             sliding = cfg.is_sliding(i)
             if checkpointing:
                 x = torch.utils.checkpoint.checkpoint(block, x, *rope[sliding], masks[sliding], cache,
-                                                      use_reentrant=False)
+                                                      last_only and i == last, use_reentrant=False)
             else:
-                x = block(x, *rope[sliding], masks[sliding], cache)
+                x = block(x, *rope[sliding], masks[sliding], cache, last_only and i == last)
+        if last_only and not self.layers:
+            x = x[:, -1:]
         return self.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

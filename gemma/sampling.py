@@ -127,8 +127,8 @@ def prefill(model, cache, tokens: torch.Tensor, positions: torch.Tensor) -> torc
     """Feed `tokens` (B, T) at `positions` (B, T; -1 marks left padding) into `cache`; return the logits (B, V)
     of the last column, the only ones generation needs (the output head is the largest matmul)."""
     with torch.no_grad():
-        h = model.hidden_states(tokens, positions, cache=cache)  # (B, T, hidden)
-        return model.logits(h[:, -1:])[:, 0]
+        h = model.hidden_states(tokens, positions, cache=cache, last_only=True)  # (B, 1, hidden)
+        return model.logits(h)[:, 0]
 
 
 def decode_one_token(model, cache, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,34 @@ def test_cached_logits_equal_uncached(model, chunks):
     torch.testing.assert_close(torch.cat(got, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunks", [(16,), (3,), (1,), (4, 9), (2, 1, 12)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_prefill_of_the_last_column_only(model, chunks, padded):
+    # What generation's prefill asks for: the last column's logits, with every column's keys and values cached.
+    # The last layer then runs its query, attention and MLP on one column: the logits agree with the full pass,
+    # the cache holds exactly the same keys and values, and decoding goes on from it identically.
+    from gemma.sampling import prefill
+
+    x = tokens(batch=2, length=sum(chunks) + 1, seed=11)
+    positions = torch.arange(x.shape[1]).expand(2, -1).clone()
+    if padded:  # row 0 left-padded by 2 (Gemma 2/3 tiny windows are 5: some chunks cross them)
+        positions[0] = torch.cat([torch.full((2,), -1), torch.arange(x.shape[1] - 2)])
+    with torch.no_grad():
+        full_cache, last_cache = model.new_cache(2, 32), model.new_cache(2, 32)
+        at = 0
+        for n in chunks:
+            cols = slice(at, at + n)
+            want = model(x[:, cols], positions[:, cols], cache=full_cache)[:, -1]
+            got = prefill(model, last_cache, x[:, cols], positions[:, cols])
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            at += n
+        for layer in range(len(model.layers)):
+            assert torch.equal(full_cache.k[layer], last_cache.k[layer])
+            assert torch.equal(full_cache.v[layer], last_cache.v[layer])
+        step = model(x[:, -1:], positions[:, -1:], cache=full_cache)
+        torch.testing.assert_close(model(x[:, -1:], positions[:, -1:], cache=last_cache), step, atol=0, rtol=0)
+
+
 def test_left_padded_batch_equals_each_row_alone(model):
     a, b = tokens(1, 4, seed=7)[0], tokens(1, 11, seed=8)[0]
     pad = len(b) - len(a)

@@ -254,9 +254,9 @@ class Scripted:
     def new_cache(self, batch, max_len):
         return SimpleNamespace(length=0)
 
-    def hidden_states(self, tokens, positions, cache=None):
+    def hidden_states(self, tokens, positions, cache=None, last_only=False):
         cache.length += tokens.shape[1]
-        return torch.zeros(tokens.shape[0], tokens.shape[1], 1)
+        return torch.zeros(tokens.shape[0], 1 if last_only else tokens.shape[1], 1)
 
     def logits(self, h):
         step = self.fed
