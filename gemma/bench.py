@@ -134,7 +134,8 @@ def model_folder(source: str) -> Path:
     return folder
 
 
-def ours(folder: Path, dtype: torch.dtype, device: torch.device, quantize: str | None = None):
+def ours(folder: Path, dtype: torch.dtype, device: torch.device, quantize: str | None = None,
+         compile: bool = False):
     """Our model from an HF folder (no tokenizer needed), in eval mode."""
     from gemma import checkpoint
 
@@ -144,6 +145,10 @@ def ours(folder: Path, dtype: torch.dtype, device: torch.device, quantize: str |
         from gemma.quantize import quantize_model
 
         quantize_model(model, quantize)
+    if compile:
+        from gemma.compiled import compile_model
+
+        compile_model(model)
     return model
 
 
@@ -201,21 +206,31 @@ def _reference_generate(model, ids: torch.Tensor, new_tokens: int) -> None:
                    do_sample=False, pad_token_id=0)
 
 
+def decode_sampler(impl: str, folder: Path, *, batch: int, prompt_len: int = 32, new_tokens: int = 64,
+                   dtype: torch.dtype = torch.bfloat16, device: torch.device, quantize: str | None = None):
+    """(model, sample): `sample()` times one decode run (after a warm-up done here) and returns its tokens/s."""
+    model = ours(folder, dtype, device, quantize) if impl == "ours" else reference(folder, dtype, device)
+    generate = _ours_generate if impl == "ours" else _reference_generate
+    ids = prompt_ids(batch, prompt_len, model.config.vocab_size).to(device)
+    with torch.inference_mode():
+        generate(model, ids, 4)  # warm-up
+
+    def sample() -> float:
+        with torch.inference_mode():
+            t_one = timed(lambda: generate(model, ids, 1), device)
+            t_all = timed(lambda: generate(model, ids, new_tokens), device)
+        return batch * (new_tokens - 1) / max(t_all - t_one, 1e-9)
+
+    return model, sample
+
+
 def decode(impl: str, folder: Path, *, batch: int, prompt_len: int = 32, new_tokens: int = 64, runs: int = 3,
            dtype: torch.dtype = torch.bfloat16, device: torch.device, quantize: str | None = None) -> dict:
     load_start = time.perf_counter()
-    model = ours(folder, dtype, device, quantize) if impl == "ours" else reference(folder, dtype, device)
+    model, sample = decode_sampler(impl, folder, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
+                                   dtype=dtype, device=device, quantize=quantize)
     load_s = time.perf_counter() - load_start
-    generate = _ours_generate if impl == "ours" else _reference_generate
-    vocab = model.config.vocab_size
-    ids = prompt_ids(batch, prompt_len, vocab).to(device)
-    rates = []
-    with torch.inference_mode():
-        generate(model, ids, 4)  # warm-up
-        for _ in range(runs):
-            t_one = timed(lambda: generate(model, ids, 1), device)
-            t_all = timed(lambda: generate(model, ids, new_tokens), device)
-            rates.append(batch * (new_tokens - 1) / max(t_all - t_one, 1e-9))
+    rates = [sample() for _ in range(runs)]
     peak = peak_memory(device)  # before the bandwidth probe's buffer
     bandwidth = read_bandwidth(device)
     nbytes = weight_bytes(model)
@@ -225,25 +240,52 @@ def decode(impl: str, folder: Path, *, batch: int, prompt_len: int = 32, new_tok
             "bandwidth": bandwidth, "bound_tokens_per_s": bound, "load_s": load_s}
 
 
-def prefill_run(impl: str, folder: Path, *, prompt_len: int = 512, runs: int = 5,
-                dtype: torch.dtype = torch.bfloat16, device: torch.device, quantize: str | None = None) -> dict:
-    """One forward pass over a `prompt_len`-token prompt that fills the KV cache and returns the last position's
-    logits: what generation does first (transformers: `logits_to_keep=1`, its own cache)."""
+def prefill_sampler(impl: str, folder: Path, *, prompt_len: int = 512, dtype: torch.dtype = torch.bfloat16,
+                    device: torch.device, quantize: str | None = None, compile: bool = False):
+    """(model, sample, first_s) for one forward pass over a `prompt_len`-token prompt that fills the KV cache and
+    returns the last position's logits: what generation does first (transformers: `logits_to_keep=1`, its own
+    cache). `first_s` is the untimed first pass (with `compile`, the compilation)."""
     from gemma.sampling import prefill
 
-    model = ours(folder, dtype, device, quantize) if impl == "ours" else reference(folder, dtype, device)
+    model = (ours(folder, dtype, device, quantize, compile) if impl == "ours"
+             else reference(folder, dtype, device))
     ids = prompt_ids(1, prompt_len, model.config.vocab_size, seed=1).to(device)
     if impl == "ours":
         positions = torch.arange(prompt_len, device=device)[None]
         step = lambda: prefill(model, model.new_cache(1, prompt_len + 1), ids, positions)  # noqa: E731
     else:
         step = lambda: model(ids, logits_to_keep=1, use_cache=True)  # noqa: E731
-    rates = []
+
+    def sample() -> float:
+        with torch.inference_mode():
+            return prompt_len / timed(step, device)
+
     with torch.inference_mode():
-        step()  # warm-up
-        for _ in range(runs):
-            rates.append(prompt_len / timed(step, device))
-    return {"tokens_per_s": rates, "peak_memory": peak_memory(device)}
+        first = timed(step, device)  # warm-up
+    return model, sample, first
+
+
+def prefill_run(impl: str, folder: Path, *, prompt_len: int = 512, runs: int = 5,
+                dtype: torch.dtype = torch.bfloat16, device: torch.device, quantize: str | None = None,
+                compile: bool = False) -> dict:
+    _, sample, first = prefill_sampler(impl, folder, prompt_len=prompt_len, dtype=dtype, device=device,
+                                       quantize=quantize, compile=compile)
+    rates = [sample() for _ in range(runs)]
+    return {"tokens_per_s": rates, "peak_memory": peak_memory(device), "first_s": first}
+
+
+def paired(samplers: dict, runs: int) -> dict[str, list[float]]:
+    """Each sampler's samples, taking turns run by run (the order flips every run).
+
+    This machine's speed drifts by up to 2x from one minute, and one process, to the next; two implementations
+    timed in turn in one process see the same drift, so the ratio of their medians holds where separate
+    processes' figures do not."""
+    names = list(samplers)
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(runs):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            out[name].append(samplers[name]())
+    return out
 
 
 def _greedy(model, prompt: list[int], new_tokens: int) -> list[int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import sys
 from typing import Callable
@@ -22,7 +24,7 @@ def parse_dtype(name: str):
 
 
 def add_model_args(parser) -> None:
-    """The model flags every tool shares: --model, --size, --adapter, --dtype, --device, --quantize."""
+    """The model flags every tool shares: --model, --size, --adapter, --dtype, --device, --quantize, --compile."""
     parser.add_argument("--model", default="3-270m",
                         help="HF folder, native folder, .gguf file, HF repo id or preset name (default: 3-270m)")
     parser.add_argument("--size", metavar="NAME", default=None, help="a preset name, instead of --model")
@@ -32,18 +34,44 @@ def add_model_args(parser) -> None:
     parser.add_argument("--quantize", choices=("int8",), default=None,
                         help="store the weights in int8 (per-row scales; activations stay in --dtype): half the "
                              "bytes read per token, faster decoding on CPU, slightly different outputs")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the elementwise work of prompt processing: ~1.3x faster prefill after "
+                             "a one-time compile (~15 s), outputs equal to float32 rounding")
 
 
 def precision_label(args) -> str:
-    """'bf16', or 'bf16, int8 weights' with --quantize int8: how a tool reports what it loaded."""
-    return f"{args.dtype}, {args.quantize} weights" if args.quantize else args.dtype
+    """'bf16', or 'bf16, int8 weights' with --quantize int8 (', compiled' with --compile): how a tool reports what
+    it loaded."""
+    label = f"{args.dtype}, {args.quantize} weights" if args.quantize else args.dtype
+    return label + (", compiled" if getattr(args, "compile", False) else "")
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed memory for reuse instead of handing it back to the system at once.
+
+    A forward pass frees and allocates the same activations layer after layer (a 512-token prompt: 1-2 MB each).
+    glibc serves blocks that size by mmap, or trims them off its heap when freed, so every layer page-faults its
+    memory in again: measured on this project's 2-core CPU, a third of a 512-token prefill in a fresh process.
+    Fixed thresholds (mmap from 32 MB, trim beyond 512 MB free) keep them in the heap. Process-wide, so only the
+    command-line entry points call it (through `main_guard`); False where mallopt is not glibc's."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # another C library (musl has no mallopt)
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 512 << 20))
 
 
 def main_guard(main: Callable[..., int | None]) -> Callable[..., int]:
-    """Wrap a `main()` so that a GemmaError prints one `error:` line and exits 2, with no traceback."""
+    """Wrap a `main()` so that a GemmaError prints one `error:` line and exits 2, with no traceback (and freed
+    memory is kept for reuse: `keep_freed_memory`)."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
+        keep_freed_memory()
         try:
             return main(*args, **kwargs) or 0
         except GemmaError as exc:

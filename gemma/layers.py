@@ -46,11 +46,24 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
+        self.compiled = None  # gemma.compiled.Kernels once the model is compiled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x * rsqrt(mean(x^2) + eps) * (1 + w) in float32: PyTorch's fused rms_norm gives the same bits as the
-        # reference's five separate ops, in one pass.
-        return F.rms_norm(x.float(), (x.shape[-1],), 1.0 + self.weight.float(), self.eps).type_as(x)
+        if self.compiled is not None and multi_token(x):
+            return self.compiled.rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) * (1 + w) in float32, cast back to x's dtype: PyTorch's rms_norm gives the same
+    bits as the reference's five separate ops."""
+    return F.rms_norm(x.float(), (x.shape[-1],), 1.0 + weight.float(), eps).type_as(x)
+
+
+def multi_token(x: torch.Tensor) -> bool:
+    """Whether x (..., T, features) spans several tokens outside autograd: a prompt's forward pass, where compiled
+    elementwise kernels (gemma.compiled) pay; a decoding step (T = 1) and training stay eager."""
+    return x.dim() >= 2 and x.shape[-2] > 1 and not torch.is_grad_enabled()
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: float = 1.0, device=None) -> torch.Tensor:
@@ -86,6 +99,12 @@ class GeGLU(nn.Module):
         self.gate = Linear(hidden, intermediate)
         self.up = Linear(hidden, intermediate)
         self.down = Linear(intermediate, hidden)
+        self.compiled = None  # gemma.compiled.Kernels once the model is compiled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.gelu(self.gate(x), approximate="tanh") * self.up(x))
+        act = self.compiled.gelu_mul if self.compiled is not None and multi_token(x) else gelu_mul
+        return self.down(act(self.gate(x), self.up(x)))
+
+
+def gelu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.gelu(gate, approximate="tanh") * up

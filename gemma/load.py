@@ -132,12 +132,14 @@ def check_adapter_folder(adapter: str | Path) -> None:
 
 
 def load(source: str | Path, adapter: str | Path | None = None, dtype: torch.dtype = torch.float32,
-         device: str | torch.device = "cpu", quantize: str | None = None) -> tuple[Gemma, Tokenizer]:
+         device: str | torch.device = "cpu", quantize: str | None = None,
+         compile: bool = False) -> tuple[Gemma, Tokenizer]:
     """(model, tokenizer) from an HF folder, a native folder, a .gguf file, an HF repo id or a preset name.
 
     With `adapter` (a PEFT adapter folder) the model gets LoRA layers holding the adapter, unmerged. With
     `quantize` ('int8') the weights are stored in int8 for inference (gemma.quantize); an adapter is then merged
-    into the weights before they are quantized."""
+    into the weights before they are quantized. With `compile` the elementwise work of prompt processing runs
+    through torch.compile (gemma.compiled: faster prefill, float32-rounding-level differences)."""
     if quantize is not None and quantize not in QUANTIZE_MODES:
         raise GemmaError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
     if adapter is not None:
@@ -148,4 +150,8 @@ def load(source: str | Path, adapter: str | Path | None = None, dtype: torch.dty
         model = adapter_loader()(model, adapter, merge=quantize is not None)
     if quantize is not None:
         model = quantize_model(model, quantize)
+    if compile:
+        from gemma.compiled import compile_model
+
+        model = compile_model(model)
     return model, tokenizer

@@ -88,15 +88,20 @@ def test_agreement_of_a_model_with_itself_in_fp32(hf_folder, tiny_tokenizer_path
 def test_bench_cli_prints_the_table_and_writes_json(hf_folder, tmp_path):
     out = tmp_path / "b.json"
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--model", str(hf_folder),
-                           "--only", "decode1,prefill", "--quantize", "int8", "--reps", "1", "--runs", "1",
+                           "--only", "decode1,prefill", "--quantize", "int8", "--compile", "--reps", "2", "--runs", "1",
                            "--new-tokens", "4", "--prompt-len", "16", "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "greedy decode, batch 1" in proc.stdout and "int8 decode, batch 1" in proc.stdout
     report = json.loads(out.read_text())
-    assert set(report["results"]) == {"decode1", "prefill", "int8-decode1"}
+    assert set(report["results"]) == {"decode1", "prefill", "int8-decode1", "compiled-prefill"}
     row = report["results"]["decode1"]
     assert row["ours"]["median"] > 0 and row["reference"]["median"] > 0 and row["ours"]["bound_tokens_per_s"] > 0
+    # Speed from 2 processes where both took turns; the ratio is the median of the per-process ratios.
+    assert len(row["ours"]["processes"]) == 2 and all(len(p) == 1 for p in row["ours"]["processes"])
+    ratios = [o[0] / r[0] for o, r in zip(row["ours"]["processes"], row["reference"]["processes"])]
+    assert abs(row["speed"] - sum(ratios) / 2) < 1e-9
+    assert report["results"]["compiled-prefill"]["ours"]["first_s"] > 0 and "prefill, --compile" in proc.stdout
     bad = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--only", "decode3"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown workload" in bad.stderr

@@ -1,14 +1,17 @@
 """Performance side by side with transformers (+ peft), in one run.
 
-    python tools/bench.py [--model SRC | --size PRESET] [--device cpu|cuda] [--quantize int8]
+    python tools/bench.py [--model SRC | --size PRESET] [--device cpu|cuda] [--quantize int8] [--compile]
                           [--only decode1,decode8,prefill,sft] [--reps 3] [--out bench.json]
 
 Workloads: greedy decoding at batch 1 and 8 (tokens/s, and as a fraction of the memory-bandwidth bound: weight
 bytes read per step / measured read bandwidth), prefill of a 512-token prompt, and a LoRA SFT step (r 16, all seven
-projections, bf16) at the same tokens per step. Each (workload, implementation, repetition) runs in a fresh
-process, so peak memory (RSS on CPU, max_memory_allocated on CUDA) is that workload's own; ours and the reference
-alternate, and each figure is the median over all repetitions. With --quantize int8 our int8-weight model is also
-measured (against transformers in --dtype) and its greedy choices are compared with the unquantized model's.
+projections, bf16) at the same tokens per step. For speed, ours and the reference take turns run by run in one
+process, `--reps` processes per workload (this machine's speed drifts by up to 2x between minutes and between
+processes; turns in one process see the same drift): the speed ratio is the median over processes of ours' median
+over the reference's. Peak memory (RSS on CPU, max_memory_allocated on CUDA) comes from each implementation alone
+in a fresh process. With --quantize int8 our int8-weight model is also measured (against transformers in --dtype)
+and its greedy choices are compared with the unquantized model's. With --compile our prefill is also measured with
+gemma.compiled (torch.compile of the elementwise work; the compilation is left out of the timing, reported apart).
 
 The default model is the real Gemma 3 270M, converted once to a bf16 HF folder under ~/.cache/gemma-sft/bench;
 --size PRESET benchmarks that architecture with seeded random weights instead.
@@ -30,8 +33,10 @@ from gemma.errors import GemmaError
 
 WORKLOADS = ("decode1", "decode8", "prefill", "sft")
 LABELS = {"decode1": "greedy decode, batch 1", "decode8": "greedy decode, batch 8", "prefill": "prefill",
-          "sft": "LoRA SFT step", "int8-decode1": "int8 decode, batch 1", "int8-decode8": "int8 decode, batch 8"}
-TARGETS = {"decode1": 1.5, "prefill": 1.2, "sft": 1.5, "int8-decode1": 2.5}  # speed ratios the project aims for
+          "sft": "LoRA SFT step", "int8-decode1": "int8 decode, batch 1", "int8-decode8": "int8 decode, batch 8",
+          "compiled-prefill": "prefill, --compile"}
+TARGETS = {"decode1": 1.5, "prefill": 1.2, "compiled-prefill": 1.2, "sft": 1.5,
+           "int8-decode1": 2.5}  # speed ratios the project aims for
 MEMORY_TARGETS = {"sft": 0.7}
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "general_zh_en.jsonl"
 
@@ -46,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="weights and compute dtype (default bf16)")
     p.add_argument("--quantize", choices=("int8",), default=None, help="also measure our int8-weight model")
+    p.add_argument("--compile", action="store_true", help="also measure our prefill with torch.compile")
     p.add_argument("--only", default=",".join(WORKLOADS), help=f"comma list of {','.join(WORKLOADS)}")
     p.add_argument("--reps", type=int, default=3, help="processes per workload and implementation (default 3)")
     p.add_argument("--runs", type=int, default=3, help="timed runs in each process (default 3)")
@@ -74,19 +80,26 @@ def parse_args(argv=None):
 
 
 def run_worker(spec: dict) -> None:
+    """One workload in this process: both implementations taking turns (`pair`, for speed), or one alone (for its
+    peak memory and, decoding, the bandwidth bound)."""
     import torch
 
     from gemma import bench
 
     device, dtype = torch.device(spec["device"]), parse_dtype(spec["dtype"])
-    folder, kind, impl = Path(spec["folder"]), spec["kind"], spec["impl"]
-    quantize = spec.get("quantize")
+    folder, kind = Path(spec["folder"]), spec["kind"]
+    if spec.get("pair"):
+        samplers = {impl: _sampler(spec, impl, folder, device, dtype) for impl in ("ours", "reference")}
+        runs = {"prefill": spec["runs"] + 2, "sft": spec["sft_steps"]}.get(kind, spec["runs"])
+        bench.emit(bench.paired(samplers, runs))
+        return
+    impl, quantize = spec["impl"], spec.get("quantize")
     if kind in ("decode1", "decode8"):
         result = bench.decode(impl, folder, batch=1 if kind == "decode1" else 8, new_tokens=spec["new_tokens"],
                               runs=spec["runs"], dtype=dtype, device=device, quantize=quantize)
     elif kind == "prefill":
-        result = bench.prefill_run(impl, folder, prompt_len=spec["prompt_len"], runs=spec["runs"] + 2, dtype=dtype,
-                                   device=device)
+        result = bench.prefill_run(impl, folder, prompt_len=spec["prompt_len"], runs=spec["runs"], dtype=dtype,
+                                   device=device, compile=spec.get("compile", False))
     elif kind == "sft":
         from train.bench import sft
 
@@ -97,6 +110,27 @@ def run_worker(spec: dict) -> None:
     else:
         raise ValueError(kind)
     bench.emit(result)
+
+
+def _sampler(spec: dict, impl: str, folder: Path, device, dtype):
+    """One implementation's timed-run function for `spec`'s workload; the variant (int8, compile) is ours only."""
+    from gemma import bench
+
+    kind = spec["kind"]
+    variant = {"quantize": spec.get("quantize")} if impl == "ours" else {}
+    if kind in ("decode1", "decode8"):
+        return bench.decode_sampler(impl, folder, batch=1 if kind == "decode1" else 8,
+                                    new_tokens=spec["new_tokens"], dtype=dtype, device=device, **variant)[1]
+    if kind == "prefill":
+        if impl == "ours":
+            variant["compile"] = spec.get("compile", False)
+        return bench.prefill_sampler(impl, folder, prompt_len=spec["prompt_len"], dtype=dtype, device=device,
+                                     **variant)[1]
+    if kind == "sft":
+        from train.bench import sft_sampler
+
+        return sft_sampler(impl, folder, batch=spec["sft_batch"], seq_len=spec["sft_len"], device=device)[0]
+    raise ValueError(kind)
 
 
 def spawn(spec: dict) -> dict:
@@ -166,7 +200,7 @@ def table(results: dict) -> str:
     rows = [head]
     for key, r in results.items():
         o, ref = r["ours"], r["reference"]
-        speed = o["median"] / ref["median"]
+        speed = r["speed"]
         mem = o["peak_memory"] / ref["peak_memory"]
         unit = "tok/s"
         bound = lambda x: f"{x['median'] / x['bound_tokens_per_s']:.0%}" if "bound_tokens_per_s" in x else ""  # noqa
@@ -198,38 +232,43 @@ def main(argv=None) -> int:
     base = {"folder": str(folder), "device": args.device, "dtype": args.dtype, "runs": args.runs,
             "new_tokens": args.new_tokens, "prompt_len": args.prompt_len, "sft_batch": args.sft_batch,
             "sft_len": args.sft_len, "sft_steps": args.sft_steps}
-    # (key, kind, quantize): the int8 rows compare our int8 model with transformers' unquantized one.
-    plan = [(w, w, None) for w in args.only]
+    # (key, kind, variant): the int8 and compiled rows compare a variant of ours with transformers' plain model.
+    plan = [(w, w, {}) for w in args.only]
     if args.quantize:
-        plan += [(f"{args.quantize}-{w}", w, args.quantize) for w in args.only if w.startswith("decode")]
-    samples: dict = {key: {"ours": [], "reference": []} for key, _, _ in plan}
-    reference_runs: dict = {}  # the reference's result per kind, shared by the bf16 and int8 rows
+        plan += [(f"{args.quantize}-{w}", w, {"quantize": args.quantize}) for w in args.only if w.startswith("decode")]
+    if args.compile and "prefill" in args.only:
+        plan += [("compiled-prefill", "prefill", {"compile": True})]
+    # Speed: both implementations in one process, taking turns, `reps` processes per row.
+    pairs: dict = {key: [] for key, _, _ in plan}
     for rep in range(args.reps):
-        for key, kind, quantize in plan:
-            order = ("ours", "reference") if rep % 2 == 0 else ("reference", "ours")
-            for impl in order:
-                if impl == "reference" and quantize:
-                    continue  # the unquantized row's reference runs serve this row too
-                print(f"[{rep + 1}/{args.reps}] {LABELS[key]}: {impl} ...", file=sys.stderr, flush=True)
-                r = spawn({**base, "kind": kind, "impl": impl, "quantize": quantize})
-                samples[key][impl].append(r)
-                if impl == "reference":
-                    reference_runs.setdefault(kind, []).append(r)
-    results = {}
-    for key, kind, quantize in plan:
-        results[key] = {"label": LABELS[key]}
+        for key, kind, variant in plan:
+            print(f"[{rep + 1}/{args.reps}] {LABELS[key]}: ours and transformers in turn ...", file=sys.stderr,
+                  flush=True)
+            pairs[key].append(spawn({**base, "kind": kind, "pair": True, **variant}))
+    # Peak memory (and decoding's bandwidth bound): each implementation alone in a process, once per row.
+    alone: dict = {}
+    for key, kind, variant in plan:
         for impl in ("ours", "reference"):
-            runs = samples[key][impl] if impl == "ours" or not quantize else reference_runs.get(kind, [])
-            if not runs:  # an int8 row whose unquantized workload was not selected
-                runs = [spawn({**base, "kind": kind, "impl": impl, "quantize": None})]
-            merged = {"tokens_per_s": [x for r in runs for x in r["tokens_per_s"]],
-                      "peak_memory": max(r["peak_memory"] for r in runs), "processes": runs}
-            merged["median"] = median(merged["tokens_per_s"])
-            if "bound_tokens_per_s" in runs[0]:
-                merged["bound_tokens_per_s"] = median([r["bound_tokens_per_s"] for r in runs])
-                merged["weight_bytes"] = runs[0]["weight_bytes"]
-                merged["bandwidth"] = median([r["bandwidth"] for r in runs])
-            results[key][impl] = merged
+            spec = {**base, "kind": kind, "impl": impl, **(variant if impl == "ours" else {})}
+            name = json.dumps(spec, sort_keys=True)
+            if name not in alone:  # a variant row's reference is the plain row's
+                print(f"[memory] {LABELS[key]}: {impl} alone ...", file=sys.stderr, flush=True)
+                alone[name] = spawn(spec)
+    results = {}
+    for key, kind, variant in plan:
+        row = results[key] = {"label": LABELS[key]}
+        for impl in ("ours", "reference"):
+            one = alone[json.dumps({**base, "kind": kind, "impl": impl, **(variant if impl == "ours" else {})},
+                                   sort_keys=True)]
+            samples = [x for pair in pairs[key] for x in pair[impl]]
+            merged = {"tokens_per_s": samples, "median": median(samples), "peak_memory": one["peak_memory"],
+                      "processes": [pair[impl] for pair in pairs[key]], "alone": one}
+            for name in ("bound_tokens_per_s", "weight_bytes", "bandwidth", "first_s"):
+                if name in one:
+                    merged[name] = one[name]
+            row[impl] = merged
+        # The speed ratio: in each process ours' median over the reference's, then the median over processes.
+        row["speed"] = median([median(pair["ours"]) / median(pair["reference"]) for pair in pairs[key]])
     agree = None
     if args.quantize and (folder / "tokenizer.model").exists():
         print("[int8 agreement ...]", file=sys.stderr, flush=True)
@@ -246,6 +285,9 @@ def main(argv=None) -> int:
           f"{report['machine']['cpu']}, torch {report['machine']['torch']}, "
           f"transformers {report['machine']['transformers']}, peft {report['machine']['peft']}")
     print(table(results))
+    if "compiled-prefill" in results:
+        print(f"--compile: the first prefill of each process (compiling) took "
+              f"{results['compiled-prefill']['ours']['first_s']:.1f}s; later ones are the figures above")
     if agree:
         print(f"{args.quantize} greedy agreement with {args.dtype} over {agree['prompts']} prompts x "
               f"{agree['tokens'] // agree['prompts']} tokens: same choice at {agree['teacher_forced']:.1%} of "

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     source = args.size or args.model
     started = time.perf_counter()
     model, tokenizer = gemma.load(source, adapter=args.adapter, dtype=dtype, device=device,
-                                  quantize=args.quantize)
+                                  quantize=args.quantize, compile=args.compile)
     model.eval()
     print(f"[loaded {source} ({precision_label(args)}, {device}) in {time.perf_counter() - started:.1f}s; "
           f"{len(cases)} records to score]", file=sys.stderr)

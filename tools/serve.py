@@ -613,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         model, tokenizer = gemma.load(source, adapter=args.adapter, dtype=dtype, device=device,
-                                      quantize=args.quantize)
+                                      quantize=args.quantize, compile=args.compile)
     except KeyboardInterrupt:
         return 130
     print(f"[loaded {source} ({precision_label(args)}, {device}) in {time.perf_counter() - start:.1f}s]",

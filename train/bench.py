@@ -55,20 +55,32 @@ def adapter_init(num_layers: int, shapes: dict[str, tuple[int, int]], r: int, se
     return out
 
 
-def sft(impl: str, folder: Path, *, batch: int = 4, seq_len: int = 512, steps: int = 6, warmup: int = 2,
-        device: torch.device, r: int = 16, alpha: float = 32.0, seed: int = 0, lr: float = 2e-4) -> dict:
-    """Run `warmup` untimed then `steps` timed optimizer steps of LoRA SFT; returns tokens/s per timed step, the
-    tokens per step, the process's peak memory, every step's loss (warmup included) and what was run."""
+def sft_sampler(impl: str, folder: Path, *, batch: int = 4, seq_len: int = 512, warmup: int = 2,
+                device: torch.device, r: int = 16, alpha: float = 32.0, seed: int = 0, lr: float = 2e-4):
+    """(sample, losses, settings): `sample()` times one optimizer step of LoRA SFT (after `warmup` untimed ones,
+    run here) and returns its tokens/s; `losses` gathers every step's loss."""
     torch.manual_seed(seed)
     run = {"ours": _ours_step, "reference": _reference_step}.get(impl)
     if run is None:
         raise ValueError(f"unknown implementation {impl!r}: ours or reference")
     step, settings = run(folder, batch, seq_len, device, r, alpha, seed, lr)
-    losses, rates = [], []
-    for i in range(warmup + steps):
-        seconds = timed(lambda: losses.append(step()), device)
-        if i >= warmup:
-            rates.append(batch * seq_len / seconds)
+    losses: list[float] = []
+    for _ in range(warmup):
+        losses.append(step())
+
+    def sample() -> float:
+        return batch * seq_len / timed(lambda: losses.append(step()), device)
+
+    return sample, losses, settings
+
+
+def sft(impl: str, folder: Path, *, batch: int = 4, seq_len: int = 512, steps: int = 6, warmup: int = 2,
+        device: torch.device, r: int = 16, alpha: float = 32.0, seed: int = 0, lr: float = 2e-4) -> dict:
+    """Run `warmup` untimed then `steps` timed optimizer steps of LoRA SFT; returns tokens/s per timed step, the
+    tokens per step, the process's peak memory, every step's loss (warmup included) and what was run."""
+    sample, losses, settings = sft_sampler(impl, folder, batch=batch, seq_len=seq_len, warmup=warmup,
+                                           device=device, r=r, alpha=alpha, seed=seed, lr=lr)
+    rates = [sample() for _ in range(steps)]
     return {"tokens_per_s": rates, "tokens_per_step": batch * seq_len, "peak_memory": peak_memory(device),
             "losses": losses, "settings": settings}
 
