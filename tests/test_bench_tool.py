@@ -97,7 +97,7 @@ def test_bench_cli_prints_the_table_and_writes_json(hf_folder, tmp_path):
     assert set(report["results"]) == {"decode1", "prefill", "int8-decode1", "compiled-prefill"}
     row = report["results"]["decode1"]
     assert row["ours"]["median"] > 0 and row["reference"]["median"] > 0 and row["ours"]["bound_tokens_per_s"] > 0
-    # Speed from 2 processes where both took turns; the ratio is the median of the per-process ratios.
+    # Speed from 2 processes where both took turns; the ratio is the median of the per-turn ratios.
     assert len(row["ours"]["processes"]) == 2 and all(len(p) == 1 for p in row["ours"]["processes"])
     ratios = [o[0] / r[0] for o, r in zip(row["ours"]["processes"], row["reference"]["processes"])]
     assert abs(row["speed"] - sum(ratios) / 2) < 1e-9

@@ -7,8 +7,8 @@ Workloads: greedy decoding at batch 1 and 8 (tokens/s, and as a fraction of the 
 bytes read per step / measured read bandwidth), prefill of a 512-token prompt, and a LoRA SFT step (r 16, all seven
 projections, bf16) at the same tokens per step. For speed, ours and the reference take turns run by run in one
 process, `--reps` processes per workload (this machine's speed drifts by up to 2x between minutes and between
-processes; turns in one process see the same drift): the speed ratio is the median over processes of ours' median
-over the reference's. Peak memory (RSS on CPU, max_memory_allocated on CUDA) comes from each implementation alone
+processes; turns in one process see the same drift): the speed ratio is the median, over every turn of every
+process, of ours' rate over the reference's in that turn. Peak memory (RSS on CPU, max_memory_allocated on CUDA) comes from each implementation alone
 in a fresh process. With --quantize int8 our int8-weight model is also measured (against transformers in --dtype)
 and its greedy choices are compared with the unquantized model's. With --compile our prefill is also measured with
 gemma.compiled (torch.compile of the elementwise work; the compilation is left out of the timing, reported apart).
@@ -90,7 +90,7 @@ def run_worker(spec: dict) -> None:
     folder, kind = Path(spec["folder"]), spec["kind"]
     if spec.get("pair"):
         samplers = {impl: _sampler(spec, impl, folder, device, dtype) for impl in ("ours", "reference")}
-        runs = {"prefill": spec["runs"] + 2, "sft": spec["sft_steps"]}.get(kind, spec["runs"])
+        runs = {"prefill": 3 * spec["runs"], "sft": spec["sft_steps"]}.get(kind, spec["runs"])
         bench.emit(bench.paired(samplers, runs))
         return
     impl, quantize = spec["impl"], spec.get("quantize")
@@ -249,7 +249,7 @@ def main(argv=None) -> int:
     alone: dict = {}
     for key, kind, variant in plan:
         for impl in ("ours", "reference"):
-            spec = {**base, "kind": kind, "impl": impl, **(variant if impl == "ours" else {})}
+            spec = {**base, "runs": 1, "kind": kind, "impl": impl, **(variant if impl == "ours" else {})}
             name = json.dumps(spec, sort_keys=True)
             if name not in alone:  # a variant row's reference is the plain row's
                 print(f"[memory] {LABELS[key]}: {impl} alone ...", file=sys.stderr, flush=True)
@@ -258,8 +258,8 @@ def main(argv=None) -> int:
     for key, kind, variant in plan:
         row = results[key] = {"label": LABELS[key]}
         for impl in ("ours", "reference"):
-            one = alone[json.dumps({**base, "kind": kind, "impl": impl, **(variant if impl == "ours" else {})},
-                                   sort_keys=True)]
+            one = alone[json.dumps({**base, "runs": 1, "kind": kind, "impl": impl,
+                                    **(variant if impl == "ours" else {})}, sort_keys=True)]
             samples = [x for pair in pairs[key] for x in pair[impl]]
             merged = {"tokens_per_s": samples, "median": median(samples), "peak_memory": one["peak_memory"],
                       "processes": [pair[impl] for pair in pairs[key]], "alone": one}
@@ -267,8 +267,9 @@ def main(argv=None) -> int:
                 if name in one:
                     merged[name] = one[name]
             row[impl] = merged
-        # The speed ratio: in each process ours' median over the reference's, then the median over processes.
-        row["speed"] = median([median(pair["ours"]) / median(pair["reference"]) for pair in pairs[key]])
+        # The speed ratio: the median over every round of every process of ours' rate over the reference's in that
+        # round (the two ran back to back, so a drift of the machine's speed cancels out).
+        row["speed"] = median([o / r for pair in pairs[key] for o, r in zip(pair["ours"], pair["reference"])])
     agree = None
     if args.quantize and (folder / "tokenizer.model").exists():
         print("[int8 agreement ...]", file=sys.stderr, flush=True)
