@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from gemma.config import GemmaConfig, preset
-from gemma.errors import GemmaError
+from gemma.config import preset
 
 CACHE = Path.home() / ".cache" / "gemma-sft" / "bench"
 

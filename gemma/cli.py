@@ -39,6 +39,25 @@ def add_model_args(parser) -> None:
                              "a one-time compile (~15 s), outputs equal to float32 rounding")
 
 
+def load_model(args):
+    """(model, tokenizer, what) for the flags of `add_model_args`: the model in eval mode on --device (default
+    cuda when there is one), and `what` as the tools report it: 'loaded SOURCE (bf16, cpu) in 1.2s'."""
+    import time
+
+    import torch
+
+    import gemma
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    source = args.size or args.model
+    start = time.perf_counter()
+    model, tokenizer = gemma.load(source, adapter=args.adapter, dtype=parse_dtype(args.dtype), device=device,
+                                  quantize=args.quantize, compile=args.compile)
+    model.eval()
+    seconds = time.perf_counter() - start
+    return model, tokenizer, f"loaded {source} ({precision_label(args)}, {device}) in {seconds:.1f}s"
+
+
 def precision_label(args) -> str:
     """'bf16', or 'bf16, int8 weights' with --quantize int8 (', compiled' with --compile): how a tool reports what
     it loaded."""
@@ -66,8 +85,8 @@ def keep_freed_memory() -> bool:
 
 
 def main_guard(main: Callable[..., int | None]) -> Callable[..., int]:
-    """Wrap a `main()` so that a GemmaError prints one `error:` line and exits 2, with no traceback (and freed
-    memory is kept for reuse: `keep_freed_memory`)."""
+    """Wrap a `main()` so that a GemmaError prints one `error:` line and exits 2, and Ctrl-C that the tool does not
+    handle itself exits 130, with no traceback (and freed memory is kept for reuse: `keep_freed_memory`)."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
@@ -80,5 +99,7 @@ def main_guard(main: Callable[..., int | None]) -> Callable[..., int]:
         except FileNotFoundError as exc:
             print(f"error: {exc.filename or exc}: no such file or directory", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:  # e.g. during a long model load
+            return 130
 
     return wrapper

@@ -98,9 +98,10 @@ def test_bench_cli_prints_the_table_and_writes_json(hf_folder, tmp_path):
     row = report["results"]["decode1"]
     assert row["ours"]["median"] > 0 and row["reference"]["median"] > 0 and row["ours"]["bound_tokens_per_s"] > 0
     # Speed from 2 processes where both took turns; the ratio is the median of the per-turn ratios.
-    assert len(row["ours"]["processes"]) == 2 and all(len(p) == 1 for p in row["ours"]["processes"])
-    ratios = [o[0] / r[0] for o, r in zip(row["ours"]["processes"], row["reference"]["processes"])]
-    assert abs(row["speed"] - sum(ratios) / 2) < 1e-9
+    assert len(row["ours"]["processes"]) == 2 and all(len(p) == 2 for p in row["ours"]["processes"])  # 2 x --runs
+    ratios = sorted(o / r for os_, rs in zip(row["ours"]["processes"], row["reference"]["processes"])
+                    for o, r in zip(os_, rs))
+    assert abs(row["speed"] - (ratios[1] + ratios[2]) / 2) < 1e-9
     assert report["results"]["compiled-prefill"]["ours"]["first_s"] > 0 and "prefill, --compile" in proc.stdout
     bad = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--only", "decode3"],
                          capture_output=True, text=True, timeout=120)

@@ -8,10 +8,11 @@ bytes read per step / measured read bandwidth), prefill of a 512-token prompt, a
 projections, bf16) at the same tokens per step. For speed, ours and the reference take turns run by run in one
 process, `--reps` processes per workload (this machine's speed drifts by up to 2x between minutes and between
 processes; turns in one process see the same drift): the speed ratio is the median, over every turn of every
-process, of ours' rate over the reference's in that turn. Peak memory (RSS on CPU, max_memory_allocated on CUDA) comes from each implementation alone
-in a fresh process. With --quantize int8 our int8-weight model is also measured (against transformers in --dtype)
-and its greedy choices are compared with the unquantized model's. With --compile our prefill is also measured with
-gemma.compiled (torch.compile of the elementwise work; the compilation is left out of the timing, reported apart).
+process, of ours' rate over the reference's in that turn. Peak memory (RSS on CPU, max_memory_allocated on CUDA)
+comes from each implementation alone in a fresh process. With --quantize int8 our int8-weight model is also
+measured (against transformers in --dtype) and its greedy choices are compared with the unquantized model's. With
+--compile our prefill is also measured with gemma.compiled (torch.compile of the elementwise work; the
+compilation is left out of the timing, reported apart).
 
 The default model is the real Gemma 3 270M, converted once to a bf16 HF folder under ~/.cache/gemma-sft/bench;
 --size PRESET benchmarks that architecture with seeded random weights instead.
@@ -90,7 +91,7 @@ def run_worker(spec: dict) -> None:
     folder, kind = Path(spec["folder"]), spec["kind"]
     if spec.get("pair"):
         samplers = {impl: _sampler(spec, impl, folder, device, dtype) for impl in ("ours", "reference")}
-        runs = {"prefill": 3 * spec["runs"], "sft": spec["sft_steps"]}.get(kind, spec["runs"])
+        runs = {"prefill": 3 * spec["runs"], "sft": spec["sft_steps"]}.get(kind, 2 * spec["runs"])
         bench.emit(bench.paired(samplers, runs))
         return
     impl, quantize = spec["impl"], spec.get("quantize")

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from typing import Iterable, TextIO
 
-from gemma.cli import add_model_args, main_guard, parse_dtype, precision_label
+from gemma.cli import add_model_args, load_model, main_guard
 from gemma.errors import GemmaError
 
 COMMANDS = """\
@@ -149,29 +148,17 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value < 1:
             raise GemmaError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
 
-    import torch
-
-    import gemma
     from gemma.sampling import ChatSession, SamplingParams, check_stop_strings
 
     # Check the settings before the (slow) load.
     SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
     check_stop_strings(args.stop)
-    dtype = parse_dtype(args.dtype)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    source = args.size or args.model
     # Replies are text in any language: never fail on a character the terminal's encoding lacks.
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")
 
-    start = time.perf_counter()
-    try:
-        model, tokenizer = gemma.load(source, adapter=args.adapter, dtype=dtype, device=device,
-                                      quantize=args.quantize, compile=args.compile)
-    except KeyboardInterrupt:
-        return 130
-    model.eval()
-    loaded = f"[loaded {source} ({precision_label(args)}, {device}) in {time.perf_counter() - start:.1f}s]"
+    model, tokenizer, loaded = load_model(args)
+    loaded = f"[{loaded}]"
 
     if args.prompt is not None:
         if args.stats:

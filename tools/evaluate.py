@@ -25,7 +25,7 @@ import time
 import uuid
 from pathlib import Path
 
-from gemma.cli import add_model_args, main_guard, parse_dtype, precision_label
+from gemma.cli import add_model_args, load_model, main_guard
 from gemma.errors import GemmaError
 
 
@@ -122,23 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     prepare_folder(out)
     prepare_folder(preds_path)
 
-    import torch
     from tqdm import tqdm
 
-    import gemma
     from gemma.engine import Engine
     from train.data import encode_messages
     from train.metrics import mean_loss, perplexity, reference_losses, text_scores
 
-    dtype = parse_dtype(args.dtype)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     source = args.size or args.model
-    started = time.perf_counter()
-    model, tokenizer = gemma.load(source, adapter=args.adapter, dtype=dtype, device=device,
-                                  quantize=args.quantize, compile=args.compile)
-    model.eval()
-    print(f"[loaded {source} ({precision_label(args)}, {device}) in {time.perf_counter() - started:.1f}s; "
-          f"{len(cases)} records to score]", file=sys.stderr)
+    model, tokenizer, loaded = load_model(args)
+    print(f"[{loaded}; {len(cases)} records to score]", file=sys.stderr)
     context = min(model.config.max_seq_len, args.max_len or 8192)
 
     prompts = []

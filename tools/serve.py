@@ -33,7 +33,7 @@ import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal
 
-from gemma.cli import add_model_args, main_guard, parse_dtype, precision_label
+from gemma.cli import add_model_args, load_model, main_guard
 from gemma.errors import GemmaError
 
 try:
@@ -600,24 +600,14 @@ def main(argv: list[str] | None = None) -> int:
     if api_key is not None and not api_key.strip():
         raise GemmaError("--api-key is empty")
 
-    import torch
     import uvicorn
 
-    import gemma
     from gemma.engine import Engine
 
-    dtype = parse_dtype(args.dtype)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     source = args.size or args.model
     sock = listen(args.host, args.port)
-    start = time.perf_counter()
-    try:
-        model, tokenizer = gemma.load(source, adapter=args.adapter, dtype=dtype, device=device,
-                                      quantize=args.quantize, compile=args.compile)
-    except KeyboardInterrupt:
-        return 130
-    print(f"[loaded {source} ({precision_label(args)}, {device}) in {time.perf_counter() - start:.1f}s]",
-          file=sys.stderr)
+    model, tokenizer, loaded = load_model(args)
+    print(f"[{loaded}]", file=sys.stderr)
 
     max_len = args.max_len or min(model.config.max_seq_len, 8192)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_len=max_len, max_waiting=args.max_waiting,
