@@ -35,8 +35,8 @@ def add_model_args(parser) -> None:
                         help="store the weights in int8 (per-row scales; activations stay in --dtype): half the "
                              "bytes read per token, faster decoding on CPU, slightly different outputs")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the elementwise work of prompt processing: ~1.3x faster prefill after "
-                             "a one-time compile (~15 s), outputs equal to float32 rounding")
+                        help="torch.compile the elementwise work of prompt processing: ~1.1x faster prefill on "
+                             "CPU after a one-time compile (5-15 s), outputs equal up to rounding")
 
 
 def load_model(args):

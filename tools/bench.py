@@ -283,7 +283,8 @@ def main(argv=None) -> int:
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=2))
     tmp.replace(out)
-    print(f"{source} on {args.device} ({args.dtype}), median of {args.reps} processes x {args.runs} runs; "
+    print(f"{source} on {args.device} ({args.dtype}), {args.reps} processes per workload, ours and transformers "
+          f"taking turns in each (decode {2 * args.runs}, prefill {3 * args.runs}, SFT {args.sft_steps} turns); "
           f"{report['machine']['cpu']}, torch {report['machine']['torch']}, "
           f"transformers {report['machine']['transformers']}, peft {report['machine']['peft']}")
     print(table(results))
