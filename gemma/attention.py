@@ -8,7 +8,7 @@ from torch import nn
 
 from gemma.config import GemmaConfig
 from gemma.kv_cache import KVCache
-from gemma.layers import Linear, RMSNorm, apply_rope, multi_token
+from gemma.layers import EAGER, Linear, RMSNorm
 
 
 def attention_mask(positions: torch.Tensor, window: int | None,
@@ -47,7 +47,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         else:
             self.q_norm = self.k_norm = None
-        self.compiled = None  # gemma.compiled.Kernels once the model is compiled
+        self.kernels = EAGER  # gemma.compiled swaps in compiled ones
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
@@ -60,8 +60,7 @@ class Attention(nn.Module):
         v = self.v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        rope = self.compiled.rope if self.compiled is not None and multi_token(x) else apply_rope
-        q, k = rope(q, cos[:, T - Tq:], sin[:, T - Tq:]), rope(k, cos, sin)
+        q, k = self.kernels.rope(q, cos[:, T - Tq:], sin[:, T - Tq:]), self.kernels.rope(k, cos, sin)
         if cache is not None:
             k, v, mask = cache.update(self.layer, self.sliding, k, v)  # (B, KV, S, hd), mask (B, 1, T, S)
         if mask is not None and Tq < T:

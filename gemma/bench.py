@@ -277,8 +277,8 @@ def paired(samplers: dict, runs: int) -> dict[str, list[float]]:
     """Each sampler's samples, taking turns run by run (the order flips every run).
 
     This machine's speed drifts by up to 2x from one minute, and one process, to the next; two implementations
-    timed in turn in one process see the same drift, so the ratio of their medians holds where separate
-    processes' figures do not."""
+    timed in turn in one process see the same drift, so the ratio of two samples taken back to back holds where
+    separate processes' figures do not."""
     names = list(samplers)
     out: dict[str, list[float]] = {name: [] for name in names}
     for i in range(runs):

@@ -62,7 +62,7 @@ def precision_label(args) -> str:
     """'bf16', or 'bf16, int8 weights' with --quantize int8 (', compiled' with --compile): how a tool reports what
     it loaded."""
     label = f"{args.dtype}, {args.quantize} weights" if args.quantize else args.dtype
-    return label + (", compiled" if getattr(args, "compile", False) else "")
+    return label + (", compiled" if args.compile else "")
 
 
 def keep_freed_memory() -> bool:

@@ -5,7 +5,7 @@ Prefilling a prompt spends about half its time outside the matrix products, in R
 activations in float32), rotary embeddings and GeGLU's activation, op by op as the reference runs them. Compiled,
 each becomes one fused loop: a 512-token prefill of the 270M on 2 CPU cores ran 1.16x transformers' speed against
 1.09x uncompiled (tools/bench.py --compile, 2026-11-29; 1.1-1.25x over eager in single-process A/Bs). Only passes over
-several tokens without autograd use them (`gemma.layers.multi_token`): a decoding step is a few hundred small
+several tokens without autograd use them (`multi_token`): a decoding step is a few hundred small
 tensors, where a compiled call costs more than it saves, and training keeps its exact eager arithmetic.
 
 The fused loops round differently from the op-by-op ones (float32 sums in another order, another tanh): outputs
@@ -25,8 +25,15 @@ from gemma import layers
 from gemma.attention import Attention
 
 
+def multi_token(x: torch.Tensor) -> bool:
+    """Whether x (..., T, features) spans several tokens outside autograd: a prompt's forward pass, where compiled
+    kernels pay; a decoding step (T = 1) and training stay eager."""
+    return x.dim() >= 2 and x.shape[-2] > 1 and not torch.is_grad_enabled()
+
+
 class _Kernel:
-    """One elementwise function, compiled on first use; eager for good once compiling has failed."""
+    """One elementwise function, compiled on first use, for multi-token inputs (its first argument); eager for the
+    rest, and for good once compiling has failed."""
 
     def __init__(self, fn):
         self.eager = fn
@@ -34,7 +41,7 @@ class _Kernel:
         self.failed = False
 
     def __call__(self, *args):
-        if not self.failed:
+        if not self.failed and multi_token(args[0]):
             try:
                 return self.compiled(*args)
             except Exception as exc:  # compiler errors come in many types
@@ -48,26 +55,26 @@ class _Kernel:
 
 
 class Kernels:
-    """The compiled kernels one model's modules share (one compiled graph per kind of input)."""
+    """The compiled counterparts of `gemma.layers.EAGER`, shared by one model's modules (one compiled graph per kind
+    of input)."""
 
     def __init__(self):
-        self.rms_norm = _Kernel(layers.rms_norm)
-        self.rope = _Kernel(layers.apply_rope)
-        self.gelu_mul = _Kernel(layers.gelu_mul)
+        for name, fn in vars(layers.EAGER).items():
+            setattr(self, name, _Kernel(fn))
 
 
 def compile_model(model: nn.Module) -> nn.Module:
     """Give every RMSNorm, attention and GeGLU module of `model` the compiled kernels; returns the model."""
-    kernels = Kernels()
-    for module in model.modules():
-        if isinstance(module, (layers.RMSNorm, layers.GeGLU, Attention)):
-            module.compiled = kernels
-    return model
+    return _set_kernels(model, Kernels())
 
 
 def uncompile_model(model: nn.Module) -> nn.Module:
     """Back to the eager kernels."""
+    return _set_kernels(model, layers.EAGER)
+
+
+def _set_kernels(model: nn.Module, kernels) -> nn.Module:
     for module in model.modules():
         if isinstance(module, (layers.RMSNorm, layers.GeGLU, Attention)):
-            module.compiled = None
+            module.kernels = kernels
     return model

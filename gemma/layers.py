@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,24 +48,16 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
-        self.compiled = None  # gemma.compiled.Kernels once the model is compiled
+        self.kernels = EAGER  # gemma.compiled swaps in compiled ones
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.compiled is not None and multi_token(x):
-            return self.compiled.rms_norm(x, self.weight, self.eps)
-        return rms_norm(x, self.weight, self.eps)
+        return self.kernels.rms_norm(x, self.weight, self.eps)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x * rsqrt(mean(x^2) + eps) * (1 + w) in float32, cast back to x's dtype: PyTorch's rms_norm gives the same
     bits as the reference's five separate ops."""
     return F.rms_norm(x.float(), (x.shape[-1],), 1.0 + weight.float(), eps).type_as(x)
-
-
-def multi_token(x: torch.Tensor) -> bool:
-    """Whether x (..., T, features) spans several tokens outside autograd: a prompt's forward pass, where compiled
-    elementwise kernels (gemma.compiled) pay; a decoding step (T = 1) and training stay eager."""
-    return x.dim() >= 2 and x.shape[-2] > 1 and not torch.is_grad_enabled()
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: float = 1.0, device=None) -> torch.Tensor:
@@ -99,12 +93,16 @@ class GeGLU(nn.Module):
         self.gate = Linear(hidden, intermediate)
         self.up = Linear(hidden, intermediate)
         self.down = Linear(intermediate, hidden)
-        self.compiled = None  # gemma.compiled.Kernels once the model is compiled
+        self.kernels = EAGER  # gemma.compiled swaps in compiled ones
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act = self.compiled.gelu_mul if self.compiled is not None and multi_token(x) else gelu_mul
-        return self.down(act(self.gate(x), self.up(x)))
+        return self.down(self.kernels.gelu_mul(self.gate(x), self.up(x)))
 
 
 def gelu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.gelu(gate, approximate="tanh") * up
+
+
+# The elementwise functions the modules call through their `kernels` attribute (gemma.compiled gives a model
+# compiled ones with the same names).
+EAGER = SimpleNamespace(rms_norm=rms_norm, rope=apply_rope, gelu_mul=gelu_mul)

@@ -247,20 +247,21 @@ def main(argv=None) -> int:
                   flush=True)
             pairs[key].append(spawn({**base, "kind": kind, "pair": True, **variant}))
     # Peak memory (and decoding's bandwidth bound): each implementation alone in a process, once per row.
-    alone: dict = {}
+    def alone_spec(kind: str, impl: str, variant: dict) -> dict:
+        return {**base, "runs": 1, "kind": kind, "impl": impl, **(variant if impl == "ours" else {})}
+
+    alone: dict = {}  # by spec: a variant row's reference is the plain row's
     for key, kind, variant in plan:
         for impl in ("ours", "reference"):
-            spec = {**base, "runs": 1, "kind": kind, "impl": impl, **(variant if impl == "ours" else {})}
-            name = json.dumps(spec, sort_keys=True)
-            if name not in alone:  # a variant row's reference is the plain row's
+            spec = alone_spec(kind, impl, variant)
+            if json.dumps(spec, sort_keys=True) not in alone:
                 print(f"[memory] {LABELS[key]}: {impl} alone ...", file=sys.stderr, flush=True)
-                alone[name] = spawn(spec)
+                alone[json.dumps(spec, sort_keys=True)] = spawn(spec)
     results = {}
     for key, kind, variant in plan:
         row = results[key] = {"label": LABELS[key]}
         for impl in ("ours", "reference"):
-            one = alone[json.dumps({**base, "runs": 1, "kind": kind, "impl": impl,
-                                    **(variant if impl == "ours" else {})}, sort_keys=True)]
+            one = alone[json.dumps(alone_spec(kind, impl, variant), sort_keys=True)]
             samples = [x for pair in pairs[key] for x in pair[impl]]
             merged = {"tokens_per_s": samples, "median": median(samples), "peak_memory": one["peak_memory"],
                       "processes": [pair[impl] for pair in pairs[key]], "alone": one}
