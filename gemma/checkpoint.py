@@ -121,7 +121,8 @@ def read_state_dict(files: list[Path], cfg: GemmaConfig, to_native: Callable[[st
                     dtype: torch.dtype | None, show: Callable[[str], str] = lambda n: n) -> dict[str, torch.Tensor]:
     """The native state dict from safetensors files, strictly checked against `cfg`.
 
-    `dtype` None keeps each tensor as stored. `to_native` maps a file key to a native name (None: not ours, skip; KeyError: unexpected). `show` turns a
+    `dtype` None keeps each tensor as stored. `to_native` maps a file key to a native name (None: not ours, skip;
+    KeyError: unexpected). `show` turns a
     native name back into the file's spelling for messages.
     """
     shapes = expected_shapes(cfg)
@@ -164,7 +165,8 @@ def build_model(cfg: GemmaConfig, state: dict[str, torch.Tensor], device="cpu") 
     return model.to(device).eval()
 
 
-def load_hf_folder(folder: Path, dtype: torch.dtype | None = torch.float32) -> tuple[GemmaConfig, dict[str, torch.Tensor]]:
+def load_hf_folder(folder: Path,
+                   dtype: torch.dtype | None = torch.float32) -> tuple[GemmaConfig, dict[str, torch.Tensor]]:
     """(config, native state dict) from an HF checkpoint folder."""
     cfg = GemmaConfig.from_hf_config(read_json(folder / "config.json"), str(folder / "config.json"))
     to_native = {v: k for k, v in hf_names(cfg).items()}

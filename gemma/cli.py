@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import functools
 import sys
 from typing import Callable
@@ -84,20 +85,67 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 512 << 20))
 
 
+# OSErrors that come from the user's environment rather than from a bug: a full disk, a read-only or unwritable
+# output, a path that is not what the command needs. `main_guard` reports them as one line.
+USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.EISDIR,
+                  errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.EFBIG, errno.ELOOP, errno.ENXIO,
+                  errno.ENOTEMPTY, errno.EXDEV, errno.EMFILE}
+
+
+def os_error_line(exc: OSError) -> str:
+    """'PATH: no space left on device' (the path once, the reason in words)."""
+    reason = (exc.strerror or str(exc)).lower()
+    where = exc.filename if exc.filename is not None else None
+    return f"{where}: {reason}" if where is not None else reason
+
+
+def _safe_streams() -> None:
+    """Text that the terminal's encoding cannot show (Chinese on a C locale) is escaped instead of raising
+    UnicodeEncodeError after the work is done."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # a detached or closed stream
+                pass
+
+
+def _end_progress_bars() -> None:
+    """Close live tqdm bars, so that an error line starts a line of its own instead of being glued to a bar."""
+    tqdm_module = sys.modules.get("tqdm")
+    if tqdm_module is None:
+        return
+    for bar in list(getattr(tqdm_module.tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar that cannot close must not hide the error
+            pass
+
+
+def print_error(message: str) -> None:
+    _end_progress_bars()
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
 def main_guard(main: Callable[..., int | None]) -> Callable[..., int]:
-    """Wrap a `main()` so that a GemmaError prints one `error:` line and exits 2, and Ctrl-C that the tool does not
-    handle itself exits 130, with no traceback (and freed memory is kept for reuse: `keep_freed_memory`)."""
+    """Wrap a `main()` so that a GemmaError (or an OSError from the environment: a full disk, a read-only output)
+    prints one `error:` line and exits 2, and Ctrl-C that the tool does not handle itself exits 130, with no
+    traceback (and freed memory is kept for reuse: `keep_freed_memory`)."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
         keep_freed_memory()
+        _safe_streams()
         try:
             return main(*args, **kwargs) or 0
         except GemmaError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print_error(str(exc))
             return 2
-        except FileNotFoundError as exc:
-            print(f"error: {exc.filename or exc}: no such file or directory", file=sys.stderr)
+        except OSError as exc:
+            if exc.errno not in USER_OS_ERRORS:
+                raise
+            print_error(GemmaError(os_error_line(exc)).args[0])
             return 2
         except KeyboardInterrupt:  # e.g. during a long model load
             return 130

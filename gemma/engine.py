@@ -240,7 +240,7 @@ class Engine:
 
         `on_finish(index, finish)` is called on the engine's thread as each one ends (e.g. to advance a progress bar).
         """
-        sinks = [(lambda i: lambda event: on_finish(i, event) if isinstance(event, Finish) else None)(i)
+        sinks = [(lambda i: lambda event: on_finish(i, event) if isinstance(event, Finish) else None)(i)  # noqa: B023
                  for i in range(len(prompts))] if on_finish else [None] * len(prompts)
         requests = [self._prepare(p, sink=sink, **settings) for p, sink in zip(prompts, sinks)]
         self._enqueue(requests, limit=None)

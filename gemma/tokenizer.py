@@ -184,7 +184,8 @@ class Tokenizer:
             if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
                 raise GemmaError(f"chat: message {i} must be a dict with 'role' and 'content'")
             if m["role"] not in _ROLES:
-                raise GemmaError(f"chat: message {i} has unknown role {m['role']!r} (expected one of {', '.join(_ROLES)})")
+                raise GemmaError(f"chat: message {i} has unknown role {m['role']!r} "
+                                 f"(expected one of {', '.join(_ROLES)})")
             if not isinstance(m["content"], str):
                 raise GemmaError(f"chat: message {i} content must be a string, got {type(m['content']).__name__}")
 

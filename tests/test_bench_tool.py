@@ -47,7 +47,7 @@ def test_decode_and_prefill_workloads(hf_folder, impl):
 
 def test_ours_and_reference_decode_the_same_tokens(hf_folder):
     """The two sides of the decode benchmark do the same work: the same greedy tokens from the same prompt."""
-    from gemma.bench import _ours_generate, _reference_generate
+    from gemma.bench import _ours_generate
 
     cpu = torch.device("cpu")
     mine, theirs = ours(hf_folder, torch.float32, cpu), reference(hf_folder, torch.float32, cpu)

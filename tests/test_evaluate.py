@@ -59,7 +59,8 @@ def test_chinese_by_characters_other_text_by_words(text, tokens):
     assert words(text) == tokens
 
 
-REFERENCES = ["Paris.", "北京。", "19", "The quick brown fox jumps over the lazy dog.", "我喜欢学习机器学习和自然语言处理。",
+REFERENCES = ["Paris.", "北京。", "19", "The quick brown fox jumps over the lazy dog.",
+              "我喜欢学习机器学习和自然语言处理。",
               "用Python写代码", ""]
 
 

@@ -347,7 +347,7 @@ def test_layer_is_as_accurate_as_the_plain_formula(autocast, dropout):
     exact = run("float64", torch.float64)
     for name, ours, plain, truth in zip(("output", "x grad", "A grad", "B grad"), run("layer", dtype),
                                         run("plain", dtype), exact):
-        error = lambda t: ((t.double() - truth).abs().max() / truth.abs().max()).item()  # noqa: E731
+        error = lambda t, truth=truth: ((t.double() - truth).abs().max() / truth.abs().max()).item()  # noqa: E731
         assert error(ours) <= 2 * error(plain) + 1e-7, name
 
 

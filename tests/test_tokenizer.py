@@ -217,7 +217,8 @@ def test_chat_folds_system_into_first_user_turn(tok, sp):
     # System text is kept as is, user text is stripped, as Gemma 3's template does.
     text = "<start_of_turn>user\n  You are a helpful assistant.\n\n\nWrite a poem.<end_of_turn>\n"
     assert tok.render_chat(messages, add_generation_prompt=False) == "<bos>" + text
-    expected = ([tok.bos_id, tok.start_of_turn_id] + sp.encode("user\n  You are a helpful assistant.\n\n\nWrite a poem.")
+    expected = ([tok.bos_id, tok.start_of_turn_id]
+                + sp.encode("user\n  You are a helpful assistant.\n\n\nWrite a poem.")
                 + [tok.end_of_turn_id] + sp.encode("\n"))
     assert tok.apply_chat(messages, add_generation_prompt=False) == expected
 
@@ -268,7 +269,8 @@ def test_other_user_defined_pieces_are_not_guarded(tok):
     # Only the markers are guarded: <h1> and whitespace pieces tokenize as usual inside content.
     ids = tok.apply_chat([{"role": "user", "content": "<h1>a  b"}], add_generation_prompt=False)
     assert ids[2:-2] == tok.encode("user\n<h1>a  b", bos=False)
-    assert tok.encode("<h1>", bos=False) == [spm.SentencePieceProcessor(model_proto=tok.model_proto).piece_to_id("<h1>")]
+    piece = spm.SentencePieceProcessor(model_proto=tok.model_proto).piece_to_id("<h1>")
+    assert tok.encode("<h1>", bos=False) == [piece]
 
 
 # ---- model file ----

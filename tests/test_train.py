@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import gemma
 from gemma.checkpoint import build_model, load_hf_folder
 from lora import LoraConfig, inject
-from train.data import Example, collate, load_dataset, pack
+from train.data import collate, load_dataset, pack
 from train.loop import accumulate, autocast_for
 from train.loss import chunked_cross_entropy
 from tiny_models import hf_model, tokens
