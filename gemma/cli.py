@@ -40,16 +40,39 @@ def add_model_args(parser) -> None:
                              "CPU after a one-time compile (5-15 s), outputs equal up to rounding")
 
 
+def pick_device(name: str | None):
+    """The torch device a `--device` value names (default: cuda when there is one, else cpu), checked now: an
+    unknown name, or a device this machine does not have, is a GemmaError naming the flag."""
+    import torch
+
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise GemmaError(f"--device {name}: not a device (cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise GemmaError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise GemmaError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise GemmaError(f"--device {name}: MPS is not available on this machine")
+    elif device.type != "cpu":
+        raise GemmaError(f"--device {name}: unsupported device type {device.type!r} (cpu, cuda, mps)")
+    return device
+
+
 def load_model(args):
     """(model, tokenizer, what) for the flags of `add_model_args`: the model in eval mode on --device (default
     cuda when there is one), and `what` as the tools report it: 'loaded SOURCE (bf16, cpu) in 1.2s'."""
     import time
 
-    import torch
 
     import gemma
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(pick_device(args.device))
     source = args.size or args.model
     start = time.perf_counter()
     model, tokenizer = gemma.load(source, adapter=args.adapter, dtype=parse_dtype(args.dtype), device=device,

@@ -36,6 +36,7 @@ from torch import nn
 
 from gemma.checkpoint import atomic_dir, save_safetensors, write_json
 from gemma.config import GemmaConfig, preset
+from gemma.cli import pick_device
 from gemma.errors import GemmaError
 from lora.inject import adapter_state_dict
 from lora.io import CONFIG_FILE, WEIGHTS_FILE, peft_config, peft_names, save_adapter
@@ -68,13 +69,6 @@ def error_to_report(exc: GemmaError) -> GemmaError | None:
     return GemmaError(f"[rank {rank}] {exc}")
 
 
-def pick_device(name: str | None) -> torch.device:
-    if name:
-        device = torch.device(name)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise GemmaError(f"--device {name}: CUDA is not available on this machine")
-        return device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclass
