@@ -12,20 +12,28 @@ Routes:
 Requests that arrive together share forward passes: gemma.engine batches them, each joining at the next step and
 leaving when done. A client that disconnects stops its generation. Sampling: `max_tokens` (or
 `max_completion_tokens`), `temperature` (OpenAI's default 1; 0 = greedy), `top_p`, `top_k`, `min_p`,
-`repetition_penalty`, `stop`, `seed`, `n` = 1; `stream_options.include_usage` adds a usage chunk.
+`repetition_penalty`, `stop`, `seed`, `n` = 1; `stream_options.include_usage` adds a usage chunk. Greedy replies
+are gemma.generate's for the prompt alone when the model runs in fp32; in bf16 (or fp16) a near-tie between two
+tokens can come out either way depending on which other requests share the batch (seen: 28 of 30 replies equal
+under 8 concurrent clients), as rounding differs with the batch's shape.
 
-Safety: it listens on 127.0.0.1 unless --host says otherwise. With --api-key (or GEMMA_SFT_API_KEY) the /v1 and /nlg
-routes need `Authorization: Bearer KEY`. A malformed or unsupported request gets a 4xx with an OpenAI-style error
-body ({"error": {"message", "type", "param", "code"}}), bodies over --max-body-bytes get 413, and the server goes on.
+Safety (the HTTP side is tools/serve_guard.py): it listens on 127.0.0.1 unless --host says otherwise, and answers
+only requests whose Host names an address it listens on (--allow-host adds names) and that come from no other
+site's page (Origin); POST bodies must be labelled application/json. With --api-key (or GEMMA_SFT_API_KEY) the /v1
+and /nlg routes need `Authorization: Bearer KEY`. A client gets --header-timeout seconds for its headers and
+--body-timeout for its body (408 after), so slow clients cannot tie the server up. A malformed or unsupported
+request gets a 4xx with an OpenAI-style error body ({"error": {"message", "type", "param", "code"}}), a declared
+body over --max-body-bytes gets 413 before it is read, and the server goes on. On SIGTERM, live requests get
+--shutdown-grace seconds to finish; streams still open then end with finish_reason "abort" and `data: [DONE]`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import hmac
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -35,12 +43,14 @@ from typing import Any, AsyncIterator, Literal
 
 from gemma.cli import add_model_args, load_model, main_guard
 from gemma.errors import GemmaError
+from gemma.files import MAX_JSON_DEPTH, has_lone_surrogate, json_depth_ok
 
 try:
+    import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
-    from pydantic import BaseModel, ConfigDict
+    from pydantic import BaseModel, ConfigDict, ValidationError
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
     from starlette.responses import StreamingResponse
@@ -49,10 +59,18 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
           "pip install -e '.[serve]'", file=sys.stderr)
     sys.exit(2)
 
+from serve_guard import AllowedHosts, Guard, GuardedH11Protocol, error_response  # noqa: E402 - needs the extra
+
 API_KEY_ENV = "GEMMA_SFT_API_KEY"
 PROTECTED = ("/v1/", "/nlg/")  # path prefixes that need the API key, when there is one
 DISCONNECT_POLL_S = 0.5  # how often a waiting request checks that its client is still there
-DRAIN_LIMIT = 64 << 20  # an oversized body is read (and dropped) up to this, so that the client sees the 413
+ABORT_WAIT_S = 1.0  # at shutdown, how long a stream waits for the engine to stop its generation before ending anyway
+# Sampling values outside these ranges are refused: beyond them the sampler's arithmetic overflows (logits divided
+# by a vanishing temperature, or by a vanishing repetition penalty, become inf and the probabilities NaN), or the
+# value means nothing (a temperature of 1e6 is uniform noise).
+TEMPERATURE_RANGE = (1e-6, 100.0)
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+SEED_RANGE = (-(1 << 63), 1 << 64)  # what torch.Generator takes
 
 
 # ---- errors, OpenAI style ------------------------------------------------------------------------------------------
@@ -66,14 +84,9 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    kind = "server_error" if status >= 500 else "invalid_request_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
-
-
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
     """(message, param) of pydantic's first complaint, e.g. ("max_tokens: Input should be a valid integer", ...)."""
-    first = exc.errors()[0] if exc.errors() else {}
+    first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
         return f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'malformed')})", None
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
@@ -82,6 +95,71 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return "the body must be a JSON object", None
     return (f"{where}: {first.get('msg', 'invalid value')}" if where else first.get("msg", "invalid body")), \
         (loc[0] if loc else None)
+
+
+# ---- the body as JSON ----------------------------------------------------------------------------------------------
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def lone_surrogate_at(value: Any) -> str | None:
+    """The path ('messages.0.content') of the first string or key in `value` that holds a lone surrogate, or None.
+    Walked in document order with a stack of our own, so that no depth can reach Python's recursion limit."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            if has_lone_surrogate(item):
+                return where or "body"
+        elif isinstance(item, dict):
+            for key, child in reversed(list(item.items())):
+                path = f"{where}.{key}" if where else key
+                if has_lone_surrogate(key):
+                    return _printable(path)
+                stack.append((child, path))
+        elif isinstance(item, list):
+            stack.extend((child, f"{where}.{i}") for i, child in reversed(list(enumerate(item))))
+    return None
+
+
+# A lone surrogate can only come from a \uD800-\uDFFF escape (as raw bytes it is not UTF-8): a body without one
+# skips the walk.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def request_json(raw: bytes) -> Any:
+    """A request body's JSON value, or a 400 saying what is wrong with it: not UTF-8, nested deeper than
+    MAX_JSON_DEPTH (Python's parser would hit its recursion limit), malformed, or holding a lone surrogate, which
+    is valid JSON but no text (the tokenizer could not encode it, nor the reply echo it). NaN and infinities parse
+    here, so that the field they are in is refused by name."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, f"the body is not UTF-8 (byte {exc.start})") from None
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and not json_depth_ok(text):
+        raise ApiError(400, f"the body nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # ValueError also covers integers of more than 4300 digits
+        raise ApiError(400, f"the body is not valid JSON ({exc})") from None
+    where = lone_surrogate_at(value) if _SURROGATE_ESCAPE.search(text) else None
+    if where is not None:
+        raise ApiError(400, f"{where}: holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), "
+                            "which is not text", where.split(".")[0])
+    return value
+
+
+async def parse_body(http: Request, model: type["_Body"]) -> "_Body":
+    """The request's body as `model`, or a 400 naming the field that is wrong."""
+    value = request_json(await http.body())
+    if not isinstance(value, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        raise ApiError(400, *_validation_message(exc.errors())) from None
 
 
 # ---- request bodies ------------------------------------------------------------------------------------------------
@@ -203,7 +281,7 @@ def completion_prompt(body: CompletionRequest, tokenizer) -> list[int]:
     return list(prompt)
 
 
-def sampling_settings(body: _Sampling, prompt_len: int, context: int, max_new: int | None) -> dict:
+def sampling_settings(body: _Sampling, prompt_len: int, context: int, max_new: int | None, vocab: int) -> dict:
     """Engine settings from OpenAI's fields, or a 400 that says what is wrong."""
     if prompt_len >= context:
         raise ApiError(400, f"This model's maximum context length is {context} tokens. However, your prompt has "
@@ -218,94 +296,70 @@ def sampling_settings(body: _Sampling, prompt_len: int, context: int, max_new: i
                             f"{prompt_len + max_new} tokens ({prompt_len} in the prompt, {max_new} in the "
                             "completion). Please reduce the prompt or max_tokens.", "max_tokens",
                        "context_length_exceeded")
-    if body.temperature is not None and body.temperature != 0 and not 1e-6 <= body.temperature <= 100:
-        # Below, logits / temperature can overflow (and sampling is greedy in all but name); above, it is noise.
-        raise ApiError(400, f"temperature must be 0 (greedy) or in [1e-6, 100], got {body.temperature}",
-                       "temperature")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 16 or any(not 0 < len(s) <= 256 for s in stop):
         raise ApiError(400, "stop must be a string of 1 to 256 characters or a list of at most 16 of them", "stop")
-    return dict(max_new_tokens=max_new, temperature=1.0 if body.temperature is None else body.temperature,
-                top_k=body.top_k if body.top_k not in (None, 0, -1) else None,
-                top_p=body.top_p if body.top_p not in (None, 1.0) else None,
-                min_p=body.min_p or None,
-                repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
-                seed=body.seed, stop_strings=stop)
+    return dict(max_new_tokens=max_new, stop_strings=stop,
+                **checked_sampling(1.0 if body.temperature is None else body.temperature, body.top_k, body.top_p,
+                                   body.min_p, body.repetition_penalty, body.seed, vocab))
 
 
-# ---- auth and body size, before the app reads anything --------------------------------------------------------
-
-
-class Guard:
-    """ASGI middleware: the API key on protected routes (401 before the body is read), then the body size (413).
-    The body is read here, up to the limit, and handed on to the app."""
-
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
-        self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if scope["method"] == "POST":  # every body this API takes is JSON, whatever the client labels it
-            scope = dict(scope, headers=[(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-type"]
-                         + [(b"content-type", b"application/json")])
-        if self.api_key and scope["path"].startswith(PROTECTED) and not self._authorized(headers):
-            return await self._refuse(scope, receive, send, 401, "Incorrect or missing API key: send "
-                                      "'Authorization: Bearer KEY'", "invalid_api_key")
-        declared = headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > DRAIN_LIMIT):
-            return await self._refuse(scope, receive, send, 413 if declared.isdigit() else 400,
-                                      "bad or oversized Content-Length", "request_too_large")
-        body, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size <= self.max_body:
-                body.append(chunk)
-            if not message.get("more_body", False):
-                break
-            if size > DRAIN_LIMIT:
-                break
-        if size > self.max_body:
-            return await self._refuse(scope, receive, send, 413, f"the request body ({size} bytes) is over the "
-                                      f"limit of {self.max_body} bytes", "request_too_large")
-        delivered = False
-
-        async def replay():
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": b"".join(body), "more_body": False}
-            return await receive()  # after the body: disconnect notices
-
-        await self.app(scope, replay, send)
-
-    def _authorized(self, headers: dict) -> bool:
-        scheme, _, token = headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
-
-    @staticmethod
-    async def _refuse(scope, receive, send, status: int, message: str, code: str):
-        await error_response(status, message, code=code)(scope, receive, send)
+def checked_sampling(temperature: float, top_k: int | None, top_p: float | None, min_p: float | None,
+                     repetition_penalty: float | None, seed: int | None, vocab: int) -> dict:
+    """The engine's sampling settings, each value checked here (a 400 naming the parameter) so that nothing reaches
+    the sampler that would overflow its arithmetic or mean nothing. Comparisons are written so that NaN fails them.
+    Neutral values become "off": top_k None, 0, -1 or at least the vocabulary; top_p 1; min_p 0."""
+    low, high = TEMPERATURE_RANGE
+    if temperature != 0 and not low <= temperature <= high:
+        raise ApiError(400, f"temperature must be 0 (greedy) or in [{low:g}, {high:g}], got {temperature}",
+                       "temperature")
+    if top_k is not None and top_k < -1:
+        raise ApiError(400, f"top_k must be a positive integer (or 0 or -1: off), got {top_k}", "top_k")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ApiError(400, f"top_p must be in (0, 1], got {top_p}", "top_p")
+    if min_p is not None and not 0 <= min_p <= 1:
+        raise ApiError(400, f"min_p must be in [0, 1], got {min_p}", "min_p")
+    low, high = REPETITION_PENALTY_RANGE
+    if repetition_penalty is not None and not low <= repetition_penalty <= high:
+        raise ApiError(400, f"repetition_penalty must be in [{low:g}, {high:g}] (1 = off), got {repetition_penalty}",
+                       "repetition_penalty")
+    if seed is not None and not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+        raise ApiError(400, f"seed must be an integer in [-2**63, 2**64), got {seed}", "seed")
+    return dict(temperature=temperature, top_k=top_k if top_k is not None and 0 < top_k < vocab else None,
+                top_p=top_p if top_p not in (None, 1.0) else None, min_p=min_p or None,
+                repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty, seed=seed)
 
 
 # ---- the app -------------------------------------------------------------------------------------------------------
 
 
+class LiveGenerations:
+    """The generations being served, so that a shutdown can end each reply properly: uvicorn alone would cancel their
+    tasks once its grace period is over, cutting streams off with no final event."""
+
+    def __init__(self):
+        self.open: set[_Generation] = set()
+        self.closing = False  # once set, new requests get 503
+
+    def abort_all(self) -> None:
+        """Stop every live generation (on the event loop); streams then end with finish_reason "abort"."""
+        for gen in list(self.open):
+            gen.abort()
+
+
 class _Generation:
     """One engine request seen from the event loop: its events arrive through an asyncio queue."""
 
-    def __init__(self, engine, prompt: list[int], settings: dict, http: Request):
+    def __init__(self, engine, prompt: list[int], settings: dict, http: Request, live: LiveGenerations):
         from gemma.engine import EngineBusy, EngineClosed
 
+        if live.closing:
+            raise ApiError(503, "the server is shutting down", code="shutting_down")
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.http = http
+        self.http, self.live = http, live
         self.prompt_tokens = len(prompt)
+        self.aborted_at: float | None = None  # when the shutdown stopped it
         try:
             self.request = engine.submit(prompt, **settings,
                                          sink=lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, event))
@@ -315,15 +369,25 @@ class _Generation:
             raise ApiError(503, f"the server is busy ({exc}); try again later", code="overloaded") from None
         except EngineClosed as exc:
             raise ApiError(503, str(exc), code="unavailable") from None
+        live.open.add(self)
         self._checked = time.monotonic()
 
+    @property
+    def aborted(self) -> bool:
+        return self.aborted_at is not None
+
     async def next_event(self):
-        """The next Delta or Finish, or None once the client has gone (the generation is then cancelled)."""
+        """The next Delta or Finish, or None once the client has gone (the generation is then cancelled). After an
+        abort, the engine's Finish ("cancelled"), or a Finish("abort") of our own if the engine is slow to stop."""
+        from gemma.engine import Finish
+
         while True:
+            if self.aborted and time.monotonic() - self.aborted_at > ABORT_WAIT_S:
+                return Finish("abort", (), "", self.prompt_tokens)
             if time.monotonic() - self._checked > DISCONNECT_POLL_S:
                 self._checked = time.monotonic()
                 if await self.http.is_disconnected():
-                    self.request.cancel()
+                    self.cancel()
                     return None
             try:
                 return await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
@@ -339,7 +403,12 @@ class _Generation:
             if event is None or isinstance(event, Finish):
                 return event
 
+    def abort(self) -> None:
+        self.aborted_at = time.monotonic()
+        self.request.cancel()
+
     def cancel(self) -> None:
+        self.live.open.discard(self)
         self.request.cancel()
 
 
@@ -370,13 +439,15 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 def _failed(finish) -> ApiError:
     return ApiError(503 if "closed" in (finish.error or "") else 500, f"generation failed: {finish.error}")
 
+
 def include_usage(body) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
 def stream_reply(gen, delta_chunk, final_chunk, with_usage: bool, first: dict | None = None) -> "EventStream":
-    """Server-sent events in OpenAI's chunk format for one generation, ending with [DONE]; the generation is
-    cancelled when the client goes away."""
+    """Server-sent events in OpenAI's chunk format for one generation, ending with a final chunk (its
+    finish_reason) and [DONE], also when the shutdown stops it; the generation is cancelled when the client goes
+    away."""
     from gemma.engine import Delta
 
     async def events():
@@ -391,9 +462,10 @@ def stream_reply(gen, delta_chunk, final_chunk, with_usage: bool, first: dict | 
                     yield sse({"error": {"message": f"generation failed: {event.error}",
                                          "type": "server_error", "param": None, "code": None}})
                 else:
-                    final = final_chunk(event.reason)
+                    # A generation stopped by the shutdown ends as vLLM ends an aborted one.
+                    final = final_chunk("abort" if gen.aborted else event.reason)
                     yield sse(final)
-                    if with_usage:
+                    if with_usage and event.reason != "abort":  # our own Finish("abort") has no counts
                         yield sse({**final, "choices": [],
                                    "usage": usage(event.prompt_tokens, event.completion_tokens)})
                 yield "data: [DONE]\n\n"
@@ -412,17 +484,22 @@ async def finish_reply(gen):
         gen.cancel()
     if finish is None:
         return error_response(499, "client closed the request")
+    if gen.aborted:
+        raise ApiError(503, "the server is shutting down", code="shutting_down")
     if finish.reason == "error":
         raise _failed(finish)
     return finish
 
 
-
-def create_app(engine, model_name: str, api_key: str | None = None, max_body_bytes: int = 1 << 20):
-    """The ASGI app serving `engine` (a gemma.engine.Engine) as `model_name`."""
+def create_app(engine, model_name: str, api_key: str | None = None, max_body_bytes: int = 1 << 20, *,
+               hosts: AllowedHosts | None = None, body_timeout: float = 30.0, live: LiveGenerations | None = None):
+    """The ASGI app serving `engine` (a gemma.engine.Engine) as `model_name`, behind serve_guard's checks. `hosts`
+    None answers any Host (the command passes the addresses it listens on); `live` is the registry a shutdown
+    aborts."""
     from gemma.engine import Finish
 
     tokenizer = engine.tokenizer
+    live = live if live is not None else LiveGenerations()
     started = int(time.time())
     app = FastAPI(title="gemma-sft", description="An OpenAI-compatible server for a Gemma model")
 
@@ -432,7 +509,7 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_body_byt
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
-        return error_response(400, *_validation_message(exc))
+        return error_response(400, *_validation_message(exc.errors()))
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
@@ -471,12 +548,17 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_body_byt
         except GemmaError as exc:
             raise ApiError(400, str(exc), "messages") from None
 
+    def generation(prompt: list[int], settings: dict, http: Request) -> _Generation:
+        return _Generation(engine, prompt, settings, http, live)
+
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest, http: Request):
+    async def chat_completions(http: Request):
+        body = await parse_body(http, ChatRequest)
         _refuse_unsupported(body)
         prompt = await encode(tokenizer.apply_chat, chat_messages(body))
         max_new = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        gen = _Generation(engine, prompt, sampling_settings(body, len(prompt), engine.context, max_new), http)
+        gen = generation(prompt, sampling_settings(body, len(prompt), engine.context, max_new, engine.vocab_limit),
+                         http)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(delta: dict, finish_reason: str | None = None) -> dict:
@@ -495,11 +577,12 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_body_byt
                 "usage": usage(finish.prompt_tokens, finish.completion_tokens)}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, http: Request):
+    async def completions(http: Request):
+        body = await parse_body(http, CompletionRequest)
         _refuse_unsupported(body)
         prompt = completion_prompt(body, tokenizer)
-        gen = _Generation(engine, prompt, sampling_settings(body, len(prompt), engine.context, body.max_tokens),
-                          http)
+        gen = generation(prompt, sampling_settings(body, len(prompt), engine.context, body.max_tokens,
+                                                   engine.vocab_limit), http)
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(text: str, finish_reason: str | None = None) -> dict:
@@ -516,9 +599,10 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_body_byt
                 "usage": usage(finish.prompt_tokens, finish.completion_tokens)}
 
     @app.post("/nlg/text_generate")
-    async def text_generate(body: TextGenerateRequest, http: Request):
+    async def text_generate(http: Request):
         from train.data import record_messages
 
+        body = await parse_body(http, TextGenerateRequest)
         if body.num_beams != 1:
             raise ApiError(400, "num_beams must be 1 (beam search is not supported)", "num_beams")
         # The user turn as training builds it from an alpaca record: the instruction, then the text after a blank line.
@@ -530,16 +614,33 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_body_byt
         if body.max_new_tokens < 1:
             raise ApiError(400, f"max_new_tokens must be at least 1, got {body.max_new_tokens}", "max_new_tokens")
         greedy = not body.do_sample or body.temperature == 0
-        settings = dict(max_new_tokens=min(body.max_new_tokens, engine.context - len(prompt)),
-                        temperature=0.0 if greedy else body.temperature,
-                        top_k=None if greedy or body.top_k in (0, -1) else body.top_k,
-                        top_p=None if greedy or body.top_p == 1.0 else body.top_p)
-        finish = await finish_reply(_Generation(engine, prompt, settings, http))
+        sampling = checked_sampling(0.0 if greedy else body.temperature, body.top_k, body.top_p, None, None, None,
+                                    engine.vocab_limit)
+        if greedy:
+            sampling.update(top_k=None, top_p=None)
+        settings = dict(max_new_tokens=min(body.max_new_tokens, engine.context - len(prompt)), **sampling)
+        finish = await finish_reply(generation(prompt, settings, http))
         if not isinstance(finish, Finish):
             return finish
         return JSONResponse(finish.text)
 
-    return Guard(app, api_key, max_body_bytes)
+    return Guard(app, api_key=api_key, protected=PROTECTED, max_body=max_body_bytes, body_timeout=body_timeout,
+                 hosts=hosts)
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, whose shutdown (SIGTERM, Ctrl-C) also ends the replies in progress properly: new requests
+    get 503, live ones get `grace` seconds to finish, then every generation still running is stopped, its stream
+    ending with a final chunk (finish_reason "abort") and [DONE]. uvicorn cancels whatever is left a little later."""
+
+    def __init__(self, config: uvicorn.Config, live: LiveGenerations, grace: float):
+        super().__init__(config)
+        self.live, self.grace = live, grace
+
+    async def shutdown(self, sockets=None) -> None:
+        self.live.closing = True
+        asyncio.get_running_loop().call_later(self.grace, self.live.abort_all)
+        await super().shutdown(sockets)
 
 
 # ---- the command ---------------------------------------------------------------------------------------------------
@@ -553,6 +654,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--api-key", metavar="KEY", default=None,
                    help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV} if set)")
+    p.add_argument("--allow-host", metavar="NAME[:PORT]", action="append", default=[],
+                   help="also answer requests whose Host (or Origin) is NAME, with any port or PORT only; repeatable; "
+                        "'*' allows any (default: only the loopback names and the address listened on, with its "
+                        "port: a guard against DNS rebinding)")
     p.add_argument("--model-name", metavar="NAME", default=None,
                    help="the model id that /v1/models reports (default: the --model argument)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
@@ -561,10 +666,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-waiting", type=int, default=256,
                    help="requests queued for a free row before the server answers 503 (default 256)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument("--max-connections", type=int, default=1000,
+                   help="open connections, slow ones included, before a new one gets 503 (default 1000, lowered "
+                        "to what the process may open)")
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
+                   help="seconds a client has to send a request's headers, then 408 (default 10)")
+    p.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds a client has to send a request's body, then 408 (default 30)")
+    p.add_argument("--shutdown-grace", type=float, default=5.0, metavar="S",
+                   help="on SIGTERM, seconds live requests get to finish before open streams are ended with "
+                        "finish_reason 'abort' (default 5)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the model (default: torch's)")
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
                    help="server log level (default info: one line per request)")
     return p
+
+
+def check_numbers(args) -> None:
+    for name, low in (("max_batch", 1), ("max_len", 2), ("max_waiting", 1), ("max_body_bytes", 1024), ("threads", 1),
+                      ("max_connections", 1)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise GemmaError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+    for name, low in (("header_timeout", 0.1), ("body_timeout", 0.1), ("shutdown_grace", 0.0)):
+        value = getattr(args, name)
+        if not low <= value <= 86400:  # NaN fails too
+            raise GemmaError(f"--{name.replace('_', '-')} must be in [{low:g}, 86400] seconds, got {value}")
+    if not 0 <= args.port <= 65535:
+        raise GemmaError(f"--port must be in 0..65535, got {args.port}")
+
+
+def api_key_of(args) -> str | None:
+    """The key from --api-key, else from $GEMMA_SFT_API_KEY, else None (no key). An empty one is an error, not "no
+    key": a variable that a script meant to fill but left empty must not open the server to everyone."""
+    if args.api_key is not None:
+        key, where = args.api_key, "--api-key"
+    elif API_KEY_ENV in os.environ:
+        key, where = os.environ[API_KEY_ENV], API_KEY_ENV
+    else:
+        return None
+    if not key.strip():
+        raise GemmaError(f"{where} is empty: give a key, or {'leave it out' if where == '--api-key' else 'unset it'} "
+                         "to serve without one")
+    if key != key.strip() or any(ord(c) < 32 or ord(c) == 127 for c in key):
+        raise GemmaError(f"{where} starts or ends with spaces or holds a control character, which an HTTP header "
+                         "cannot carry")
+    return key
+
+
+def connection_cap(requested: int) -> int:
+    """--max-connections, lowered to what the process may open: each connection is a file, and the model's files
+    and the server's own need some more."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):  # not Unix
+        return requested
+    if soft == resource.RLIM_INFINITY or soft - 64 >= requested:
+        return requested
+    print(f"[--max-connections lowered to {max(1, soft - 64)}: this process may open {soft} files]", file=sys.stderr)
+    return max(1, soft - 64)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -590,22 +752,17 @@ def url_of(sock: socket.socket) -> str:
 @main_guard
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name, low in (("max_batch", 1), ("max_len", 2), ("max_waiting", 1), ("max_body_bytes", 1024), ("threads", 1)):
-        value = getattr(args, name)
-        if value is not None and value < low:
-            raise GemmaError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
-    if not 0 <= args.port <= 65535:
-        raise GemmaError(f"--port must be in 0..65535, got {args.port}")
-    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
-    if api_key is not None and not api_key.strip():
-        raise GemmaError("--api-key is empty")
-
-    import uvicorn
+    check_numbers(args)
+    api_key = api_key_of(args)
+    AllowedHosts([], 0, args.allow_host)  # a malformed --allow-host fails now, before the model loads
 
     from gemma.engine import Engine
 
     source = args.size or args.model
     sock = listen(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    hosts = AllowedHosts([args.host, host], port, args.allow_host)
+    max_connections = connection_cap(args.max_connections)
     model, tokenizer, loaded = load_model(args)
     print(f"[{loaded}]", file=sys.stderr)
 
@@ -613,19 +770,23 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_len=max_len, max_waiting=args.max_waiting,
                     threads=args.threads)
     name = args.model_name or (Path(source).name if Path(source).exists() else source)
-    app = create_app(engine, name, api_key, args.max_body_bytes)
-    host = sock.getsockname()[0]
+    live = LiveGenerations()
+    app = create_app(engine, name, api_key, args.max_body_bytes, hosts=hosts, body_timeout=args.body_timeout,
+                     live=live)
     if not api_key and host not in ("127.0.0.1", "::1") and not host.startswith("127."):
         print(f"[warning: listening on {host} without --api-key: anyone who reaches this machine can use the model]",
               file=sys.stderr)
     print(f"[serving {name} on {url_of(sock)}: batch {args.max_batch}, context {engine.context} tokens, "
           f"KV cache {engine.cache_bytes / 2**20:.0f} MiB{', API key required' if api_key else ''}]",
           file=sys.stderr, flush=True)
-    # Connections beyond what the engine can hold or queue get uvicorn's 503 at once.
-    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5, lifespan="off",
-                            limit_concurrency=args.max_batch + args.max_waiting + 32)
+    # No limit_concurrency: uvicorn counts connections still sending their headers toward it, so slow clients could
+    # get everyone a 503. Load is bounded by the engine's queue (--max-waiting) and --max-connections instead.
+    # Our h11 protocol whether or not httptools is installed: the header deadline lives there.
+    config = uvicorn.Config(app, http=GuardedH11Protocol.configured(args.header_timeout, max_connections),
+                            ws="none", log_level=args.log_level, lifespan="off",
+                            timeout_graceful_shutdown=args.shutdown_grace + ABORT_WAIT_S + 1)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        Server(config, live, args.shutdown_grace).run(sockets=[sock])
     finally:
         engine.close()
     return 0
