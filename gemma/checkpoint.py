@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
+import re
+import stat
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -18,8 +19,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from gemma.config import GemmaConfig, read_json
+from gemma.config import HF_FIELDS, GemmaConfig, read_json, shown
 from gemma.errors import GemmaError
+from gemma.files import clean_leftovers, install, regular_file, remove_path, sync_tree, temporary_path
 from gemma.model import Gemma
 
 # ---- the name table ------------------------------------------------------------------------------------------------
@@ -90,9 +92,14 @@ def hf_text_key(key: str) -> str | None:
 def _safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        weight_map = read_json(index).get("weight_map")
+        weight_map = read_json(index, "index file").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise GemmaError(f"{index}: no weight_map")
+        # Shard names are plain file names in the folder (as transformers writes them), never a path elsewhere.
+        bad = next((n for n in weight_map.values()
+                    if not isinstance(n, str) or not n or n == ".." or Path(n).name != n), None)
+        if bad is not None:
+            raise GemmaError(f"{index}: weight_map lists {shown(bad)}, which is not a file name in the folder")
         files = [folder / name for name in dict.fromkeys(weight_map.values())]
     elif (folder / "model.safetensors").exists():
         files = [folder / "model.safetensors"]
@@ -106,6 +113,25 @@ def _safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
+def _reason(exc: Exception) -> str:
+    # An OSError's own text repeats the path, which the message names already.
+    return (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) or type(exc).__name__
+
+
+def _headers(files: list[Path]) -> dict[tuple[Path, str], tuple[int, ...]]:
+    """(file, key) -> shape of every tensor, from the safetensors headers alone (no tensor data is read)."""
+    shapes = {}
+    for path in files:
+        regular_file(path, "safetensors file")  # a FIFO or a device (/dev/zero) would be read forever
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    shapes[path, key] = tuple(f.get_slice(key).get_shape())
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise GemmaError(f"{path}: corrupt or truncated safetensors file ({_reason(exc)})") from None
+    return shapes
+
+
 def _iter_tensors(files: list[Path]) -> Iterator[tuple[Path, str, Callable[[], torch.Tensor]]]:
     """(file, key, loader) for each tensor; the loader reads one tensor. Corruption is a GemmaError."""
     for path in files:
@@ -114,17 +140,55 @@ def _iter_tensors(files: list[Path]) -> Iterator[tuple[Path, str, Callable[[], t
                 for key in f.keys():
                     yield path, key, (lambda f=f, key=key: f.get_tensor(key))
         except (SafetensorError, OSError, RuntimeError) as exc:
-            raise GemmaError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
+            raise GemmaError(f"{path}: corrupt or truncated safetensors file ({_reason(exc)})") from None
+
+
+_LAYER_KEY = re.compile(r"(?:model\.)?(?:layers|blk)\.(\d+)\.")  # HF, native and GGUF names of a layer's tensors
+
+
+def check_layer_count(cfg: GemmaConfig, keys: list[str], where: str, field: str, weights: str) -> None:
+    """Every layer the config claims must have tensors among `keys` (the file's names), checked before anything is
+    built from the config: a layer count that is garbage (a million) is then one line naming `field` in `where`,
+    instead of a model laid out layer by layer (on the meta device, still until memory runs out)."""
+    present = {int(m[1]) for m in map(_LAYER_KEY.match, keys) if m}
+    missing = next((i for i in range(cfg.num_layers) if i not in present), None)
+    if missing is not None:
+        raise GemmaError(f"{where}: {field!r} is {cfg.num_layers}, but {weights} holds tensors of {len(present)} "
+                         f"layers (none of layer {missing})")
+
+
+def check_embedding(cfg: GemmaConfig, shape: tuple[int, ...], key: str, where: str, fields: dict[str, str],
+                    weights: str) -> None:
+    """The embedding's shape in the file against the config's vocabulary and width, before anything is built."""
+    wanted = (cfg.vocab_size, cfg.hidden_size)
+    if tuple(shape) != wanted:
+        vocab, hidden = (fields.get(f, f) for f in ("vocab_size", "hidden_size"))
+        raise GemmaError(f"{where}: the embedding {key!r} in {weights} has shape {tuple(shape)}, but {vocab!r} "
+                         f"and {hidden!r} make it {wanted}")
 
 
 def read_state_dict(files: list[Path], cfg: GemmaConfig, to_native: Callable[[str], str | None],
-                    dtype: torch.dtype | None, show: Callable[[str], str] = lambda n: n) -> dict[str, torch.Tensor]:
+                    dtype: torch.dtype | None, show: Callable[[str], str] = lambda n: n,
+                    where: str = "config", fields: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """The native state dict from safetensors files, strictly checked against `cfg`.
 
     `dtype` None keeps each tensor as stored. `to_native` maps a file key to a native name (None: not ours, skip;
-    KeyError: unexpected). `show` turns a
-    native name back into the file's spelling for messages.
+    KeyError: unexpected). `show` turns a native name back into the file's spelling for messages; `where` is the
+    config file and `fields` maps config fields to its keys, for messages about the config.
+
+    The layer count, the embedding and every shape are checked against the files' headers before any tensor data
+    is read and before the config's tables are built.
     """
+    fields = fields or {}
+    headers = _headers(files)
+    weights = str(files[0] if len(files) == 1 else files[0].parent)
+    ours = {key: plain for _, key in headers if (plain := hf_text_key(key)) is not None}
+    check_layer_count(cfg, list(ours.values()), where, fields.get("num_layers", "num_layers"), weights)
+    for (path, key), shape in headers.items():
+        with contextlib.suppress(KeyError):
+            if key in ours and to_native(key) == "embed.weight":
+                check_embedding(cfg, shape, key, where, fields, str(path))
+
     shapes = expected_shapes(cfg)
     out: dict[str, torch.Tensor] = {}
     for path, key, load in _iter_tensors(files):
@@ -138,13 +202,13 @@ def read_state_dict(files: list[Path], cfg: GemmaConfig, to_native: Callable[[st
             raise GemmaError(f"{path}: unexpected tensor {key!r} (not part of this model's config)")
         if name in out:
             raise GemmaError(f"{path}: tensor {key!r} appears twice")
+        if headers[path, key] != shapes[name]:
+            raise GemmaError(f"{path}: tensor {key!r} has shape {headers[path, key]}, "
+                             f"the config needs {shapes[name]}")
         try:
             tensor = load()
         except (SafetensorError, OSError, RuntimeError) as exc:
-            raise GemmaError(f"{path}: cannot read tensor {key!r} ({exc})") from None
-        if tuple(tensor.shape) != shapes[name]:
-            raise GemmaError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, "
-                             f"the config needs {shapes[name]}")
+            raise GemmaError(f"{path}: cannot read tensor {key!r} ({_reason(exc)})") from None
         if not tensor.is_floating_point():
             raise GemmaError(f"{path}: tensor {key!r} has non-float dtype {tensor.dtype}")
         # Always a fresh copy, one tensor at a time (never two full copies): safetensors hands out tensors backed
@@ -168,25 +232,28 @@ def build_model(cfg: GemmaConfig, state: dict[str, torch.Tensor], device="cpu") 
 def load_hf_folder(folder: Path,
                    dtype: torch.dtype | None = torch.float32) -> tuple[GemmaConfig, dict[str, torch.Tensor]]:
     """(config, native state dict) from an HF checkpoint folder."""
-    cfg = GemmaConfig.from_hf_config(read_json(folder / "config.json"), str(folder / "config.json"))
+    config = folder / "config.json"
+    cfg = GemmaConfig.from_hf_config(read_json(config, "config file"), str(config))
     to_native = {v: k for k, v in hf_names(cfg).items()}
 
     def native(key: str) -> str | None:
         plain = hf_text_key(key)
         return None if plain is None else to_native[plain]
 
-    state = read_state_dict(_safetensors_files(folder), cfg, native, dtype, show=hf_names(cfg).get)
+    state = read_state_dict(_safetensors_files(folder), cfg, native, dtype, show=hf_names(cfg).get,
+                            where=str(config), fields=HF_FIELDS)
     return cfg, state
 
 
 def load_native_folder(folder: Path,
                        dtype: torch.dtype | None = torch.float32) -> tuple[GemmaConfig, dict[str, torch.Tensor]]:
     """(config, state dict) from a native folder."""
-    cfg = GemmaConfig.from_dict(read_json(folder / "config.json"), str(folder / "config.json"))
+    config = folder / "config.json"
+    cfg = GemmaConfig.from_dict(read_json(config, "config file"), str(config))
     path = folder / "model.safetensors"
     if not path.exists():
         raise GemmaError(f"{folder}: no model.safetensors")
-    return cfg, read_state_dict([path], cfg, lambda k: k, dtype)
+    return cfg, read_state_dict([path], cfg, lambda k: k, dtype, where=str(config))
 
 
 # ---- writing ---------------------------------------------------------------------------------------------------------
@@ -195,33 +262,48 @@ def load_native_folder(folder: Path,
 def atomic_dir(dst: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `dst`; on success it replaces `dst`, on failure it is removed.
 
-    An existing `dst` is refused unless `force`; with `force` it is replaced only once the new folder is complete.
+    An existing `dst` is refused unless `force`; with `force` it is replaced only once the new folder is complete
+    and synced to disk, in one step where Linux can (`gemma.files.install`). What killed writers left beside `dst`
+    is cleaned up first, and an old `dst` that such a kill left parked is put back (`gemma.files.clean_leftovers`).
     """
     dst = Path(dst)
-    if dst.exists() and not force:
-        raise GemmaError(f"{dst}: already exists (use --force to overwrite)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    if dst.name in ("", ".", ".."):
+        raise GemmaError(f"{dst}: names no folder that can be written (give the output folder a name)")
+    clean_leftovers(dst)
+    if os.path.lexists(dst):
+        if not force:
+            raise GemmaError(f"{dst}: already exists (use --force to overwrite)")
+        mode = dst.lstat().st_mode
+        if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+            raise GemmaError(f"{dst}: not a file or folder (a device or FIFO); not replaced")
+    tmp = temporary_path(dst)
     try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        remove_path(tmp)
+        tmp.mkdir()
         yield tmp
+        sync_tree(tmp)
+        install(tmp, dst)
+    except OSError as exc:  # a full disk, a read-only folder: reported at `dst`, not at the temporary name
+        remove_path(tmp)
+        if exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(dst)) from exc
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_path(tmp)
         raise
-    old = None
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-        os.replace(dst, old)
-    os.replace(tmp, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """save_file, with the permissions an ordinary file gets (safetensors creates its files owner-only)."""
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    """save_file, with the permissions an ordinary file gets (safetensors creates its files owner-only). A failed
+    write (a full disk) is an OSError, as for any other file, not safetensors' own error."""
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as exc:
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)

@@ -8,18 +8,83 @@ by transformers 4.x) and in the shape transformers 5.x writes; `to_hf_config` wr
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gemma.errors import GemmaError
+from gemma.files import read_json_file
 
 SLIDING = "sliding"
 FULL = "full"
 
 # The on-disk marker of a native config.json (an HF one has `model_type` instead).
 NATIVE_FORMAT = "gemma-sft"
+
+
+# Upper bounds of the size fields: far above any released model (Gemma's largest has a vocabulary of 262208,
+# width 5376, MLP 36864, 32 heads of 256, 62 layers and 131072 positions), yet low enough that garbage in a
+# config.json (a vocab_size of 1e40, a million layers) is refused by name before any size is computed from it.
+MAX_VOCAB = 2**31 - 1  # token ids are int32 in sentencepiece and in GGUF
+MAX_WIDTH = 2**20  # hidden, intermediate and head widths: 28x the widest Gemma MLP
+MAX_HEADS = 2**12  # query or key/value heads: 128x Gemma's most
+MAX_LAYERS = 1024  # 16x Gemma's deepest; per-layer tables are built from this count before weights are checked
+MAX_POSITIONS = 2**24  # RoPE angles come from float32 positions, which are exact integers only up to 2**24
+
+# Each integer size field and its bound.
+_SIZES = {"vocab_size": MAX_VOCAB, "hidden_size": MAX_WIDTH, "intermediate_size": MAX_WIDTH,
+          "num_layers": MAX_LAYERS, "num_heads": MAX_HEADS, "num_kv_heads": MAX_HEADS, "head_dim": MAX_WIDTH,
+          "max_seq_len": MAX_POSITIONS}
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """repr(value), cut short: a message built from a file must stay one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _is_finite(value: Any) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+class ConfigFieldError(GemmaError):
+    """A config field that fails validation, by its dataclass name, so that the reader of a file can name the key
+    as the file spells it (`spelled`): "field 'FIELD' PROBLEM ['OTHER'TAIL]", where OTHER is a second field."""
+
+    def __init__(self, field: str, problem: str, other: str | None = None, tail: str = ""):
+        self.field, self.problem, self.other, self.tail = field, problem, other, tail
+        super().__init__(self._text("config", {}, "field"))
+
+    def _text(self, where: str, names: dict[str, str], noun: str) -> str:
+        text = f"{where}: {noun} {names.get(self.field, self.field)!r} {self.problem}"
+        return text if self.other is None else f"{text} {names.get(self.other, self.other)!r}{self.tail}"
+
+    def spelled(self, where: str, names: dict[str, str], noun: str = "field") -> GemmaError:
+        """The same error as `where: field 'KEY' ...`, with `names` mapping field names to the file's keys."""
+        return GemmaError(self._text(where, names, noun))
+
+
+def check_size(field: str, value: Any, top: int) -> int:
+    """`value` if it is an integer in [1, top]; else a ConfigFieldError naming `field`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigFieldError(field, f"must be an integer, got {shown(value)}")
+    if not 1 <= value <= top:
+        raise ConfigFieldError(field, f"must be between 1 and {top}, got {shown(value)}")
+    return value
+
+
+def _check_number(field: str, value: Any, optional: bool = False) -> None:
+    """A positive finite number (None allowed when `optional`); else a ConfigFieldError naming `field`."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigFieldError(field, f"must be a number, got {shown(value)}")
+    if not _is_finite(value) or value <= 0:
+        raise ConfigFieldError(field, f"must be a positive finite number, got {shown(value)}")
 
 
 @dataclass
@@ -46,28 +111,41 @@ class GemmaConfig:
     hf_repo: str | None = None  # the hub repo a preset was read from (informational only)
 
     def __post_init__(self):
+        # Sizes first, bounded: everything after (the layer list here, the model's tables later) is built from them.
+        for name, top in _SIZES.items():
+            check_size(name, getattr(self, name), top)
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigFieldError("num_heads", f"({self.num_heads}) is not a multiple of", "num_kv_heads",
+                                   f" ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise ConfigFieldError("head_dim", f"must be even for RoPE, got {self.head_dim}")
+        # Zero or negative values here give NaN or a division by zero in the forward pass; they are never meant.
+        for name in ("norm_eps", "rope_theta", "rope_local_theta", "rope_scaling"):
+            _check_number(name, getattr(self, name))
+        for name in ("query_pre_attn_scalar", "attn_softcap", "final_softcap"):
+            _check_number(name, getattr(self, name), optional=True)
+        for name in ("use_qk_norm", "sandwich_norms"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigFieldError(name, f"must be true or false, got {shown(getattr(self, name))}")
+        if self.sliding_window is not None:
+            check_size("sliding_window", self.sliding_window, MAX_POSITIONS)
+        if self.hf_repo is not None and not isinstance(self.hf_repo, str):
+            raise ConfigFieldError("hf_repo", f"must be a string, got {shown(self.hf_repo)}")
+
+        if not isinstance(self.layer_types, (list, tuple)):
+            raise ConfigFieldError("layer_types", f"must be a list, got {shown(self.layer_types)}")
         if not self.layer_types:
             self.layer_types = (FULL,) * self.num_layers
         self.layer_types = tuple(self.layer_types)
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise GemmaError(f"config: {name} must be a positive integer, got {value!r}")
-        if self.num_heads % self.num_kv_heads:
-            raise GemmaError(f"config: num_heads ({self.num_heads}) is not a multiple of "
-                             f"num_kv_heads ({self.num_kv_heads})")
-        if self.head_dim % 2:
-            raise GemmaError(f"config: head_dim must be even for RoPE, got {self.head_dim}")
         if len(self.layer_types) != self.num_layers:
-            raise GemmaError(f"config: {len(self.layer_types)} layer_types for {self.num_layers} layers")
-        bad = sorted(set(self.layer_types) - {SLIDING, FULL})
-        if bad:
-            raise GemmaError(f"config: unknown layer type {bad[0]!r} (expected {SLIDING!r} or {FULL!r})")
-        if SLIDING in self.layer_types and not self.sliding_window:
-            raise GemmaError("config: sliding layers need a positive sliding_window")
-        if self.rope_scaling <= 0:
-            raise GemmaError(f"config: rope_scaling must be positive, got {self.rope_scaling}")
+            raise ConfigFieldError("layer_types", f"lists {len(self.layer_types)} layers, but", "num_layers",
+                                   f" is {self.num_layers}")
+        bad = next((t for t in self.layer_types if t not in (SLIDING, FULL)), None)
+        if bad is not None:
+            raise ConfigFieldError("layer_types", f"holds unknown layer type {shown(bad)} "
+                                   f"(expected {SLIDING!r} or {FULL!r})")
+        if SLIDING in self.layer_types and self.sliding_window is None:
+            raise ConfigFieldError("sliding_window", "must be a positive integer: the model has sliding layers")
 
     @property
     def attn_scale(self) -> float:
@@ -102,8 +180,10 @@ class GemmaConfig:
             raise GemmaError(f"{where}: unknown field {unknown[0]!r}")
         try:
             return cls(**data)
-        except TypeError as exc:
-            raise GemmaError(f"{where}: {exc}") from None
+        except ConfigFieldError as exc:
+            raise exc.spelled(where, {}) from None
+        except TypeError as exc:  # a required field left out
+            raise GemmaError(f"{where}: {str(exc).removeprefix(cls.__name__ + '.__init__() ')}") from None
 
     # ---- HF config.json -----------------------------------------------------------------------------------------
 
@@ -199,23 +279,51 @@ _HF_LAYER_TYPES = {"sliding_attention": SLIDING, "full_attention": FULL}
 _GELU_TANH = {"gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu"}  # "gelu" is the legacy name of tanh GELU
 
 
-def _rope_from_params(params: dict[str, Any], where: str, what: str) -> tuple[float | None, float]:
-    """(theta, linear factor) from one rope_scaling / rope_parameters entry."""
+# Our field -> the config.json key it is read from, so that an error names the key the user can find in the file.
+HF_FIELDS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+             "num_kv_heads": "num_key_value_heads", "norm_eps": "rms_norm_eps", "rope_local_theta":
+             "rope_local_base_freq", "rope_scaling": "rope_scaling.factor", "attn_softcap": "attn_logit_softcapping",
+             "final_softcap": "final_logit_softcapping", "max_seq_len": "max_position_embeddings",
+             "hf_repo": "_name_or_path"}
+
+
+def _hf_number(value: Any, key: str, where: str, kind: type = float) -> int | float:
+    """A number from config.json (`kind` int: a whole number), or a one-line error naming the key."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise GemmaError(f"{where}: field {key!r} must be a number, got {shown(value)}")
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer():  # also NaN and infinities
+            raise GemmaError(f"{where}: field {key!r} must be an integer, got {shown(value)}")
+        return int(value)
+    if not _is_finite(value):
+        raise GemmaError(f"{where}: field {key!r} must be a finite number, got {shown(value)}")
+    return float(value)
+
+
+def _rope_from_params(params: Any, where: str, key: str, what: str) -> tuple[float | None, float]:
+    """(theta, linear factor) from one rope_scaling / rope_parameters entry (`key` names it in messages)."""
     if not params:
         return None, 1.0
+    if not isinstance(params, dict):
+        raise GemmaError(f"{where}: field {key!r} must be an object, got {shown(params)}")
     kind = params.get("rope_type", params.get("type", "default"))
+    theta = params.get("rope_theta")
+    if theta is not None:
+        theta = _hf_number(theta, f"{key}.rope_theta", where)
     if kind == "default":
-        return params.get("rope_theta"), 1.0
+        return theta, 1.0
     if kind == "linear":
-        return params.get("rope_theta"), float(params["factor"])
-    raise GemmaError(f"{where}: unsupported RoPE type {kind!r} for {what} layers (supported: default, linear)")
+        return theta, _hf_number(params.get("factor"), f"{key}.factor", where)
+    raise GemmaError(f"{where}: unsupported RoPE type {shown(kind)} for {what} layers (supported: default, linear)")
 
 
 def from_hf_config(hf: dict[str, Any], where: str = "config.json") -> GemmaConfig:
     """A GemmaConfig from an HF config.json (any Gemma text generation, transformers 4.x or 5.x shape)."""
     try:
         return _from_hf_config(hf, where)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except ConfigFieldError as exc:  # the dataclass's own checks, named as config.json spells the field
+        raise exc.spelled(where, HF_FIELDS) from None
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise GemmaError(f"{where}: malformed field ({type(exc).__name__}: {exc})") from None
 
 
@@ -225,17 +333,19 @@ def _from_hf_config(hf: dict[str, Any], where: str) -> GemmaConfig:
     model_type = hf.get("model_type")
     if model_type == "gemma3" or "text_config" in hf:
         # Multimodal Gemma 3: the text tower's settings sit under text_config.
-        text = dict(hf.get("text_config") or {})
-        text.setdefault("model_type", "gemma3_text")
+        text = hf.get("text_config") or {}
+        if not isinstance(text, dict):
+            raise GemmaError(f"{where}: field 'text_config' must be an object, got {shown(text)}")
+        text = {"model_type": "gemma3_text", **text}
         return _from_hf_config(text, where + ":text_config")
-    if model_type not in _HF_DEFAULTS:
-        raise GemmaError(f"{where}: model_type {model_type!r} is not a Gemma text model "
+    if not isinstance(model_type, str) or model_type not in _HF_DEFAULTS:
+        raise GemmaError(f"{where}: model_type {shown(model_type)} is not a Gemma text model "
                          f"(expected one of {', '.join(_HF_DEFAULTS)}, or gemma3)")
     c = {**_HF_DEFAULTS[model_type], **{k: v for k, v in hf.items() if v is not None or k.endswith("softcapping")}}
 
     act = c.get("hidden_activation") or c.get("hidden_act") or "gelu_pytorch_tanh"
-    if act not in _GELU_TANH:
-        raise GemmaError(f"{where}: unsupported activation {act!r} (Gemma uses tanh-approximated GELU)")
+    if not isinstance(act, str) or act not in _GELU_TANH:
+        raise GemmaError(f"{where}: unsupported activation {shown(act)} (Gemma uses tanh-approximated GELU)")
     if c.get("attention_bias"):
         raise GemmaError(f"{where}: attention_bias is not supported (no Gemma checkpoint uses it)")
     if c.get("use_bidirectional_attention"):
@@ -243,60 +353,69 @@ def _from_hf_config(hf: dict[str, Any], where: str) -> GemmaConfig:
     if c.get("tie_word_embeddings") is False:
         raise GemmaError(f"{where}: untied embeddings are not supported (Gemma ties the output head)")
 
-    n = c.get("num_hidden_layers")
-    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-        raise GemmaError(f"{where}: field 'num_hidden_layers' must be a positive integer, got {n!r}")
-    # Which layers slide: transformers 5.x writes layer_types; 4.x configs imply them.
-    if c.get("layer_types"):
-        try:
-            layer_types = tuple(_HF_LAYER_TYPES[t] for t in c["layer_types"])
-        except KeyError as exc:
-            raise GemmaError(f"{where}: unknown layer type {exc.args[0]!r}") from None
-    elif model_type == "gemma2":
-        layer_types = _gemma2_layers(n)
-    elif model_type == "gemma3_text":
-        layer_types = pattern_layers(n, int(c.get("sliding_window_pattern") or c.get("_sliding_window_pattern") or 6))
-    else:
-        layer_types = (FULL,) * n
-
-    # RoPE: 5.x nests per layer type under rope_parameters; 4.x has rope_theta, rope_local_base_freq, rope_scaling.
-    theta = float(c.get("rope_theta", 10000.0))
-    local_theta = float(c.get("rope_local_base_freq", theta))
-    scaling = 1.0
-    rp = c.get("rope_parameters")
-    if rp and ("full_attention" in rp or "sliding_attention" in rp):
-        t, scaling = _rope_from_params(rp.get("full_attention"), where, "full-attention")
-        theta = float(t) if t is not None else theta
-        t, local_scaling = _rope_from_params(rp.get("sliding_attention"), where, "sliding-window")
-        local_theta = float(t) if t is not None else local_theta
-        if local_scaling != 1.0:
-            raise GemmaError(f"{where}: RoPE scaling on sliding-window layers is not supported")
-    elif rp:
-        t, scaling = _rope_from_params(rp, where, "all")
-        theta = float(t) if t is not None else theta
-        if model_type != "gemma3_text":
-            local_theta = theta
-    if c.get("rope_scaling"):
-        _, scaling = _rope_from_params(c["rope_scaling"], where, "full-attention")
-
-    def num(key: str, kind=int):
-        value = c.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-            raise GemmaError(f"{where}: field {key!r} must be a number, got {value!r}")
-        return kind(value)
+    def num(key: str, kind: type = int) -> int | float:
+        return _hf_number(c.get(key), key, where, kind)
 
     def opt(key: str) -> float | None:
         return None if c.get(key) is None else num(key, float)
 
+    # Bounded before anything is built from it (the layer list below, the model's tables later).
+    n = check_size("num_layers", num("num_hidden_layers"), MAX_LAYERS)
+    # Which layers slide: transformers 5.x writes layer_types; 4.x configs imply them.
+    if c.get("layer_types"):
+        types = c["layer_types"]
+        if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+            raise GemmaError(f"{where}: field 'layer_types' must be a list of strings, got {shown(types)}")
+        unknown = next((t for t in types if t not in _HF_LAYER_TYPES), None)
+        if unknown is not None:
+            raise GemmaError(f"{where}: field 'layer_types': unknown layer type {shown(unknown)}")
+        layer_types = tuple(_HF_LAYER_TYPES[t] for t in types)
+    elif model_type == "gemma2":
+        layer_types = _gemma2_layers(n)
+    elif model_type == "gemma3_text":
+        # The file's own key first (4.5x writes it with an underscore), then transformers' default of 6.
+        key = next((k for k in ("sliding_window_pattern", "_sliding_window_pattern") if hf.get(k) is not None),
+                   "sliding_window_pattern")
+        pattern = num(key)
+        if pattern <= 0:
+            raise GemmaError(f"{where}: field {key!r} must be a positive integer, got {pattern}")
+        layer_types = pattern_layers(n, pattern)
+    else:
+        layer_types = (FULL,) * n
+
+    # RoPE: 5.x nests per layer type under rope_parameters; 4.x has rope_theta, rope_local_base_freq, rope_scaling.
+    theta = num("rope_theta", float) if "rope_theta" in c else 10000.0
+    local_theta = num("rope_local_base_freq", float) if "rope_local_base_freq" in c else theta
+    scaling = 1.0
+    rp = c.get("rope_parameters")
+    if rp and isinstance(rp, dict) and ("full_attention" in rp or "sliding_attention" in rp):
+        t, scaling = _rope_from_params(rp.get("full_attention"), where, "rope_parameters.full_attention",
+                                       "full-attention")
+        theta = t if t is not None else theta
+        t, local_scaling = _rope_from_params(rp.get("sliding_attention"), where, "rope_parameters.sliding_attention",
+                                             "sliding-window")
+        local_theta = t if t is not None else local_theta
+        if local_scaling != 1.0:
+            raise GemmaError(f"{where}: RoPE scaling on sliding-window layers is not supported")
+    elif rp:
+        t, scaling = _rope_from_params(rp, where, "rope_parameters", "all")
+        theta = t if t is not None else theta
+        if model_type != "gemma3_text":
+            local_theta = theta
+    if c.get("rope_scaling"):
+        _, scaling = _rope_from_params(c["rope_scaling"], where, "rope_scaling", "full-attention")
+
+    heads = check_size("num_heads", num("num_attention_heads"), MAX_HEADS)  # divides hidden_size below
     has_sliding = SLIDING in layer_types
+    name = hf.get("_name_or_path")
     return GemmaConfig(
         vocab_size=num("vocab_size"),
         hidden_size=num("hidden_size"),
         intermediate_size=num("intermediate_size"),
         num_layers=n,
-        num_heads=num("num_attention_heads"),
+        num_heads=heads,
         num_kv_heads=num("num_key_value_heads"),
-        head_dim=num("head_dim") if c.get("head_dim") else num("hidden_size") // num("num_attention_heads"),
+        head_dim=num("head_dim") if c.get("head_dim") else num("hidden_size") // heads,
         norm_eps=num("rms_norm_eps", float),
         rope_theta=theta,
         rope_local_theta=local_theta,
@@ -309,7 +428,7 @@ def _from_hf_config(hf: dict[str, Any], where: str) -> GemmaConfig:
         sliding_window=num("sliding_window") if has_sliding else None,
         layer_types=layer_types,
         max_seq_len=num("max_position_embeddings"),
-        hf_repo=hf.get("_name_or_path") or None,
+        hf_repo=name if isinstance(name, str) and name else None,  # informational: anything else is dropped
     )
 
 
@@ -364,15 +483,11 @@ def to_hf_config(cfg: GemmaConfig, bos_token_id: int = 2, eos_token_id: int = 1,
     return out
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from a file, or a one-line error naming the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise GemmaError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise GemmaError(f"{path}: not valid JSON ({exc})") from None
+def read_json(path: Path, what: str = "file") -> dict[str, Any]:
+    """A JSON object from a regular file, or a one-line error naming the file once: a folder, FIFO or device where
+    the file belongs, text that is not UTF-8 or not JSON, and JSON nested too deeply for the parser are refused
+    (`gemma.files.read_json_file`)."""
+    data = read_json_file(path, what)
     if not isinstance(data, dict):
         raise GemmaError(f"{path}: expected a JSON object")
     return data

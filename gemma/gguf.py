@@ -20,9 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from gemma.checkpoint import expected_shapes
-from gemma.config import FULL, SLIDING, GemmaConfig, pattern_layers
+from gemma.checkpoint import check_embedding, check_layer_count, expected_shapes
+from gemma.config import (FULL, MAX_HEADS, MAX_LAYERS, SLIDING, ConfigFieldError, GemmaConfig, check_size,
+                          pattern_layers, shown)
 from gemma.errors import GemmaError
+from gemma.files import regular_file
 from gemma.tokenizer import Tokenizer
 
 ARCHITECTURES = ("gemma", "gemma2", "gemma3")
@@ -88,11 +90,14 @@ def open_gguf(path: str | Path):
     """A `gguf.GGUFReader` over the file; a missing, truncated or corrupt file is a one-line GemmaError."""
     gguf = _gguf()
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise GemmaError(f"{path}: no such file")
+    regular_file(path, "GGUF file")  # a FIFO or a device (/dev/zero) would be read forever
     try:
         return gguf.GGUFReader(path)
-    except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError, OSError) as exc:
+    except OSError as exc:
+        raise GemmaError(f"{path}: cannot read the GGUF file ({exc.strerror or exc})") from None
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError) as exc:
         # The reader reports a short file as a failed reshape, a bad magic as ValueError, an unknown value type as
         # KeyError, ...: all of them mean the same to a user.
         raise GemmaError(f"{path}: not a valid GGUF file (truncated or corrupt: {exc})") from None
@@ -128,10 +133,10 @@ class _Meta:
         if isinstance(value, list):
             # Some architectures store per-layer values as arrays; Gemma's are uniform or it is not ours.
             if not value or any(v != value[0] for v in value):
-                raise GemmaError(f"{self.where}: metadata {key!r} varies per layer ({value}); not supported")
+                raise GemmaError(f"{self.where}: metadata {key!r} varies per layer ({shown(value)}); not supported")
             value = value[0]
         if isinstance(value, bool) or not isinstance(value, kinds):
-            raise GemmaError(f"{self.where}: metadata {key!r} should be {what}, got {value!r}")
+            raise GemmaError(f"{self.where}: metadata {key!r} should be {what}, got {shown(value)}")
         return value
 
     def integer(self, key: str, default: Any = _REQUIRED) -> Any:
@@ -158,6 +163,18 @@ _LAYERS_27B = {"gemma2": 46, "gemma3": 62}
 _GEMMA3_LOCAL_THETA = 10_000.0
 
 
+def gguf_fields(arch: str) -> dict[str, str]:
+    """Our config field -> the metadata key it is read from, so that an error names the key in the file."""
+    keys = {"hidden_size": "embedding_length", "intermediate_size": "feed_forward_length",
+            "num_layers": "block_count", "num_heads": "attention.head_count", "num_kv_heads": "attention.head_count_kv",
+            "head_dim": "attention.key_length", "norm_eps": "attention.layer_norm_rms_epsilon",
+            "rope_theta": "rope.freq_base", "rope_local_theta": "rope.freq_base_swa",
+            "rope_scaling": "rope.scaling.factor", "attn_softcap": "attn_logit_softcapping",
+            "final_softcap": "final_logit_softcapping", "sliding_window": "attention.sliding_window",
+            "layer_types": "attention.sliding_window_pattern", "max_seq_len": "context_length"}
+    return {"vocab_size": "tokenizer.ggml.tokens", **{k: f"{arch}.{v}" for k, v in keys.items()}}
+
+
 def gguf_config(reader, where: str = "GGUF file", vocab_size: int | None = None) -> GemmaConfig:
     """The GemmaConfig a GGUF file's metadata describes (gemma, gemma2 and gemma3 architectures).
 
@@ -168,16 +185,21 @@ def gguf_config(reader, where: str = "GGUF file", vocab_size: int | None = None)
     if arch not in ARCHITECTURES:
         raise GemmaError(f"{where}: architecture {arch!r} is not a Gemma text model "
                          f"(supported: {', '.join(ARCHITECTURES)})")
+    try:
+        return _gguf_config(reader, meta, arch, where, vocab_size)
+    except ConfigFieldError as exc:  # the dataclass's own checks, named by the metadata key
+        raise exc.spelled(where, gguf_fields(arch), "metadata") from None
 
+
+def _gguf_config(reader, meta: _Meta, arch: str, where: str, vocab_size: int | None) -> GemmaConfig:
     def key(name: str) -> str:
         return f"{arch}.{name}"
 
     hidden = meta.integer(key("embedding_length"))
-    n_layers = meta.integer(key("block_count"))
-    heads = meta.integer(key("attention.head_count"))
+    # Bounded before anything is built from them (the layer list below, the model's tables later).
+    n_layers = check_size("num_layers", meta.integer(key("block_count")), MAX_LAYERS)
+    heads = check_size("num_heads", meta.integer(key("attention.head_count")), MAX_HEADS)
     kv_heads = meta.integer(key("attention.head_count_kv"), heads)
-    if heads <= 0:
-        raise GemmaError(f"{where}: metadata {key('attention.head_count')!r} must be positive, got {heads}")
     head_dim = meta.integer(key("attention.key_length"), hidden // heads)  # llama.cpp's default too
     value_dim = meta.integer(key("attention.value_length"), head_dim)
     if value_dim != head_dim:
@@ -236,30 +258,27 @@ def gguf_config(reader, where: str = "GGUF file", vocab_size: int | None = None)
     if arch != "gemma":
         scalar = float(hidden // heads if n_layers == _LAYERS_27B[arch] else head_dim)
 
-    try:
-        return GemmaConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden,
-            intermediate_size=meta.integer(key("feed_forward_length")),
-            num_layers=n_layers,
-            num_heads=heads,
-            num_kv_heads=kv_heads,
-            head_dim=head_dim,
-            norm_eps=meta.number(key("attention.layer_norm_rms_epsilon"), 1e-6),
-            rope_theta=theta,
-            rope_local_theta=local_theta,
-            rope_scaling=factor,
-            query_pre_attn_scalar=scalar,
-            attn_softcap=meta.number(key("attn_logit_softcapping"), softcaps.get("attn_logit_softcapping")),
-            final_softcap=meta.number(key("final_logit_softcapping"), softcaps.get("final_logit_softcapping")),
-            use_qk_norm=arch == "gemma3",
-            sandwich_norms=arch in ("gemma2", "gemma3"),
-            sliding_window=window,
-            layer_types=layer_types,
-            max_seq_len=meta.integer(key("context_length")),
-        )
-    except GemmaError as exc:
-        raise GemmaError(f"{where}: {exc}") from None
+    return GemmaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=meta.integer(key("feed_forward_length")),
+        num_layers=n_layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        norm_eps=meta.number(key("attention.layer_norm_rms_epsilon"), 1e-6),
+        rope_theta=theta,
+        rope_local_theta=local_theta,
+        rope_scaling=factor,
+        query_pre_attn_scalar=scalar,
+        attn_softcap=meta.number(key("attn_logit_softcapping"), softcaps.get("attn_logit_softcapping")),
+        final_softcap=meta.number(key("final_logit_softcapping"), softcaps.get("final_logit_softcapping")),
+        use_qk_norm=arch == "gemma3",
+        sandwich_norms=arch in ("gemma2", "gemma3"),
+        sliding_window=window,
+        layer_types=layer_types,
+        max_seq_len=meta.integer(key("context_length")),
+    )
 
 
 # ---- weights ------------------------------------------------------------------------------------------------------
@@ -286,11 +305,23 @@ def _dequantize_into(out: torch.Tensor, data: np.ndarray, qtype, shift: float) -
         flat[start:start + step] = torch.from_numpy(np.require(block, np.float32, ["C", "W"]))
 
 
+def _shape(t) -> tuple[int, ...]:
+    # GGUF lists dimensions fastest first (ne[0] is a row's length); PyTorch lists them slowest first.
+    return tuple(int(d) for d in reversed(t.shape.tolist()))
+
+
 def read_gguf_weights(reader, cfg: GemmaConfig, where: str = "GGUF file",
                       dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The native state dict of the file's tensors, strictly checked against `cfg` before anything is converted."""
     if not dtype.is_floating_point:
         raise GemmaError(f"dtype must be a floating-point type, got {dtype}")
+    # The layer count and the embedding against the tensor infos first, before any table is built from cfg.
+    fields = gguf_fields(_Meta(reader, where).string("general.architecture", "gemma"))
+    check_layer_count(cfg, [t.name for t in reader.tensors], where, fields["num_layers"], "the file")
+    embed = next((t for t in reader.tensors if t.name == _TOP["embed.weight"]), None)
+    if embed is not None:
+        check_embedding(cfg, _shape(embed), embed.name, where, fields, "the file")
+
     names = gguf_names(cfg)
     to_native = {v: k for k, v in names.items()}
     shapes = expected_shapes(cfg)
@@ -303,8 +334,7 @@ def read_gguf_weights(reader, cfg: GemmaConfig, where: str = "GGUF file",
         native = to_native.get(t.name)
         if native is None:
             raise GemmaError(f"{where}: unexpected tensor {t.name!r} (not part of this model's config)")
-        # GGUF lists dimensions fastest first (ne[0] is a row's length); PyTorch lists them slowest first.
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        shape = _shape(t)
         if shape != shapes[native]:
             raise GemmaError(f"{where}: tensor {t.name!r} has shape {shape}, the config needs {shapes[native]}")
         found[native] = t

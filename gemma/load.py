@@ -15,11 +15,14 @@ import torch
 from gemma import checkpoint
 from gemma.config import NATIVE_FORMAT, PRESETS, GemmaConfig, preset, read_json
 from gemma.errors import GemmaError
+from gemma.files import regular_file
 from gemma.model import Gemma
 from gemma.quantize import MODES as QUANTIZE_MODES, quantize_model
 from gemma.tokenizer import Tokenizer
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
 def _packaged_270m():
     from gemma.gguf import packaged_270m
 
@@ -32,12 +35,25 @@ HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "to
              "generation_config.json"]
 
 
+def check_repo_id(repo_id: str) -> None:
+    """A one-line error for a name the hub would refuse (`a--b/c`, `a/b..c`, longer than 96 characters, ...), in
+    the hub's own words but without its echo of the name."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        reason = str(exc).replace(f": '{repo_id}'", "").strip()
+        raise GemmaError(f"{repo_id}: no such file or folder, and not a valid HF repo id ({reason})") from None
+
 
 def hub_snapshot(repo_id: str) -> Path:
     """The local folder of an HF repo: the cache first, then the hub; a one-line error when neither has it."""
     import huggingface_hub
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    check_repo_id(repo_id)
     with contextlib.suppress(LocalEntryNotFoundError, FileNotFoundError):  # not cached: ask the hub
         return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
     try:
@@ -50,13 +66,20 @@ def hub_snapshot(repo_id: str) -> Path:
             else ""
         raise GemmaError(f"{repo_id}: the hub refused the download: {str(exc).splitlines()[0]}{hint}") from None
     except OSError as exc:
-        raise GemmaError(f"{repo_id}: cannot download from the hub ({exc})") from None
+        raise GemmaError(f"{repo_id}: cannot download from the hub ({exc.strerror or exc})") from None
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte: not a local path
+        return False
 
 
 def resolve(source: str | Path) -> Path:
     """A local path (folder or .gguf file) for any accepted source."""
     text = str(source)
-    if text in PRESETS and not Path(text).exists():
+    if text in PRESETS and not _exists(Path(text)):
         try:
             return hub_snapshot(preset(text).hf_repo)
         except GemmaError as hub_error:
@@ -65,8 +88,11 @@ def resolve(source: str | Path) -> Path:
             if local is None:
                 raise hub_error
             return Path(local)
-    path = Path(text).expanduser()
-    if path.exists():
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError:  # "~nobody/x": no such user, so no such home folder either
+        path = Path(text)
+    if _exists(path):
         return path
     if _REPO_ID.match(text) and not text.startswith((".", "/")):
         return hub_snapshot(text)
@@ -79,7 +105,7 @@ def folder_kind(folder: Path) -> str:
     cfg = folder / "config.json"
     if not cfg.exists():
         raise GemmaError(f"{folder}: no config.json (not a model folder)")
-    return "native" if read_json(cfg).get("format") == NATIVE_FORMAT else "hf"
+    return "native" if read_json(cfg, "config file").get("format") == NATIVE_FORMAT else "hf"
 
 
 def load_weights(source: str | Path, dtype: torch.dtype | None = torch.float32
@@ -88,7 +114,8 @@ def load_weights(source: str | Path, dtype: torch.dtype | None = torch.float32
 
     `dtype` None keeps tensors as stored (float32 for dequantized GGUF tensors)."""
     path = resolve(source)
-    if path.is_file():
+    if not path.is_dir():
+        regular_file(path, "model file")  # a FIFO or a device (/dev/zero) would be read forever
         if path.suffix.lower() == ".gguf":
             from gemma.gguf import read_gguf
 
@@ -127,8 +154,23 @@ def adapter_loader() -> Callable[..., Gemma]:
 
 def check_adapter_folder(adapter: str | Path) -> None:
     """Fail before a (possibly long) model read when the adapter folder is not there."""
-    if not Path(adapter).is_dir():
+    path = Path(adapter)
+    if not _exists(path):
         raise GemmaError(f"{adapter}: no such adapter folder")
+    if not path.is_dir():
+        raise GemmaError(f"{adapter}: is not a folder (an adapter is a PEFT folder)")
+
+
+def check_device(device: str | torch.device | None) -> str:
+    """The device `gemma.load` builds on, checked before anything is read: an unknown name, or a device this
+    machine does not have, is a one-line GemmaError (the rule of every tool's --device: gemma.cli.pick_device)."""
+    from gemma.cli import pick_device
+
+    name = None if device is None else str(device)
+    try:
+        return str(pick_device(name))
+    except GemmaError as exc:  # the flag's message, "--device NAME: why", said of the argument instead
+        raise GemmaError(f"device={name!r}: {str(exc).partition(': ')[2]}") from None
 
 
 def load(source: str | Path, adapter: str | Path | None = None, dtype: torch.dtype = torch.float32,
@@ -142,6 +184,7 @@ def load(source: str | Path, adapter: str | Path | None = None, dtype: torch.dty
     through torch.compile (gemma.compiled: faster prefill, float32-rounding-level differences)."""
     if quantize is not None and quantize not in QUANTIZE_MODES:
         raise GemmaError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
+    device = check_device(device)
     if adapter is not None:
         check_adapter_folder(adapter)
     cfg, state, tokenizer = load_weights(source, dtype)

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import sentencepiece as spm
 
 from gemma.errors import GemmaError
+from gemma.files import read_bytes
 
 _ROLES = ("user", "model", "assistant", "system")
 
@@ -23,14 +24,8 @@ class Tokenizer:
 
     def __init__(self, path):
         path = os.fspath(path)
-        try:
-            with open(path, "rb") as f:
-                model_proto = f.read()
-        except FileNotFoundError:
-            raise GemmaError(f"{path}: no such tokenizer file") from None
-        except OSError as e:
-            raise GemmaError(f"{path}: cannot read the tokenizer file ({e.strerror or e})") from None
-        self._init(model_proto, path)
+        # A folder, FIFO or device (/dev/zero) where the file belongs is a one-line error, not a read without end.
+        self._init(read_bytes(path, "tokenizer file"), path)
 
     @classmethod
     def from_bytes(cls, model_proto: bytes) -> "Tokenizer":
@@ -140,9 +135,22 @@ class Tokenizer:
         if not isinstance(text, str):
             # sentencepiece would accept a list and return a list of lists.
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
-        ids = self._sp.encode(text)
+        ids = self._encode(text)
         # Prepended by hand: sentencepiece's add_bos only works when the model declares bos_id itself.
         return [self._bos_id] + ids if bos else ids
+
+    def _encode(self, text: str) -> list[int]:
+        """sentencepiece's encoding; text it cannot take (a lone surrogate, which has no UTF-8 form) is a
+        GemmaError. Callers that know where the text came from check first and name the place; this is the
+        backstop."""
+        try:
+            return self._sp.encode(text)
+        except (RuntimeError, UnicodeEncodeError):
+            lone = next((ch for ch in text if 0xD800 <= ord(ch) <= 0xDFFF), None)
+            if lone is None:
+                raise
+            raise GemmaError(f"text holds a lone surrogate (U+{ord(lone):04X}), which is not valid Unicode and "
+                             "cannot be tokenized") from None
 
     def decode(self, ids) -> str:
         """Text of `ids` (a list, tuple or tensor of ints). Control pieces such as <bos> decode to nothing."""
@@ -220,13 +228,13 @@ class Tokenizer:
         decode() still returns the exact text.
         """
         if self._guard is None:
-            return self._sp.encode(text)
+            return self._encode(text)
         ids, pos = [], 0
         for match in self._guard.finditer(text):
-            ids += self._sp.encode(text[pos:match.start()])
+            ids += self._encode(text[pos:match.start()])
             literal = match.group()
-            ids += self._sp.encode(literal[0]) + self.encode_content(literal[1:])
+            ids += self._encode(literal[0]) + self.encode_content(literal[1:])
             pos = match.end()
-        return ids + self._sp.encode(text[pos:])
+        return ids + self._encode(text[pos:])
 
     _encode_span = encode_content  # the former private name

@@ -13,16 +13,17 @@ error rather than a partial load.
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-
 from gemma.checkpoint import atomic_dir, expected_shapes, hf_names, hf_text_key, save_safetensors, write_json
-from gemma.config import GemmaConfig, read_json
+from gemma.config import GemmaConfig, read_json, shown
 from gemma.errors import GemmaError
+from gemma.files import regular_file
 from gemma.model import Gemma
 from lora.config import ALL_TARGETS, LoraConfig
 from lora.inject import adapter_state_dict, inject, lora_layers, module_path
@@ -51,6 +52,14 @@ _INFORMATIONAL = {"revision", "inference_mode", "peft_version", "auto_mapping", 
 # corda, loftq, lora_ga) rewrite the base weights, and mica is a LoRA variant.
 _PLAIN_INITS = {True, False, "gaussian", "eva", "orthogonal"}
 _NEUTRAL = (None, False, "none", {}, [])
+
+# A regex target_modules is matched against every module path (7 per layer, 3 spellings each) with a time limit:
+# a pattern with nested repetition, such as "(a+)+x", backtracks exponentially on each path and would hang the
+# load. Python's re cannot be interrupted, so the matching runs in the `regex` package (re's semantics, with a
+# timeout); the pattern is still compiled by re first, so it means what it means to peft, which uses re.
+# Patterns longer than any selector (peft's examples are under 50 characters) are refused before compiling.
+REGEX_SECONDS = 2.0  # for all paths of the model together
+MAX_REGEX_LENGTH = 1000
 
 
 # ---- names -------------------------------------------------------------------------------------------------------
@@ -137,35 +146,66 @@ def _targets(spec: Any, model_cfg: GemmaConfig, where: str) -> tuple[str, ...]:
     if spec == "all-linear":  # peft: every linear layer but the output head, i.e. the seven projections
         return ALL_TARGETS
     if isinstance(spec, str):  # peft matches a string as a regex over the whole module path
-        try:
-            pattern = re.compile(spec)
-        except re.error as exc:
-            raise GemmaError(f"{where}: target_modules {spec!r} is not a valid regex ({exc})") from None
-        chosen = {key for key, paths in modules.items() if any(pattern.fullmatch(p) for p in paths)}
+        chosen = _regex_targets(spec, modules, where)
         if not chosen:
-            raise GemmaError(f"{where}: target_modules {spec!r} matches no module of the model")
+            raise GemmaError(f"{where}: target_modules {shown(spec)} matches no module of the model")
     elif isinstance(spec, list) and spec and all(isinstance(s, str) for s in spec):
+        # peft: the module path equals the entry or ends with "." + entry, i.e. the entry is one of the path's
+        # dotted tails. Indexed by tail, so that a list of any length costs one look-up per entry.
+        by_tail: dict[str, set] = {}
+        for key, paths in modules.items():
+            for p in paths:
+                parts = p.split(".")
+                for i in range(len(parts)):
+                    by_tail.setdefault(".".join(parts[i:]), set()).add(key)
         chosen = set()
-        for entry in spec:  # peft: the module path equals the entry or ends with "." + entry
-            hits = {key for key, paths in modules.items() if any(p == entry or p.endswith("." + entry) for p in paths)}
+        for entry in dict.fromkeys(spec):
+            hits = by_tail.get(entry)
             if not hits:
                 supported = ", ".join(hf_target_names(model_cfg).values())
-                raise GemmaError(f"{where}: target module {entry!r} is not in the model "
+                raise GemmaError(f"{where}: target module {shown(entry)} is not in the model "
                                  f"(LoRA applies to {supported})")
             chosen |= hits
     else:
-        raise GemmaError(f"{where}: target_modules must be a list of module names or a regex, got {spec!r}")
+        raise GemmaError(f"{where}: target_modules must be a list of module names or a regex, got {shown(spec)}")
     targets = tuple(t for t in ALL_TARGETS if any(key[1] == t for key in chosen))
     every_layer = {(i, t) for i in range(model_cfg.num_layers) for t in targets}
     if chosen != every_layer:
-        raise GemmaError(f"{where}: target_modules {spec!r} selects a projection in some layers only "
+        raise GemmaError(f"{where}: target_modules {shown(spec)} selects a projection in some layers only "
                          f"(per-layer targets are not supported)")
     return targets
 
 
+def _regex_targets(spec: str, modules: dict[tuple[int, str], tuple[str, ...]], where: str) -> set:
+    """The modules one of whose paths `spec` fullmatches (peft's rule for a string), within REGEX_SECONDS."""
+    import regex
+
+    if len(spec) > MAX_REGEX_LENGTH:
+        raise GemmaError(f"{where}: target_modules is a regex of {len(spec)} characters (at most "
+                         f"{MAX_REGEX_LENGTH}); list the module names instead")
+    try:
+        re.compile(spec)
+        pattern = regex.compile(spec)
+    except (re.error, regex.error, RecursionError, OverflowError, ValueError) as exc:
+        raise GemmaError(f"{where}: target_modules {shown(spec)} is not a valid regex ({exc})") from None
+    deadline = time.monotonic() + REGEX_SECONDS
+    chosen = set()
+    try:
+        for key, paths in modules.items():
+            for p in paths:
+                if pattern.fullmatch(p, timeout=max(deadline - time.monotonic(), 1e-3)):
+                    chosen.add(key)
+                    break
+    except TimeoutError:
+        raise GemmaError(f"{where}: target_modules {shown(spec)} takes longer than {REGEX_SECONDS:g} s to match "
+                         "the model's module names (nested repetition such as '(a+)+'?); list the module names "
+                         "instead") from None
+    return chosen
+
+
 def read_peft_config(path: Path, model_cfg: GemmaConfig) -> tuple[LoraConfig, str | None]:
     """(LoraConfig, base_model_name_or_path) from a peft adapter_config.json, refusing options we do not support."""
-    data = read_json(path)
+    data = read_json(path, "adapter config")
     where = str(path)
     if not isinstance(data, dict):
         raise GemmaError(f"{where}: expected a JSON object")
@@ -183,7 +223,7 @@ def read_peft_config(path: Path, model_cfg: GemmaConfig) -> tuple[LoraConfig, st
         if key in _USED or key in _INFORMATIONAL:
             continue
         if not any(value is v or (type(value) is type(v) and value == v) for v in _NEUTRAL):
-            raise GemmaError(f"{where}: {key}={value!r} is not supported "
+            raise GemmaError(f"{where}: {key}={shown(value)} is not supported "
                              f"(only LoRA on the q,k,v,o,gate,up,down projections of every layer)")
     try:
         cfg = LoraConfig(r=data.get("r", 8), alpha=data.get("lora_alpha", 8), dropout=data.get("lora_dropout", 0.0),
@@ -196,9 +236,14 @@ def read_peft_config(path: Path, model_cfg: GemmaConfig) -> tuple[LoraConfig, st
 
 def _weights_file(folder: Path) -> Path:
     for name in (WEIGHTS_FILE, LEGACY_WEIGHTS_FILE):
-        if (folder / name).is_file():
-            return folder / name
+        if (folder / name).exists():
+            return regular_file(folder / name, "weights file")  # a FIFO or /dev/zero would be read forever
     raise GemmaError(f"{folder}: no {WEIGHTS_FILE}")
+
+
+def _reason(exc: Exception) -> str:
+    # An OSError's own text repeats the path, which the message names already.
+    return (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) or type(exc).__name__
 
 
 def _safetensors(path: Path):
@@ -208,7 +253,7 @@ def _safetensors(path: Path):
             for key in f.keys():
                 yield path, key, (lambda f=f, key=key: f.get_tensor(key))
     except (SafetensorError, OSError, RuntimeError) as exc:
-        raise GemmaError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
+        raise GemmaError(f"{path}: corrupt or truncated safetensors file ({_reason(exc)})") from None
 
 
 def _legacy_tensors(path: Path):
@@ -216,7 +261,7 @@ def _legacy_tensors(path: Path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a corrupt or hostile pickle raises many kinds of errors
-        raise GemmaError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from None
+        raise GemmaError(f"{path}: cannot read ({type(exc).__name__}: {_reason(exc)})") from None
     if not isinstance(state, dict):
         raise GemmaError(f"{path}: not a state dict")
     for key, value in state.items():
@@ -244,7 +289,7 @@ def load_adapter(folder: str | Path, model_cfg: GemmaConfig) -> tuple[LoraConfig
     folder = Path(folder)
     if not folder.is_dir():
         raise GemmaError(f"{folder}: no such adapter folder")
-    if not (folder / CONFIG_FILE).is_file():
+    if not (folder / CONFIG_FILE).exists():
         raise GemmaError(f"{folder}: no {CONFIG_FILE} (not a PEFT adapter folder)")
     cfg, _ = read_peft_config(folder / CONFIG_FILE, model_cfg)
     path = _weights_file(folder)
@@ -278,7 +323,7 @@ def load_adapter(folder: str | Path, model_cfg: GemmaConfig) -> tuple[LoraConfig
         try:
             tensor = read()
         except (SafetensorError, OSError, RuntimeError) as exc:
-            raise GemmaError(f"{file}: cannot read tensor {key!r} ({exc})") from None
+            raise GemmaError(f"{file}: cannot read tensor {key!r} ({_reason(exc)})") from None
         out_f, in_f = base[f"{module}.weight"]
         shape = {"lora_A": (cfg.r, in_f), "lora_B": (out_f, cfg.r), "magnitude": (out_f,)}[kind]
         if tuple(tensor.shape) != shape:
@@ -286,6 +331,8 @@ def load_adapter(folder: str | Path, model_cfg: GemmaConfig) -> tuple[LoraConfig
                              f"(r={cfg.r} in {CONFIG_FILE}; the model's {hf_short[target]} is {out_f}x{in_f})")
         if not tensor.is_floating_point():
             raise GemmaError(f"{file}: tensor {key!r} has non-float dtype {tensor.dtype}")
+        if not torch.isfinite(tensor).all():  # it would turn every output (or merged weight) into NaN
+            raise GemmaError(f"{file}: tensor {key!r} holds NaN or infinite values")
         tensors[name] = tensor
     missing = [wanted[n] for n in wanted if n not in tensors]
     if missing:
@@ -306,6 +353,10 @@ def apply_adapter(model: Gemma, folder: str | Path, merge: bool = False) -> Gemm
             params[name].copy_(tensor)  # cast to the model's dtype and device
     if merge:
         merge_layers(model)
+        bad = next((path for path, layer in lora_layers(model).items() if not torch.isfinite(layer.weight).all()),
+                   None)
+        if bad is not None:  # finite parts can still overflow (a huge lora_alpha, a bf16 base)
+            raise GemmaError(f"{folder}: merging the adapter into {bad} gives NaN or infinite weights")
     return model
 
 
@@ -328,4 +379,6 @@ def merged_state_dict(base_state: dict[str, torch.Tensor], adapter: dict[str, to
             raise GemmaError(f"adapter: module {module!r} is not in the base state dict")
         out[key], _ = merge_weight(base_state[key], parts["lora_A"], parts["lora_B"], cfg.scale,
                                    parts.get("magnitude"))
+        if not torch.isfinite(out[key]).all():  # finite parts can still overflow (a huge lora_alpha, a bf16 base)
+            raise GemmaError(f"adapter: merging module {module!r} gives NaN or infinite weights")
     return out
