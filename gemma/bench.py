@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from gemma.config import preset
+from gemma.files import read_json_file
 
 CACHE = Path.home() / ".cache" / "gemma-sft" / "bench"
 
@@ -121,8 +122,10 @@ def model_folder(source: str) -> Path:
     if source == "3-270m":
         return real_270m_folder()
     path = Path(source)
-    if (path / "config.json").exists() and "model_type" in json.loads((path / "config.json").read_text()):
-        return path
+    if (path / "config.json").exists():
+        config = read_json_file(path / "config.json", "model config")  # a FIFO or malformed JSON: one line
+        if isinstance(config, dict) and "model_type" in config:
+            return path
     from gemma.convert import convert
 
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(path.expanduser().resolve() if path.exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from gemma.checkpoint import build_model, save_hf, save_native
 from gemma.config import GemmaConfig
 from gemma.errors import GemmaError
+from gemma.files import check_source_file, clean_leftovers, refuse_overwriting_inputs
 from gemma.load import adapter_loader, check_adapter_folder, load_weights
 from gemma.tokenizer import Tokenizer
 
@@ -45,7 +47,11 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: torch.dtype | None
     (a PEFT folder) the output holds the merged weights."""
     if to not in FORMATS:
         raise GemmaError(f"unknown output format {to!r}; choose one of {', '.join(FORMATS)}")
-    if Path(dst).exists() and not force:  # fail before the (possibly long) read
+    # Everything that can be checked is, before the (possibly long) read.
+    refuse_overwriting_inputs({"DST": dst}, {"SRC": src, "--adapter": adapter})
+    check_source_file(src)
+    clean_leftovers(Path(dst))  # puts back a DST that a killed run had renamed aside, before asking if it exists
+    if os.path.lexists(dst) and not force:
         raise GemmaError(f"{dst}: already exists (use --force to overwrite)")
     if adapter is not None:
         check_adapter_folder(adapter)

@@ -10,6 +10,7 @@ only top-p sorts the vocabulary, and only when it is on.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -17,6 +18,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from gemma.errors import GemmaError
+from gemma.files import has_lone_surrogate
 
 REPLACEMENT = "\ufffd"  # what sentencepiece decodes an incomplete UTF-8 byte sequence to
 
@@ -24,37 +26,80 @@ REPLACEMENT = "\ufffd"  # what sentencepiece decodes an incomplete UTF-8 byte se
 # ---- sampling settings and filters ----------------------------------------------------------------------------
 
 
+# Below this temperature sampling is greedy. Sampling at T keeps a token whose logit is d below the top one with
+# probability exp(-d / T), which float32 holds as exactly 0 once d > 104 T: at T = 1e-5 only tokens within 0.001 of
+# the top remain, a finer spacing than bf16 logits have (0.0625 at 10), so the draw is already the argmax but for
+# near-ties. Greedy is that limit without the arithmetic of a tiny T: one that float32 holds as 0 (below 1e-45), or
+# whose reciprocal overflows (below 3e-39), turns the top logit into NaN.
+MIN_TEMPERATURE = 1e-5
+_FLOAT32 = torch.finfo(torch.float32)
+
+
+def _number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _integer(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def check_settings(temperature=0.0, top_k=None, top_p=None, min_p=None, repetition_penalty=1.0,
+                   max_new_tokens=None, seed=None, *, min_new_tokens: int = 0,
+                   spell: Callable[[str], str] = str) -> None:
+    """Refuse generation settings that are not numbers or out of their range: a GemmaError naming the first bad one
+    as `spell` writes its name (tools/chat.py passes its flags: `--top-p`), with its range. `max_new_tokens` and
+    `seed` are checked when given; `max_new_tokens` must be at least `min_new_tokens`.
+
+    The ranges are those the arithmetic stays finite over in float32: a temperature or repetition penalty past
+    float32's largest number (3.4e38) becomes infinity there, a penalty below its smallest normal number (1.2e-38)
+    becomes 0 or loses its reciprocal, and either then turns logits into NaN."""
+    def refuse(name, rule, value):
+        raise GemmaError(f"{spell(name)} must be {rule}, got {value!r}")
+
+    if not _number(temperature) or not 0 <= temperature < math.inf:  # also refuses NaN
+        refuse("temperature", "a finite number >= 0 (0 = greedy)", temperature)
+    if temperature > _FLOAT32.max:
+        refuse("temperature", f"at most {_FLOAT32.max:.3g} (float32's largest number)", temperature)
+    if top_k is not None and (not _integer(top_k) or top_k < 1):
+        refuse("top_k", "a positive integer", top_k)
+    if top_p is not None and (not _number(top_p) or not 0 < top_p <= 1):
+        refuse("top_p", "a number in (0, 1]", top_p)
+    if min_p is not None and (not _number(min_p) or not 0 <= min_p <= 1):
+        refuse("min_p", "a number in [0, 1]", min_p)
+    if not _number(repetition_penalty) or not 0 < repetition_penalty < math.inf:
+        refuse("repetition_penalty", "a finite number > 0 (1 = off)", repetition_penalty)
+    if not _FLOAT32.tiny <= repetition_penalty <= _FLOAT32.max:
+        refuse("repetition_penalty", f"in [{_FLOAT32.tiny:.3g}, {_FLOAT32.max:.3g}] (float32's normal numbers)",
+               repetition_penalty)
+    if max_new_tokens is not None and (not _integer(max_new_tokens) or max_new_tokens < min_new_tokens):
+        refuse("max_new_tokens", "a positive integer" if min_new_tokens == 1 else
+               f"an integer >= {min_new_tokens}", max_new_tokens)
+    if seed is not None and (not _integer(seed) or not -(1 << 63) <= seed < (1 << 64)):  # what torch.Generator takes
+        refuse("seed", "an integer in [-2**63, 2**64)", seed)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.0  # 0 = greedy (argmax); otherwise logits are divided by it before sampling
+    temperature: float = 0.0  # 0 (or below MIN_TEMPERATURE) = greedy; otherwise logits are divided by it
     top_k: int | None = None  # keep only the k most likely tokens (ties with the k-th kept too)
     top_p: float | None = None  # keep the smallest set of most likely tokens whose probability reaches p
     min_p: float | None = None  # drop tokens less likely than min_p times the most likely one
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the context (transformers' rule); 1 = off
 
     def __post_init__(self):
-        if not self.temperature >= 0:  # also refuses NaN
-            raise GemmaError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
-                                       or self.top_k < 1):
-            raise GemmaError(f"top_k must be a positive integer, got {self.top_k!r}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise GemmaError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise GemmaError(f"min_p must be in [0, 1], got {self.min_p}")
-        if not self.repetition_penalty > 0:
-            raise GemmaError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        check_settings(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """transformers' RepetitionPenaltyLogitsProcessor: over the tokens already in the context (`seen`, a (B, V)
     boolean mask), divide positive logits by `penalty` and multiply negative ones by it."""
     penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
-    return torch.where(seen, penalized, logits)
+    # A penalty below 1 can push a logit past float32's range; +inf would make the softmax NaN.
+    return torch.where(seen, penalized.clamp(max=torch.finfo(logits.dtype).max), logits)
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -88,8 +133,12 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
 
 
 def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p, then softmax: (B, V) float logits -> (B, V) probabilities."""
-    logits = logits / params.temperature
+    """Temperature, then top-k, top-p and min-p, then softmax: (B, V) float logits -> (B, V) probabilities.
+
+    The logits are shifted so that the largest is 0 before dividing by the temperature: every result is then 0 or
+    below, so no temperature overflows one to +inf (which softmax turns into NaN). Softmax and the filters do not
+    see a shift."""
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / params.temperature
     if params.top_k is not None:
         logits = top_k_filter(logits, params.top_k)
     if params.top_p is not None:
@@ -346,11 +395,10 @@ def _no_steps() -> Iterator[list[int]]:
 def _start(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
            stop_ids, stats):
     """Shared set-up of `generate` and `stream_generate`: left-pad the batch into one cache and start stepping."""
+    check_settings(temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens, seed)
     params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
     cfg, device = model.config, model.device
     prompts = _check_prompts(prompts, cfg.vocab_size)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise GemmaError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
     width = max(len(p) for p in prompts)
     if width >= cfg.max_seq_len:
         raise GemmaError(f"a prompt of {width} tokens leaves no room in the model's context of {cfg.max_seq_len}")
@@ -469,10 +517,9 @@ class ChatSession:
                  seed: int | None = None, stop_strings: Sequence[str] | None = None,
                  notify: Callable[[str], None] | None = None):
         self.model, self.tokenizer = model, tokenizer
+        check_settings(temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens, seed, min_new_tokens=1)
         self.params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
         self.max_len = max_len or min(model.config.max_seq_len, 8192)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise GemmaError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if max_new_tokens >= self.max_len:
             raise GemmaError(f"max_new_tokens ({max_new_tokens}) leaves no room for a prompt in the context of "
                              f"{self.max_len} tokens")
@@ -499,7 +546,11 @@ class ChatSession:
 
     def send(self, text: str) -> Iterator[str]:
         """Add a user message and return an iterator over the reply's text. Closing it early (Ctrl-C) keeps the
-        reply so far. A message that cannot fit the context raises GemmaError here, before anything changes."""
+        reply so far. A message that cannot fit the context, or that is not text (a lone surrogate: bytes that were
+        not UTF-8), raises GemmaError here, before anything changes."""
+        if has_lone_surrogate(text):
+            raise GemmaError("the message is not valid text (it holds bytes that are not UTF-8, or a lone "
+                             "surrogate); nothing was sent")
         new = self._turn_tokens(text)
         if len(self.tokens) + len(new) + self.max_new_tokens > self.max_len:
             new = self._drop_oldest(text)

@@ -244,8 +244,8 @@ def test_commands_overflow_and_end_of_input(folder, capsys, monkeypatch):
     assert "dropped the oldest" in err
 
 
-@pytest.mark.parametrize("args, where", [(["--temperature", "-1"], "temperature"),
-                                         (["--top-p", "1.5"], "top_p"),
+@pytest.mark.parametrize("args, where", [(["--temperature", "-1"], "--temperature"),
+                                         (["--top-p", "1.5"], "--top-p"),
                                          (["--max-new-tokens", "0"], "--max-new-tokens"),
                                          (["--max-len", "100000"], "context"),
                                          (["--model", "no/such/folder"], "no/such/folder")])

@@ -207,12 +207,13 @@ def test_samples_follow_the_filtered_distribution():
     torch.testing.assert_close(freq, torch.tensor([0, 0.5, 0.15, 0.25]) / 0.9, atol=0.03, rtol=0)
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(temperature=math.nan), dict(top_k=0),
-                                 dict(top_p=0.0), dict(top_p=1.5), dict(min_p=-0.1), dict(min_p=2.0),
-                                 dict(repetition_penalty=0.0)])
+@pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(temperature=math.nan), dict(temperature=math.inf),
+                                 dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5), dict(top_p=math.nan),
+                                 dict(min_p=-0.1), dict(min_p=2.0), dict(repetition_penalty=0.0),
+                                 dict(repetition_penalty=math.inf), dict(max_new_tokens=-1), dict(seed=1 << 70)])
 def test_bad_settings_are_user_errors(model, tok, bad):
     with pytest.raises(GemmaError):
-        generate(model, tok, [tok.encode("Hi")], max_new_tokens=2, **bad)
+        generate(model, tok, [tok.encode("Hi")], **{"max_new_tokens": 2, **bad})
 
 
 @pytest.mark.parametrize("prompts", [[], [[]], [2, 3], [[2, 99999]], "text"])

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from gemma.cli import DTYPES, main_guard, parse_dtype
 from gemma.errors import GemmaError
+from gemma.files import check_source_file, check_writable, finite_json, refuse_overwriting_inputs, write_atomically
 
 WORKLOADS = ("decode1", "decode8", "prefill", "sft")
 LABELS = {"decode1": "greedy decode, batch 1", "decode8": "greedy decode, batch 8", "prefill": "prefill",
@@ -226,6 +227,14 @@ def main(argv=None) -> int:
         return 0
     from gemma import bench
 
+    # The output is tried, and kept off every input, before the (long) run.
+    inputs = {"--model": None if args.size else args.model}
+    if args.quantize:
+        inputs["the agreement prompts"] = EXAMPLES
+    refuse_overwriting_inputs({"--out": args.out}, inputs)
+    check_writable(args.out, "--out")
+    if not args.size:
+        check_source_file(args.model)
     started = time.time()
     source = f"random:{args.size}" if args.size else args.model
     print(f"[preparing {source} ...]", file=sys.stderr, flush=True)
@@ -281,9 +290,7 @@ def main(argv=None) -> int:
               "folder": str(folder), "machine": machine(args.device), "settings": {**base, "reps": args.reps},
               "results": results, "agreement": agree, "seconds": round(time.time() - started, 1)}
     out = Path(args.out)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out)
+    write_atomically(out, json.dumps(finite_json(report), indent=2, allow_nan=False) + "\n")
     print(f"{source} on {args.device} ({args.dtype}), {args.reps} processes per workload, ours and transformers "
           f"taking turns in each (decode {2 * args.runs}, prefill {3 * args.runs}, SFT {args.sft_steps} turns); "
           f"{report['machine']['cpu']}, torch {report['machine']['torch']}, "

@@ -20,6 +20,7 @@ from typing import Iterable, TextIO
 
 from gemma.cli import add_model_args, load_model, main_guard
 from gemma.errors import GemmaError
+from gemma.files import check_source_file, has_lone_surrogate
 
 COMMANDS = """\
 /reset   start a new conversation (the system prompt stays)
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", metavar="TEXT", default=None, help="a system prompt (folded into the first turn)")
     p.add_argument("--raw", action="store_true", help="no chat template: the model continues the text")
     p.add_argument("--max-new-tokens", type=int, default=256, help="reply length limit (default 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default; so is anything below 1e-5)")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set reaching probability p")
     p.add_argument("--min-p", type=float, default=None, help="drop tokens below min-p x the top probability")
@@ -90,6 +91,11 @@ def one_shot(model, tokenizer, args, out: TextIO, err: TextIO) -> int:
     return 0 if finished else 130
 
 
+# Characters in one line of input, far past any context: a longer line (a file with no newlines, /dev/zero) ends the
+# program instead of filling the memory.
+MAX_LINE = 1 << 20
+
+
 def read_lines(stdin: TextIO, err: TextIO) -> Iterable[str]:
     """The user's lines: with line editing at a terminal, plain reads from a pipe. Ctrl-C at the prompt is a hint,
     not an exit."""
@@ -99,9 +105,12 @@ def read_lines(stdin: TextIO, err: TextIO) -> Iterable[str]:
             if interactive:
                 line = input("> ")
             else:
-                line = stdin.readline()
+                line = stdin.readline(MAX_LINE + 1)
                 if not line:
                     return
+                if len(line.rstrip("\n")) > MAX_LINE:
+                    raise GemmaError(f"standard input: a line longer than {MAX_LINE} characters (not a "
+                                     "conversation: a binary file or a device?)")
         except EOFError:
             return
         except KeyboardInterrupt:
@@ -140,19 +149,32 @@ def chat_loop(session, lines: Iterable[str], out: TextIO, err: TextIO, stats: bo
     return 0
 
 
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_args(args) -> None:
+    """Every flag value checked, before the (slow) load: one line naming the flag."""
+    from gemma.sampling import check_settings, check_stop_strings
+
+    if args.max_len is not None and args.max_len < 1:
+        raise GemmaError(f"--max-len must be a positive integer, got {args.max_len}")
+    check_settings(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty,
+                   args.max_new_tokens, args.seed, min_new_tokens=1, spell=flag)
+    check_stop_strings(args.stop)
+    # Bytes that are not UTF-8 reach Python as lone surrogates (`--prompt $'\xff'`): no tokenizer can take them.
+    for name, texts in (("--prompt", [args.prompt]), ("--system", [args.system]), ("--stop", args.stop)):
+        if any(t is not None and has_lone_surrogate(t) for t in texts):
+            raise GemmaError(f"{name}: not valid text (it holds bytes that are not UTF-8)")
+    check_source_file(args.size or args.model)
+
+
 @main_guard
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("max_new_tokens", "max_len"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise GemmaError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    check_args(args)
 
-    from gemma.sampling import ChatSession, SamplingParams, check_stop_strings
-
-    # Check the settings before the (slow) load.
-    SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
-    check_stop_strings(args.stop)
+    from gemma.sampling import ChatSession
     # Replies are text in any language: never fail on a character the terminal's encoding lacks.
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")
@@ -169,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
                           **sampling_kwargs(args), stop_strings=args.stop,
                           notify=lambda message: print(f"[{message}]", file=sys.stderr))
     print(f"{loaded}\n[/help for commands, /exit to quit]", file=sys.stderr)
+    if sys.stdin is None:  # started with standard input closed: nothing to read
+        return 0
+    # Input that is not UTF-8 arrives as lone surrogates, which the session refuses line by line, instead of a
+    # UnicodeDecodeError that would end the program.
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
     return chat_loop(session, read_lines(sys.stdin, sys.stderr), sys.stdout, sys.stderr, args.stats)
 
 

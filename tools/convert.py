@@ -3,8 +3,9 @@
     python tools/convert.py SRC DST --to native|hf [--adapter DIR] [--dtype fp32|bf16|fp16] [--force]
 
 SRC is any model source: an HF folder, a native folder, a .gguf file, an HF repo id or a preset name. DST is
-written under a temporary name and renamed into place; an existing DST is kept unless --force. With --adapter
-(a PEFT adapter folder) the LoRA weights are merged into the output, which holds no LoRA tensors.
+written under a temporary name and renamed into place; an existing DST is kept unless --force, and is never SRC,
+a folder holding SRC, or a file of it. With --adapter (a PEFT adapter folder) the LoRA weights are merged into the
+output, which holds no LoRA tensors.
 """
 
 from __future__ import annotations

@@ -11,22 +11,22 @@ reports for the same file and --max-len. See train/metrics.py for how text is to
 other text by words) and how each score is defined.
 
 Writes the summary JSON at --out and one JSON line per record (prompt, reference, prediction, scores) beside it, at
-FILE.predictions.jsonl (or --predictions), both atomically. The summary is also printed.
+FILE.predictions.jsonl (or --predictions), both atomically; scores that are not finite numbers are written as null.
+Both outputs are tried before anything is loaded, and neither may replace an input. The summary is also printed.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import sys
 import time
-import uuid
 from pathlib import Path
 
 from gemma.cli import add_model_args, load_model, main_guard
 from gemma.errors import GemmaError
+from gemma.files import (check_source_file, check_writable, finite_json, refuse_overwriting_inputs, regular_file,
+                         write_files_atomically)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,27 +75,6 @@ def read_cases(path: str, limit: int | None) -> tuple[list[dict], int]:
     return cases, skipped
 
 
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise GemmaError(f"{path}: cannot write ({exc.strerror or exc})") from None
-
-
-def prepare_folder(path: Path) -> None:
-    """Create the folder an output goes to, now rather than after the (slow) run."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise GemmaError(f"{path}: cannot write there ({exc.strerror or exc})") from None
-
-
 def reply_text(tokenizer, ids) -> str:
     """The reply as text: no special token, no surrounding whitespace."""
     special = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.start_of_turn_id,
@@ -114,13 +93,19 @@ def main(argv: list[str] | None = None) -> int:
     preds_path = Path(args.predictions) if args.predictions else predictions_path(out)
     if out.resolve() == preds_path.resolve():
         raise GemmaError(f"{out}: the summary and the predictions cannot be the same file")
+    # Nothing is read or loaded before the outputs are known to be writable and to spare every input.
+    refuse_overwriting_inputs({"--out": out, "--predictions": preds_path},
+                              {"--data": args.data, "--model": args.size or args.model, "--adapter": args.adapter})
+    check_writable(out, "--out")
+    check_writable(preds_path, "--predictions")
 
     from train.metrics import check_scoring_available
 
     check_scoring_available()
+    if not Path(args.data).is_dir():
+        regular_file(args.data, "data file")  # a FIFO or /dev/zero would never end
+    check_source_file(args.size or args.model)
     cases, skipped = read_cases(args.data, args.limit)  # a malformed file fails before the (slow) model load
-    prepare_folder(out)
-    prepare_folder(preds_path)
 
     from tqdm import tqdm
 
@@ -167,12 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     scores, rows = text_scores(predictions, references)
     lines = []
     for i, (case, finish, prediction, row, lr) in enumerate(zip(cases, finishes, predictions, rows, per_record)):
-        lines.append(json.dumps({
+        lines.append(json.dumps(finite_json({
             "index": i, "where": case["where"], "prompt": case["prompt"][-1]["content"],
             "reference": references[i], "prediction": prediction, "finish_reason": finish.reason,
             "exact_match": row.exact_match, "rouge1": row.rouge1, "rouge2": row.rouge2, "rougeL": row.rougeL,
             "bleu": row.bleu, "loss": (lr[0] / lr[1]) if lr and lr[1] else None, "loss_tokens": lr[1] if lr else 0,
-        }, ensure_ascii=False))
+        }), ensure_ascii=False, allow_nan=False))
     summary = {
         "model": source, "adapter": args.adapter, "dtype": args.dtype, "data": args.data,
         "records": len(cases) + skipped, "scored": len(cases), "skipped_no_answer": skipped,
@@ -184,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         "tokenization": "Chinese characters one by one; other text by words and punctuation marks",
         "predictions": str(preds_path),
     }
-    write_atomically(preds_path, "".join(line + "\n" for line in lines))
-    write_atomically(out, json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
+    write_files_atomically({
+        preds_path: "".join(line + "\n" for line in lines),
+        out: json.dumps(finite_json(summary), ensure_ascii=False, indent=2, allow_nan=False) + "\n"})
 
     print(f"records {len(cases)} scored ({skipped} without an answer skipped)")
     for key in ("exact_match", "rouge1", "rouge2", "rougeL", "bleu", "loss", "perplexity"):
