@@ -159,7 +159,7 @@ def test_empty_data_set(tmp_path, text):
 def test_missing_file_and_other_file_errors(tmp_path):
     with pytest.raises(GemmaError, match=r"nope\.jsonl: no such data file$"):
         read_records(tmp_path / "nope.jsonl")
-    with pytest.raises(GemmaError, match="is a directory"):
+    with pytest.raises(GemmaError, match=rf"^{tmp_path}: is a folder, not a data file$"):
         read_records(tmp_path)
     path = tmp_path / "g.jsonl"
     path.write_bytes(b'{"instruction": "Q", "output": "A"}\n{"instruction": "\xff"}\n')

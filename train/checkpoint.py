@@ -7,11 +7,18 @@ Under torchrun (train.distributed) `state.pt` is rank 0's, and each process adds
 holds: its RNG state and, under FSDP, its shards of the adapter and the optimizer state (then absent from
 `state.pt`). `state.pt["layout"]` records the number of processes and whether the state is sharded; a checkpoint
 resumes only under the same layout.
+
+A checkpoint holds tensors and plain data only (numbers, strings, lists, tuples, dicts: numpy's RNG state too is
+stored as a list of ints), and is read back with `torch.load(weights_only=True)`: a file that holds anything else,
+such as a pickle planted to run code when loaded, is refused before any of it runs.
+
+A save killed part-way leaves temporary folders beside the checkpoints; `recover` clears them at the next start.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
@@ -24,12 +31,20 @@ import torch
 
 from gemma.checkpoint import atomic_dir
 from gemma.errors import GemmaError
+from gemma.files import regular_file
 
 _NAME = re.compile(r"^step-(\d{7,})$")
+# What a killed save leaves: `.step-N.tmp` / `.step-N.old` (the torchrun path below) and atomic_dir's
+# `.step-N.tmp-PID` / `.step-N.old-PID`.
+_LEFTOVER = re.compile(r"^\.(step-\d{7,})\.(tmp|old)(?:-(\d+))?$")
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every RNG state the run draws from, as tensors and plain values: python's as (version, tuple of ints, gauss),
+    numpy's as (name, key as a list of ints, position, has_gauss, cached_gaussian)."""
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (str(name), key.tolist(), int(pos), int(has_gauss), float(cached))}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -37,8 +52,10 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -66,22 +83,23 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], write_adapt
     """
     dst = Path(run_dir) / "checkpoints" / f"step-{step:07d}"
     if d is None or not d.enabled:
-        with atomic_dir(dst, force=True) as tmp:
-            torch.save(state, tmp / "state.pt")
+        with writing(dst, "checkpoint"), atomic_dir(dst, force=True) as tmp:
+            _save(state, tmp / "state.pt")
             write_adapter(tmp / "adapter")
         _prune(run_dir, keep_last)
         return dst
     tmp = dst.parent / f".{dst.name}.tmp"
-    with d.agreed_errors(), _as_user_error(tmp):
+    with d.agreed_errors(), writing(tmp, "checkpoint"):
         if d.main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-    with d.agreed_errors(), _as_user_error(tmp):
+    with d.agreed_errors(), writing(tmp, "checkpoint"):
         _save_atomic(own, tmp / rank_file(d.rank))
         if d.main:
             _save_atomic(state, tmp / "state.pt")
             write_adapter(tmp / "adapter")
-    with d.agreed_errors(), _as_user_error(dst):
+    # A kill between the two renames leaves `.step-N.old` complete and no step-N: `recover` renames it back.
+    with d.agreed_errors(), writing(dst, "checkpoint"):
         if d.main:
             old = dst.parent / f".{dst.name}.old"
             if dst.exists():
@@ -98,18 +116,62 @@ def _prune(run_dir: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _save(obj, path: Path) -> None:
+    # Through a file of ours: torch.save given a path reports a full disk as a RuntimeError ("unexpected pos"),
+    # given a file object as the OSError it is.
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
 def _save_atomic(obj, path: Path) -> None:
     part = path.with_name(f".{path.name}.part")
-    torch.save(obj, part)
+    _save(obj, part)
     os.replace(part, path)
 
 
 @contextmanager
-def _as_user_error(where: Path):
+def writing(where: Path, what: str):
+    """A failed write (a full disk, a read-only or lost mount) as a GemmaError naming `where`, without a traceback
+    (gemma.checkpoint.save_safetensors turns safetensors' own error for it into the OSError it is)."""
     try:
         yield
-    except OSError as exc:  # a full disk or a lost mount: say where, without a traceback
-        raise GemmaError(f"{where}: cannot write the checkpoint ({exc.strerror or exc})") from None
+    except OSError as exc:
+        raise GemmaError(f"{where}: cannot write the {what} ({exc.strerror or exc})") from None
+
+
+def recover(run_dir: Path) -> None:
+    """Clear what killed saves left in DIR/checkpoints (rank 0, at the start of a run, before looking for one).
+
+    A save renames the previous folder of its step aside (`.step-N.old`), then the new one into place: a kill
+    between the two renames leaves no step-N but a complete `.old`, which is renamed back. Every other leftover
+    (`.tmp`, or an `.old` whose step exists) is removed; a `-PID` one only when that process is gone."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return
+    for p in sorted(root.iterdir()):
+        found = _LEFTOVER.match(p.name)
+        if found is None:
+            continue
+        name, kind, pid = found.groups()
+        if pid is not None and int(pid) != os.getpid() and _alive(int(pid)):
+            continue  # another process's save in progress (two runs in one folder)
+        final = root / name
+        if kind == "old" and not final.exists() and (p / "state.pt").is_file() and (p / "adapter").is_dir():
+            os.replace(p, final)
+        elif p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True
 
 
 def load_checkpoint(path: Path, rank: int | None = None) -> dict[str, Any]:
@@ -120,11 +182,29 @@ def load_checkpoint(path: Path, rank: int | None = None) -> dict[str, Any]:
     return saved
 
 
+_UNSAFE = re.compile(r"WeightsUnpickler error: (?:Unsupported global: GLOBAL )?(.*?)(?: was not an allowed global|"
+                     r"\. Please|\n|$)")
+
+
 def _load(file: Path) -> dict[str, Any]:
+    """A checkpoint file, read with weights_only: tensors and plain data, never code."""
+    regular_file(file, "checkpoint")
     try:
-        return torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a corrupt pickle raises many types
-        raise GemmaError(f"{file}: cannot read the checkpoint ({type(exc).__name__}: {exc})") from None
+        saved = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        unsafe = _UNSAFE.search(str(exc))
+        if unsafe is None:
+            raise GemmaError(f"{file}: cannot read the checkpoint (corrupt: {str(exc).splitlines()[0]})") from None
+        raise GemmaError(f"{file}: refused: holds more than tensors and plain data ({unsafe.group(1)}), which no "
+                         "checkpoint of this version does (tampered with, or written by an older version)") from None
+    except OSError as exc:
+        raise GemmaError(f"{file}: cannot read the checkpoint ({exc.strerror or exc})") from None
+    except Exception as exc:  # a corrupt or truncated file raises many types
+        raise GemmaError(f"{file}: cannot read the checkpoint ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else 'corrupt'})") from None
+    if not isinstance(saved, dict):
+        raise GemmaError(f"{file}: not a training checkpoint (holds {type(saved).__name__})")
+    return saved
 
 
 def _describe(layout: dict[str, Any]) -> str:

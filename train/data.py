@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from gemma.errors import GemmaError
+from gemma.files import MAX_JSON_DEPTH, has_lone_surrogate, json_depth_ok, read_bytes
 
 IGNORE = -100  # the target of a position that takes no loss (cross_entropy's default ignore_index)
 
@@ -61,6 +62,7 @@ class DataStats:
 # ---- files ----
 
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # \ud800 to \udfff, half of a pair or alone
 
 
 def read_records(path) -> list[dict]:
@@ -75,15 +77,7 @@ def read_records(path) -> list[dict]:
 def _read_located(path) -> list[tuple[str, dict]]:
     """Like read_records, each record with where it starts ("FILE:LINE") for error messages."""
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise GemmaError(f"{path}: no such data file") from None
-    except IsADirectoryError:
-        raise GemmaError(f"{path}: is a directory, not a data file") from None
-    except OSError as e:
-        raise GemmaError(f"{path}: cannot read the data file ({e.strerror or e})") from None
+    raw = read_bytes(path, "data file")  # a folder, a FIFO or /dev/zero is a one-line error, not a hang
     try:
         text = raw.decode("utf-8-sig")  # a byte-order mark, as some editors write, is not part of the JSON
     except UnicodeDecodeError as e:
@@ -92,9 +86,13 @@ def _read_located(path) -> list[tuple[str, dict]]:
 
     start = _JSON_SPACE.match(text).end()
     located = _parse_json_list(path, text, start) if text.startswith("[", start) else _parse_jsonl(path, text)
+    escapes = _SURROGATE_ESCAPE.search(text) is not None  # the only way a lone surrogate gets into valid JSON
     for where, record in located:
         if not isinstance(record, dict):
             raise GemmaError(f"{where}: expected a record (a JSON object), got {_json_kind(record)}")
+        if escapes and has_lone_surrogate(json.dumps(record, ensure_ascii=False)):
+            raise GemmaError(f"{where}: holds a lone UTF-16 surrogate (an escape \\ud800 to \\udfff that is not "
+                             "half of a pair), which is not text")
     if not located:
         raise GemmaError(f"{path}: empty data set")
     return located
@@ -113,6 +111,8 @@ def _parse_json_list(path: str, text: str, pos: int) -> list[tuple[str, object]]
     def skip(i: int) -> int:
         return _JSON_SPACE.match(text, i).end()
 
+    if not json_depth_ok(text, MAX_JSON_DEPTH + 1):  # the list itself is one level
+        raise GemmaError(f"{path}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
     pos = skip(pos + 1)  # past "["
     if text.startswith("]", pos):
         pos = skip(pos + 1)
@@ -142,6 +142,8 @@ def _parse_jsonl(path: str, text: str) -> list[tuple[str, object]]:
     for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
+        if not json_depth_ok(line):
+            raise GemmaError(f"{path}:{n}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
         try:
             located.append((f"{path}:{n}", json.loads(line)))
         except json.JSONDecodeError as e:
@@ -153,6 +155,8 @@ def _parse_jsonl(path: str, text: str) -> list[tuple[str, object]]:
 
 
 def _is_one_object(text: str) -> bool:
+    if not json_depth_ok(text):
+        return False
     try:
         return isinstance(json.loads(text), dict)
     except json.JSONDecodeError:
@@ -476,6 +480,8 @@ def shard(group: list[int], rank: int, world: int, accum: int) -> list[list[int]
     micro = []
     for step in range(accum):
         j = step * world + rank
+        if j >= len(group):  # this one and all later ones are empty: stop, however large accum is
+            break
         begin = j * small + min(j, extra)
         stop = begin + small + (j < extra)
         if stop > begin:

@@ -6,7 +6,6 @@ each reads its share of every global batch, and the loop adds the few collective
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import signal
@@ -24,9 +23,10 @@ from torch import nn
 import gemma
 from gemma.errors import GemmaError
 from lora import LoraConfig, inject, summary
+from lora.inject import module_path
 from train import checkpoint as ckpt
-from train import distributed
-from train.data import Example, collate, load_dataset, pack, plan_epoch, read_records, record_messages, shard
+from train import distributed, outputs
+from train.data import Example, _read_located, collate, load_dataset, pack, plan_epoch, record_messages, shard
 from train.loss import IGNORE, chunked_cross_entropy
 from train.options import TrainOptions
 from train.report import exact_match, generate_replies, plot_losses
@@ -192,6 +192,11 @@ def _train(opts: TrainOptions, d: distributed.Dist, log) -> Path:
     base_dtype = torch.bfloat16 if opts.precision == "bf16" else torch.float32
     with d.agreed_errors():
         model, tokenizer = gemma.load(opts.source, dtype=base_dtype, device="cpu")
+        _check_lora_rank(model, opts)
+    # Longer sequences would hold positions the model never saw; a larger --max-len only means "no trimming".
+    max_len = min(opts.max_len, model.config.max_seq_len)
+    if max_len < opts.max_len:
+        log(f"note: --max-len {opts.max_len} is above the model's context of {max_len} tokens; using {max_len}")
     lora_cfg = LoraConfig(r=opts.lora_r, alpha=opts.lora_alpha, dropout=opts.lora_dropout, targets=opts.targets,
                           rslora=opts.rslora, dora=opts.dora)
     inject(model, lora_cfg)
@@ -212,11 +217,11 @@ def _train(opts: TrainOptions, d: distributed.Dist, log) -> Path:
 
     # ---- data ----
     with d.agreed_errors():
-        train_examples, stats = load_dataset(opts.data, tokenizer, opts.max_len, opts.train_on_prompt)
+        train_examples, stats = load_dataset(opts.data, tokenizer, max_len, opts.train_on_prompt)
         log(f"train data: {stats.summary()}")
         eval_examples: list[Example] = []
         if opts.eval_data:
-            eval_examples, eval_stats = load_dataset(opts.eval_data, tokenizer, opts.max_len, opts.train_on_prompt)
+            eval_examples, eval_stats = load_dataset(opts.eval_data, tokenizer, max_len, opts.train_on_prompt)
             log(f"eval data: {eval_stats.summary()}")
         elif opts.eval_split > 0:
             order = torch.randperm(len(train_examples), generator=torch.Generator().manual_seed(opts.seed)).tolist()
@@ -224,8 +229,8 @@ def _train(opts: TrainOptions, d: distributed.Dist, log) -> Path:
             eval_examples = [train_examples[i] for i in order[:n_eval]]
             train_examples = [train_examples[i] for i in sorted(order[n_eval:])]
         if opts.packing:
-            train_examples = pack(train_examples, opts.max_len)
-            log(f"packed into {len(train_examples)} sequences of up to {opts.max_len} tokens")
+            train_examples = pack(train_examples, max_len)
+            log(f"packed into {len(train_examples)} sequences of up to {max_len} tokens")
         if not train_examples:
             raise GemmaError(f"{opts.data}: no trainable records after filtering")
     lengths = [len(e.input_ids) for e in train_examples]
@@ -245,18 +250,19 @@ def _train(opts: TrainOptions, d: distributed.Dist, log) -> Path:
             saved = ckpt.load_checkpoint(resume_from, rank if d.enabled else None)
             _restore(saved, model, optimizer, scaler, state, resume_from, d, replicas)
         if d.main:
-            _truncate_metrics(metrics_path, state.step)
+            outputs.truncate_metrics(metrics_path, state.step)
         log(f"resumed from {resume_from} at step {state.step}")
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(run_dir / "config.json", {**opts.to_dict(), "resolved": {
+        outputs.write_json(run_dir / "config.json", {**opts.to_dict(), "resolved": {
             "run_dir": str(run_dir), "device": str(device), "total_steps": total_steps, "warmup_steps": warmup,
-            "global_batch": global_batch, "world_size": world, "distributed": d.mode,
+            "global_batch": global_batch, "world_size": world, "distributed": d.mode, "max_len": max_len,
             "train_examples": len(train_examples), "eval_examples": len(eval_examples),
             "model_config": model.config.to_dict()}})
 
     def write_adapter(folder: Path) -> None:  # every process calls it (FSDP gathers the shards); rank 0 writes
-        replicas.save_adapter(model, folder, opts.source)
+        with ckpt.writing(folder, "adapter"):
+            replicas.save_adapter(model, folder, opts.source)
 
     def save() -> Path:
         own = {"rng": ckpt.rng_state()}
@@ -282,7 +288,7 @@ def _train(opts: TrainOptions, d: distributed.Dist, log) -> Path:
     # ---- held-out exact match before training (the base model: LoRA's B starts at zero) ----
     # Generation runs on rank 0 alone, with the model whole: not under FSDP, where each process holds a shard.
     report_path = run_dir / "report.json"
-    report = json.loads(report_path.read_text()) if d.main and report_path.exists() else {}
+    report = outputs.read_report(report_path) if d.main and report_path.exists() else {}
     held_out = _held_out(opts) if d.main and not d.sharded else []
     if d.sharded and (opts.eval_generate or opts.chat_prompt):
         log("note: --eval-generate and --chat-prompt are skipped under --distributed fsdp (the model is sharded); "
@@ -290,10 +296,11 @@ def _train(opts: TrainOptions, d: distributed.Dist, log) -> Path:
     if held_out and "exact_match_before" not in report:
         score, _ = exact_match(model, tokenizer, held_out)
         report["exact_match_before"] = score
-        _write_json_atomic(report_path, report)
+        outputs.write_json(report_path, report)
         log(f"held-out exact match before training: {score:.1%} of {len(held_out)}")
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    bar = None
     try:
         from tqdm import tqdm
 
@@ -378,7 +385,7 @@ def _train(opts: TrainOptions, d: distributed.Dist, log) -> Path:
             if record is not None:
                 state.history.append((state.step, step_loss, eval_value))
                 if d.main:
-                    _append_jsonl(metrics_path, record)
+                    outputs.append_metrics(metrics_path, record)
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}",
                                 tok_s=f"{record.get('tokens_per_s', 0):.0f}", refresh=False)
             bar.update(1)
@@ -396,30 +403,36 @@ def _train(opts: TrainOptions, d: distributed.Dist, log) -> Path:
         save()
         write_adapter(run_dir / "adapter")
     finally:
+        if bar is not None:  # an error line must start a line of its own, not follow the bar
+            bar.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
 
     # ---- what the user sees at the end (rank 0; the others are done) ----
     if not d.main:
         return run_dir
+    # Everything is written before anything is shown: a terminal that cannot show the reply loses no file.
+    shown = []
     report["train_loss_last"] = state.history[-1][1] if state.history else None
     if state.best_eval < math.inf:
         report["eval_loss_best"] = state.best_eval
     if held_out:
         score, rows = exact_match(model, tokenizer, held_out)
         report["exact_match_after"] = score
-        log(f"held-out exact match after training: {score:.1%} (before: {report['exact_match_before']:.1%})")
-        with open(run_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        shown.append(f"held-out exact match after training: {score:.1%} (before: {report['exact_match_before']:.1%})")
+        outputs.write_jsonl(run_dir / "predictions.jsonl", rows)
     if opts.chat_prompt and not d.sharded:
         reply = generate_replies(model, tokenizer, [[{"role": "user", "content": opts.chat_prompt}]],
                                  max_new_tokens=64)[0]
         report["chat"] = {"prompt": opts.chat_prompt, "reply": reply}
-        log(f"user: {opts.chat_prompt}\nmodel: {reply}")
-    plot = plot_losses(state.history, run_dir / "loss.png")
+        shown.append(f"user: {opts.chat_prompt}\nmodel: {reply}")
+    with ckpt.writing(run_dir / "loss.png", "loss plot"):
+        plot = plot_losses(state.history, run_dir / "loss.png")
     if plot:
         report["loss_plot"] = str(plot)
-    _write_json_atomic(report_path, report)
+    outputs.write_json(report_path, report)
+    for line in shown:
+        log(line)
     return run_dir
 
 
@@ -427,13 +440,25 @@ def _held_out(opts: TrainOptions) -> list[list[dict]]:
     """Conversations of the held-out file to score by exact match (the first --eval-generate of them)."""
     if not (opts.eval_generate and opts.eval_data):
         return []
-    records = read_records(opts.eval_data)
-    convs = [record_messages(r, f"{opts.eval_data}:record {i + 1}") for i, r in enumerate(records)]
-    return convs[:opts.eval_generate]
+    located = _read_located(opts.eval_data)[:opts.eval_generate]
+    return [record_messages(record, where) for where, record in located]
 
 
 def _check_run_dir(run_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh run; refuses to overwrite a finished or started run."""
+    """The checkpoint to resume from, or None for a fresh run; refuses to overwrite a finished or started run, and
+    an output folder it cannot write (before any work, not at the first save). Clears what killed saves left."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise GemmaError(f"{run_dir}: exists and is not a folder")
+    if resume and not run_dir.is_dir():
+        raise GemmaError(f"{run_dir}: no checkpoint to resume from")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+        ckpt.recover(run_dir)
+    except OSError as exc:
+        raise GemmaError(f"{run_dir}: cannot write the output folder ({exc.strerror or exc})") from None
     found = ckpt.checkpoint_dirs(run_dir)
     if resume:
         if not found:
@@ -441,20 +466,36 @@ def _check_run_dir(run_dir: Path, resume: bool) -> Path | None:
         return found[-1]
     if found or (run_dir / "adapter").exists():
         raise GemmaError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another --out")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise GemmaError(f"{run_dir}: exists and is not a folder")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise GemmaError(f"{run_dir}: cannot write the output folder ({exc.strerror or exc})") from None
     return None
+
+
+def _check_lora_rank(model, opts: TrainOptions) -> None:
+    """A rank above a projection's smaller side cannot raise the rank of its update B @ A; it only adds parameters
+    and, through alpha / r, shrinks the update: refused, naming the narrowest projection."""
+    for i in range(len(model.layers)):
+        for target in opts.targets:
+            path = module_path(i, target)
+            out_features, in_features = model.get_submodule(path).weight.shape
+            width = min(in_features, out_features)
+            if opts.lora_r > width:
+                raise GemmaError(f"--lora-r {opts.lora_r} is above the width {width} of {path} ({in_features} in, "
+                                 f"{out_features} out); choose at most {width} or leave {target!r} out of "
+                                 "--lora-targets")
 
 
 def _restore(saved, model, optimizer, scaler, state: RunState, where: Path, d: distributed.Dist,
              replicas: distributed.Replicas) -> None:
+    """Put the checkpoint's state into this run; one that lacks a part or holds one of another shape (a file that
+    loads but was not written by this code) is a GemmaError naming the folder."""
+    try:
+        _restore_parts(saved, model, optimizer, scaler, state, where, d, replicas)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+        detail = f"missing {exc}" if isinstance(exc, KeyError) else (str(exc).splitlines() or [""])[0]
+        raise GemmaError(f"{where}: not a checkpoint this run can resume ({type(exc).__name__}: {detail})") from None
+
+
+def _restore_parts(saved, model, optimizer, scaler, state: RunState, where: Path, d: distributed.Dist,
+                   replicas: distributed.Replicas) -> None:
     ckpt.check_layout(saved, d.layout, where)
     own = saved.get("own", {})
     if d.sharded:
@@ -473,29 +514,6 @@ def _restore(saved, model, optimizer, scaler, state: RunState, where: Path, d: d
                 named[name].copy_(tensor)
         optimizer.load_state_dict(saved["optimizer"])
     scaler.load_state_dict(saved["scaler"])
-    for key, value in saved["run"].items():
-        setattr(state, key, value)
+    for key in state.__dataclass_fields__:
+        setattr(state, key, saved["run"][key])
     ckpt.set_rng_state(own.get("rng", saved["rng"]))
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines written after the checkpoint we resume from (they will be written again)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    _write_text_atomic(path, "".join(line + "\n" for line in keep))
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
-def _write_json_atomic(path: Path, data) -> None:
-    _write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gemma.errors import GemmaError
+from gemma.files import has_lone_surrogate, loads_strict, read_bytes
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
+MAX_EPOCHS = 10**6  # a bound that keeps epochs x steps per epoch a float we can count up to
+MAX_DIST_TIMEOUT = 10**9  # seconds (31 years); far larger values overflow the timedelta of the process group
 
 
 def _opt(default, help: str, **kw):
@@ -40,7 +44,8 @@ class TrainOptions:
     # batching
     batch_size: int = _opt(4, "sequences per micro-batch (per process)")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
-    max_len: int = _opt(512, "tokens per sequence; longer records have their content trimmed")
+    max_len: int = _opt(512, "tokens per sequence, at most the model's context (a larger value is lowered to it); "
+                             "longer records have their content trimmed")
     packing: bool = _opt(False, "pack several records into each sequence (attention stays within a record)")
     train_on_prompt: bool = _opt(False, "also train on the prompt tokens, not only the model turns")
     # optimisation
@@ -75,26 +80,43 @@ class TrainOptions:
     config: str | None = _opt(None, "YAML or JSON file of options; command-line flags override it")
 
     def __post_init__(self):
+        # Every float finite first: an inf or NaN would not stop the run but quietly train something else, and NaN
+        # passes a check written as `not x <= 0` (every comparison with NaN is False).
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise GemmaError(f"{_flag(f.name)} must be a finite number, got {value}")
         checks = [
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.grad_accum >= 1, "--grad-accum must be at least 1"),
             (self.max_len >= 8, "--max-len must be at least 8"),
             (self.lr > 0, "--lr must be positive"),
-            (self.epochs > 0, "--epochs must be positive"),
+            (0 < self.epochs <= MAX_EPOCHS, f"--epochs must be positive and at most {MAX_EPOCHS}"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
+            (0.0 <= self.min_lr_ratio <= 1.0, "--min-lr-ratio must be in [0, 1]"),
+            (self.weight_decay >= 0, "--weight-decay must be at least 0"),
+            (self.max_grad_norm >= 0, "--max-grad-norm must be at least 0 (0 disables clipping)"),
             (self.lora_r >= 1, "--lora-r must be at least 1"),
+            (self.lora_alpha > 0, "--lora-alpha must be positive"),
             (0.0 <= self.lora_dropout < 1.0, "--lora-dropout must be in [0, 1)"),
             (0.0 <= self.eval_split < 1.0, "--eval-split must be in [0, 1)"),
             (0.0 <= self.warmup_ratio < 1.0, "--warmup-ratio must be in [0, 1)"),
+            (0 <= self.seed <= MAX_SEED, f"--seed must be in [0, {MAX_SEED}]"),
             (self.keep_last >= 1, "--keep-last must be at least 1"),
             (self.log_every >= 1, "--log-every must be at least 1"),
+            (self.eval_every >= 0, "--eval-every must be at least 0 (0: only at the end)"),
+            (self.eval_generate >= 0, "--eval-generate must be at least 0"),
+            (self.save_every >= 0, "--save-every must be at least 0 (0: only at the end)"),
             (self.precision in ("fp32", "bf16", "fp16"), f"unknown --precision {self.precision!r}"),
             (self.distributed in ("ddp", "fsdp"), f"unknown --distributed {self.distributed!r}"),
-            (self.dist_timeout >= 1, "--dist-timeout must be at least 1 second"),
+            (1 <= self.dist_timeout <= MAX_DIST_TIMEOUT,
+             f"--dist-timeout must be between 1 and {MAX_DIST_TIMEOUT} seconds"),
         ]
         for ok, message in checks:
             if not ok:
                 raise GemmaError(message)
+        if self.chat_prompt is not None and has_lone_surrogate(self.chat_prompt):
+            raise GemmaError("--chat-prompt is not valid text (bytes that are not UTF-8, or a lone surrogate)")
         bad = [t for t in self.targets if t not in LORA_TARGETS]
         if bad or not self.targets:
             raise GemmaError(f"--lora-targets: unknown target {bad[0]!r}" if bad else "--lora-targets is empty")
@@ -115,9 +137,16 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's mistakes (an unknown flag, `--lr abc`) as one `error:` line, not usage text and a second line."""
+
+    def error(self, message: str):
+        raise GemmaError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m train.sft", description="LoRA supervised fine-tuning of Gemma.",
-                                     argument_default=argparse.SUPPRESS)
+    parser = _Parser(prog="python -m train.sft", description="LoRA supervised fine-tuning of Gemma.",
+                     argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(TrainOptions):
         help_text, kw = f.metadata["help"], {k: v for k, v in f.metadata.items() if k != "help"}
         if f.type in ("bool", bool):
@@ -130,20 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _read_config_file(path: str) -> dict[str, Any]:
     p = Path(path)
+    raw = read_bytes(p, "config file")  # a FIFO or /dev/zero is refused, not read forever
     try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise GemmaError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
-    try:
-        if p.suffix.lower() in (".yaml", ".yml"):
-            import yaml
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise GemmaError(f"{path}: not UTF-8 text") from None
+    if p.suffix.lower() in (".yaml", ".yml"):
+        import yaml
 
+        try:
             data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as exc:  # yaml and json raise their own error types
-        raise GemmaError(f"{path}: not valid {'YAML' if p.suffix.lower() in ('.yaml', '.yml') else 'JSON'} "
-                         f"({str(exc).splitlines()[0]})") from None
+        except Exception as exc:  # yaml raises its own error types, and RecursionError when nested too deeply
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise GemmaError(f"{path}: not valid YAML ({message})") from None
+    else:
+        data = loads_strict(text, path)
     if not isinstance(data, dict):
         raise GemmaError(f"{path}: expected a mapping of option names to values")
     types = {f.name: str(f.type) for f in dataclasses.fields(TrainOptions)}
@@ -169,7 +199,9 @@ def _coerce(value, kind: str, where: str):
                 return value
             raise ValueError
         if base == "int":
-            if isinstance(value, bool) or float(value) != int(float(value)):
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value  # exactly, however large (the checks in __post_init__ bound it)
+            if isinstance(value, bool) or float(value) != int(float(value)):  # "1e400": OverflowError
                 raise ValueError
             return int(float(value))
         if base == "float":
@@ -177,7 +209,7 @@ def _coerce(value, kind: str, where: str):
                 raise ValueError
             return float(value)
         return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise GemmaError(f"{where} must be {base}, got {value!r}") from None
 
 
