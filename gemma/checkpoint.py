@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 
 from gemma.config import HF_FIELDS, GemmaConfig, read_json, shown
 from gemma.errors import GemmaError
-from gemma.files import clean_leftovers, install, regular_file, remove_path, sync_tree, temporary_path
+from gemma.files import regular_file
+from gemma.writing import clean_leftovers, install, remove_path, sync_tree, temporary_path
 from gemma.model import Gemma
 
 # ---- the name table ------------------------------------------------------------------------------------------------
@@ -263,8 +264,8 @@ def atomic_dir(dst: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `dst`; on success it replaces `dst`, on failure it is removed.
 
     An existing `dst` is refused unless `force`; with `force` it is replaced only once the new folder is complete
-    and synced to disk, in one step where Linux can (`gemma.files.install`). What killed writers left beside `dst`
-    is cleaned up first, and an old `dst` that such a kill left parked is put back (`gemma.files.clean_leftovers`).
+    and synced to disk, in one step where Linux can (`gemma.writing.install`). What killed writers left beside `dst`
+    is cleaned up first, and an old `dst` that such a kill left parked is put back (`gemma.writing.clean_leftovers`).
     """
     dst = Path(dst)
     if dst.name in ("", ".", ".."):

@@ -10,7 +10,8 @@ import torch
 from gemma.checkpoint import build_model, save_hf, save_native
 from gemma.config import GemmaConfig
 from gemma.errors import GemmaError
-from gemma.files import check_source_file, clean_leftovers, refuse_overwriting_inputs
+from gemma.files import check_source_file, refuse_overwriting_inputs
+from gemma.writing import clean_leftovers
 from gemma.load import adapter_loader, check_adapter_folder, load_weights
 from gemma.tokenizer import Tokenizer
 

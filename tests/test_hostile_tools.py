@@ -28,9 +28,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemma import files
+from gemma import writing
 from gemma.errors import GemmaError
-from gemma.files import clean_leftovers, exchange, install, refuse_overwriting_inputs, write_files_atomically
+from gemma.files import refuse_overwriting_inputs
+from gemma.writing import clean_leftovers, exchange, install, write_files_atomically
 from gemma.sampling import (MIN_TEMPERATURE, SamplingParams, apply_repetition_penalty, check_settings, generate,
                             logits_to_probs, sample)
 from gemma.tokenizer import Tokenizer
@@ -308,7 +309,7 @@ def test_a_failing_second_rename_puts_the_old_dst_back(tmp_path, monkeypatch):
     for folder, text in ((dst, "old"), (tmp, "new")):
         folder.mkdir()
         (folder / "f").write_text(text)
-    monkeypatch.setattr(files, "exchange", lambda a, b: False)  # as where renameat2 is missing
+    monkeypatch.setattr(writing, "exchange", lambda a, b: False)  # as where renameat2 is missing
     real = os.replace
 
     def replace(a, b):
@@ -492,7 +493,7 @@ KILLED_WRITER = textwrap.dedent('''
     from pathlib import Path
 
     import gemma.checkpoint as checkpoint
-    import gemma.files as files
+    import gemma.writing as writing
     from gemma.convert import convert
 
     src, dst, stage, ready = sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4])
@@ -507,7 +508,7 @@ KILLED_WRITER = textwrap.dedent('''
             wait_for_the_kill()
         checkpoint.save_safetensors = half
     else:
-        files.exchange = lambda a, b: False
+        writing.exchange = lambda a, b: False
         real = os.replace
         def replace(a, b):
             real(a, b)

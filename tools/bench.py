@@ -31,7 +31,8 @@ from pathlib import Path
 
 from gemma.cli import DTYPES, main_guard, parse_dtype
 from gemma.errors import GemmaError
-from gemma.files import check_source_file, check_writable, finite_json, refuse_overwriting_inputs, write_atomically
+from gemma.files import check_source_file, refuse_overwriting_inputs
+from gemma.writing import check_writable, finite_json, write_atomically
 
 WORKLOADS = ("decode1", "decode8", "prefill", "sft")
 LABELS = {"decode1": "greedy decode, batch 1", "decode8": "greedy decode, batch 8", "prefill": "prefill",

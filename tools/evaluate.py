@@ -25,8 +25,8 @@ from pathlib import Path
 
 from gemma.cli import add_model_args, load_model, main_guard
 from gemma.errors import GemmaError
-from gemma.files import (check_source_file, check_writable, finite_json, refuse_overwriting_inputs, regular_file,
-                         write_files_atomically)
+from gemma.files import check_source_file, refuse_overwriting_inputs, regular_file
+from gemma.writing import check_writable, finite_json, write_files_atomically
 
 
 def build_parser() -> argparse.ArgumentParser:

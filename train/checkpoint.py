@@ -32,6 +32,7 @@ import torch
 from gemma.checkpoint import atomic_dir
 from gemma.errors import GemmaError
 from gemma.files import regular_file
+from gemma.writing import process_alive
 
 _NAME = re.compile(r"^step-(\d{7,})$")
 # What a killed save leaves: `.step-N.tmp` / `.step-N.old` (the torchrun path below) and atomic_dir's
@@ -153,7 +154,7 @@ def recover(run_dir: Path) -> None:
         if found is None:
             continue
         name, kind, pid = found.groups()
-        if pid is not None and int(pid) != os.getpid() and _alive(int(pid)):
+        if pid is not None and process_alive(int(pid)):
             continue  # another process's save in progress (two runs in one folder)
         final = root / name
         if kind == "old" and not final.exists() and (p / "state.pt").is_file() and (p / "adapter").is_dir():
@@ -162,16 +163,6 @@ def recover(run_dir: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, as another user's
-        return True
-    return True
 
 
 def load_checkpoint(path: Path, rank: int | None = None) -> dict[str, Any]:

@@ -10,30 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 from pathlib import Path
 
 from gemma.errors import GemmaError
 from gemma.files import json_depth_ok, read_bytes, read_json_file
+from gemma.writing import finite_json, write_atomically
 from train.checkpoint import writing
 
 
-def finite(value):
-    """`value` with every NaN and infinity replaced by None, in nested dicts and lists: JSON has no such numbers
-    (Python's bare `NaN` is not JSON), so metrics.jsonl, config.json and report.json hold null there."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(v) for v in value]
-    return value
-
-
 def json_text(value, **kw) -> str:
-    """JSON text of `value`, non-finite numbers written as null."""
-    return json.dumps(finite(value), allow_nan=False, **kw)
+    """JSON text of `value`, non-finite numbers written as null (metrics.jsonl, config.json and report.json)."""
+    return json.dumps(finite_json(value), allow_nan=False, **kw)
 
 
 def append_metrics(path: Path, record: dict) -> None:
@@ -92,17 +80,9 @@ def read_report(path: Path) -> dict:
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write `text` to a temporary name, then rename it into place; a failed write leaves the old file as it was
-    and no temporary behind, and is a GemmaError naming `path`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with writing(path, "file"):
-        try:
-            tmp.write_text(text, encoding="utf-8")
-            tmp.replace(path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            raise
+    """Write `text` to a temporary name, then rename it into place (gemma.writing.write_atomically): a failed write
+    leaves the old file as it was and no temporary behind, and is a GemmaError naming `path`."""
+    write_atomically(path, text)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
