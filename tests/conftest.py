@@ -1,7 +1,11 @@
 """Shared fixtures: tiny models and a tiny tokenizer, built once per test session."""
 
+import shutil
+
 import pytest
 
+from gemma.tokenizer import Tokenizer
+from tiny_models import hf_model
 from tiny_tokenizer import build_tiny_tokenizer
 
 
@@ -9,3 +13,18 @@ from tiny_tokenizer import build_tiny_tokenizer
 def tiny_tokenizer_path(tmp_path_factory):
     """Path of a tiny Gemma-layout `tokenizer.model` (pad 0, eos 1, bos 2, unk 3, chat markers user-defined)."""
     return build_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer") / "tokenizer.model")
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_tokenizer_path):
+    """The tiny tokenizer, loaded."""
+    return Tokenizer(tiny_tokenizer_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, tiny_tokenizer_path):
+    """A tiny Gemma 3 HF checkpoint folder (random weights, written by transformers) with the tiny tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    hf_model("gemma3").save_pretrained(folder)
+    shutil.copy(tiny_tokenizer_path, folder / "tokenizer.model")
+    return folder

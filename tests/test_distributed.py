@@ -17,7 +17,6 @@ import torch
 import torch.distributed
 from safetensors.torch import load_file
 
-from tiny_models import hf_model
 
 ROOT = Path(__file__).resolve().parents[1]
 ARITH = ROOT / "examples" / "arith_train.jsonl"
@@ -62,14 +61,6 @@ def metrics(run: Path) -> list[dict]:
 
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, tiny_tokenizer_path):
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    hf_model("gemma3").save_pretrained(folder)
-    shutil.copy(tiny_tokenizer_path, folder / "tokenizer.model")
-    return folder
 
 
 @pytest.fixture(scope="module")

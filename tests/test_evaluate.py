@@ -18,7 +18,6 @@ import torch.nn.functional as F
 
 import gemma
 from gemma.sampling import generate
-from gemma.tokenizer import Tokenizer
 from gen_models import real_270m, tiny_generator_folder
 from train.data import IGNORE, encode_messages
 from train.metrics import corpus_bleu, mean_loss, perplexity, reference_losses, score_record, text_scores, words
@@ -93,11 +92,6 @@ def test_perplexity_is_exp_loss():
 
 
 # ---- the model side ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_tokenizer_path):
-    return Tokenizer(tiny_tokenizer_path)
 
 
 @pytest.fixture(scope="module")

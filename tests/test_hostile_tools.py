@@ -34,7 +34,6 @@ from gemma.files import refuse_overwriting_inputs
 from gemma.writing import clean_leftovers, exchange, install, write_files_atomically
 from gemma.sampling import (MIN_TEMPERATURE, SamplingParams, apply_repetition_penalty, check_settings, generate,
                             logits_to_probs, sample)
-from gemma.tokenizer import Tokenizer
 from gen_models import tiny_generator_folder
 from tiny_gguf import write_tiny_gguf
 
@@ -114,11 +113,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_tokenizer_path):
-    return Tokenizer(tiny_tokenizer_path)
 
 
 @pytest.fixture(scope="module")

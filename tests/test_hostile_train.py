@@ -21,7 +21,6 @@ import pytest
 import torch
 
 from gemma.errors import GemmaError
-from tiny_models import hf_model
 from train.checkpoint import load_checkpoint, rank_file, recover, rng_state, set_rng_state
 from train.data import read_records, shard
 from train.options import parse_options
@@ -65,14 +64,6 @@ def strict_json(text: str):
 def leftovers(folder: Path) -> list[str]:
     """Temporary files and folders (names starting with a dot) anywhere under `folder`."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*"))
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, tiny_tokenizer_path):
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    hf_model("gemma3").save_pretrained(folder)
-    shutil.copy(tiny_tokenizer_path, folder / "tokenizer.model")
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,14 +24,6 @@ from tiny_models import hf_model, tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 ARITH = ROOT / "examples" / "arith_train.jsonl"
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, tiny_tokenizer_path):
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    hf_model("gemma3").save_pretrained(folder)
-    shutil.copy(tiny_tokenizer_path, folder / "tokenizer.model")
-    return folder
 
 
 @pytest.fixture
