@@ -124,6 +124,38 @@ def test_a_tampered_per_process_file_is_refused(tmp_path):
     assert not marker.exists()
 
 
+class _Shell:
+    """Pickles as os.system(COMMAND): torch words its refusal of a blocked module differently from that of a
+    function it merely does not allow (open above)."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_a_checkpoint_that_calls_a_shell_is_refused_without_torch_advice(tmp_path):
+    marker = tmp_path / "shell-ran"
+    folder = tmp_path / "step-0000001"
+    folder.mkdir()
+    torch.save({"run": _Shell(f"touch {marker}")}, folder / "state.pt")
+    with pytest.raises(GemmaError) as caught:
+        load_checkpoint(folder)
+    message = str(caught.value)
+    assert "refused: holds more than tensors and plain data (posix.system)" in message
+    assert "weights_only" not in message  # torch's own advice is to load it unsafely: never passed on
+    assert not marker.exists()
+
+
+def test_a_garbage_checkpoint_is_corrupt(tmp_path):
+    folder = tmp_path / "step-0000001"
+    folder.mkdir()
+    (folder / "state.pt").write_bytes(b"\x80\x02garbage" * 10)
+    with pytest.raises(GemmaError, match=r"state\.pt: cannot read the checkpoint \(corrupt"):
+        load_checkpoint(folder)
+
+
 def test_rng_state_is_plain_data_and_restores_exactly():
     state = rng_state()
     buffer = io.BytesIO()

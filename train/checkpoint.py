@@ -173,8 +173,10 @@ def load_checkpoint(path: Path, rank: int | None = None) -> dict[str, Any]:
     return saved
 
 
-_UNSAFE = re.compile(r"WeightsUnpickler error: (?:Unsupported global: GLOBAL )?(.*?)(?: was not an allowed global|"
-                     r"\. Please|\n|$)")
+# torch names what its weights-only unpickler refused in one of several phrasings, by version and by cause:
+# "Unsupported global: GLOBAL numpy.dtype was not an allowed global ...", "unsupported GLOBAL posix.system whose
+# module posix is blocked", "Unsupported operand 82" ...
+_UNSAFE = re.compile(r"unsupported (?:global: )?GLOBAL (\S+)", re.IGNORECASE)
 
 
 def _load(file: Path) -> dict[str, Any]:
@@ -183,9 +185,10 @@ def _load(file: Path) -> dict[str, Any]:
     try:
         saved = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        # torch's message goes on to advise weights_only=False, which is the very thing to avoid: never shown.
         unsafe = _UNSAFE.search(str(exc))
         if unsafe is None:
-            raise GemmaError(f"{file}: cannot read the checkpoint (corrupt: {str(exc).splitlines()[0]})") from None
+            raise GemmaError(f"{file}: cannot read the checkpoint (corrupt, or not tensors and plain data)") from None
         raise GemmaError(f"{file}: refused: holds more than tensors and plain data ({unsafe.group(1)}), which no "
                          "checkpoint of this version does (tampered with, or written by an older version)") from None
     except OSError as exc:
