@@ -195,66 +195,57 @@ class GemmaConfig:
         return to_hf_config(self, **token_ids)
 
 
-def _full(hidden, inter, layers, heads, kv, head_dim, **kw) -> dict[str, Any]:
-    return dict(hidden_size=hidden, intermediate_size=inter, num_layers=layers, num_heads=heads,
-                num_kv_heads=kv, head_dim=head_dim, **kw)
-
-
-def _gemma2_layers(n: int) -> tuple[str, ...]:
-    # Gemma 2 alternates local and global, starting with a local layer.
-    return tuple(SLIDING if (i + 1) % 2 else FULL for i in range(n))
-
-
 def pattern_layers(n: int, pattern: int) -> tuple[str, ...]:
-    # Gemma 3: every `pattern`-th layer is global, the rest local.
+    # Every `pattern`-th layer is global, the rest local: Gemma 2 alternates (2), starting with a local layer;
+    # Gemma 3 has five local layers to each global one (6).
     return tuple(SLIDING if (i + 1) % pattern else FULL for i in range(n))
 
 
-def _g1(hf_repo, *shape):
-    return GemmaConfig(vocab_size=256000, **_full(*shape), max_seq_len=8192, hf_repo=hf_repo)
+# What every model of a generation shares; `layer_pattern` (every Nth layer global) becomes `layer_types`.
+_GEMMA1 = dict(vocab_size=256000, max_seq_len=8192)
+_GEMMA2 = dict(vocab_size=256000, attn_softcap=50.0, final_softcap=30.0, sandwich_norms=True, sliding_window=4096,
+               max_seq_len=8192, layer_pattern=2)
+_GEMMA3 = dict(rope_theta=1_000_000.0, rope_local_theta=10_000.0, use_qk_norm=True, sandwich_norms=True,
+               layer_pattern=6)
+_GEMMA3_SMALL = dict(_GEMMA3, vocab_size=262144, sliding_window=512, max_seq_len=32768)  # 270m, 1b: text only
+_GEMMA3_LARGE = dict(_GEMMA3, vocab_size=262208, sliding_window=1024, max_seq_len=131072, rope_scaling=8.0)
 
-
-def _g2(hf_repo, *shape, scalar):
-    n = shape[2]
-    return GemmaConfig(vocab_size=256000, **_full(*shape), query_pre_attn_scalar=scalar, attn_softcap=50.0,
-                       final_softcap=30.0, sandwich_norms=True, sliding_window=4096,
-                       layer_types=_gemma2_layers(n), max_seq_len=8192, hf_repo=hf_repo)
-
-
-def _g3(hf_repo, *shape, scalar, vocab, window, context, scaling):
-    n = shape[2]
-    return GemmaConfig(vocab_size=vocab, **_full(*shape), query_pre_attn_scalar=scalar, rope_theta=1_000_000.0,
-                       rope_local_theta=10_000.0, rope_scaling=scaling, use_qk_norm=True, sandwich_norms=True,
-                       sliding_window=window, layer_types=pattern_layers(n, 6), max_seq_len=context,
-                       hf_repo=hf_repo)
-
-
-# Each preset mirrors the public config.json of the repo it names (the text tower for multimodal Gemma 3).
-_PRESETS = {
-    "2b": lambda: _g1("google/gemma-2b", 2048, 16384, 18, 8, 1, 256),
-    "7b": lambda: _g1("google/gemma-7b", 3072, 24576, 28, 16, 16, 256),
-    "2-2b": lambda: _g2("google/gemma-2-2b", 2304, 9216, 26, 8, 4, 256, scalar=256),
-    "2-9b": lambda: _g2("google/gemma-2-9b", 3584, 14336, 42, 16, 8, 256, scalar=256),
-    "2-27b": lambda: _g2("google/gemma-2-27b", 4608, 36864, 46, 32, 16, 128, scalar=144),
-    "3-270m": lambda: _g3("google/gemma-3-270m", 640, 2048, 18, 4, 1, 256, scalar=256, vocab=262144,
-                          window=512, context=32768, scaling=1.0),
-    "3-1b": lambda: _g3("google/gemma-3-1b-pt", 1152, 6912, 26, 4, 1, 256, scalar=256, vocab=262144,
-                        window=512, context=32768, scaling=1.0),
-    "3-4b": lambda: _g3("google/gemma-3-4b-pt", 2560, 10240, 34, 8, 4, 256, scalar=256, vocab=262208,
-                        window=1024, context=131072, scaling=8.0),
-    "3-12b": lambda: _g3("google/gemma-3-12b-pt", 3840, 15360, 48, 16, 8, 256, scalar=256, vocab=262208,
-                         window=1024, context=131072, scaling=8.0),
-    "3-27b": lambda: _g3("google/gemma-3-27b-pt", 5376, 21504, 62, 32, 16, 128, scalar=168, vocab=262208,
-                         window=1024, context=131072, scaling=8.0),
+# Each preset mirrors the public config.json of the repo it names, https://huggingface.co/<hf_repo>/blob/main/
+# config.json (for the multimodal Gemma 3 sizes, its `text_config`), as GemmaConfig keywords.
+PRESET_CONFIGS: dict[str, dict[str, Any]] = {
+    "2b": dict(_GEMMA1, hf_repo="google/gemma-2b", hidden_size=2048, intermediate_size=16384, num_layers=18,
+               num_heads=8, num_kv_heads=1, head_dim=256),
+    "7b": dict(_GEMMA1, hf_repo="google/gemma-7b", hidden_size=3072, intermediate_size=24576, num_layers=28,
+               num_heads=16, num_kv_heads=16, head_dim=256),
+    "2-2b": dict(_GEMMA2, hf_repo="google/gemma-2-2b", hidden_size=2304, intermediate_size=9216, num_layers=26,
+                 num_heads=8, num_kv_heads=4, head_dim=256, query_pre_attn_scalar=256),
+    "2-9b": dict(_GEMMA2, hf_repo="google/gemma-2-9b", hidden_size=3584, intermediate_size=14336, num_layers=42,
+                 num_heads=16, num_kv_heads=8, head_dim=256, query_pre_attn_scalar=256),
+    "2-27b": dict(_GEMMA2, hf_repo="google/gemma-2-27b", hidden_size=4608, intermediate_size=36864, num_layers=46,
+                  num_heads=32, num_kv_heads=16, head_dim=128, query_pre_attn_scalar=144),
+    "3-270m": dict(_GEMMA3_SMALL, hf_repo="google/gemma-3-270m", hidden_size=640, intermediate_size=2048,
+                   num_layers=18, num_heads=4, num_kv_heads=1, head_dim=256, query_pre_attn_scalar=256),
+    "3-1b": dict(_GEMMA3_SMALL, hf_repo="google/gemma-3-1b-pt", hidden_size=1152, intermediate_size=6912,
+                 num_layers=26, num_heads=4, num_kv_heads=1, head_dim=256, query_pre_attn_scalar=256),
+    "3-4b": dict(_GEMMA3_LARGE, hf_repo="google/gemma-3-4b-pt", hidden_size=2560, intermediate_size=10240,
+                 num_layers=34, num_heads=8, num_kv_heads=4, head_dim=256, query_pre_attn_scalar=256),
+    "3-12b": dict(_GEMMA3_LARGE, hf_repo="google/gemma-3-12b-pt", hidden_size=3840, intermediate_size=15360,
+                  num_layers=48, num_heads=16, num_kv_heads=8, head_dim=256, query_pre_attn_scalar=256),
+    "3-27b": dict(_GEMMA3_LARGE, hf_repo="google/gemma-3-27b-pt", hidden_size=5376, intermediate_size=21504,
+                  num_layers=62, num_heads=32, num_kv_heads=16, head_dim=128, query_pre_attn_scalar=168),
 }
-PRESETS = tuple(_PRESETS)
+PRESETS = tuple(PRESET_CONFIGS)
 
 
 def preset(name: str) -> GemmaConfig:
     """The architecture of a named model (`2b 7b 2-2b 2-9b 2-27b 3-270m 3-1b 3-4b 3-12b 3-27b`)."""
-    if name not in _PRESETS:
+    if name not in PRESET_CONFIGS:
         raise GemmaError(f"unknown model size {name!r}; choose one of {' '.join(PRESETS)}")
-    return _PRESETS[name]()
+    fields = dict(PRESET_CONFIGS[name])
+    pattern = fields.pop("layer_pattern", None)
+    if pattern is not None:
+        fields["layer_types"] = pattern_layers(fields["num_layers"], pattern)
+    return GemmaConfig(**fields)
 
 
 # ---- reading HF config.json ---------------------------------------------------------------------------------------
@@ -371,7 +362,7 @@ def _from_hf_config(hf: dict[str, Any], where: str) -> GemmaConfig:
             raise GemmaError(f"{where}: field 'layer_types': unknown layer type {shown(unknown)}")
         layer_types = tuple(_HF_LAYER_TYPES[t] for t in types)
     elif model_type == "gemma2":
-        layer_types = _gemma2_layers(n)
+        layer_types = pattern_layers(n, 2)
     elif model_type == "gemma3_text":
         # The file's own key first (4.5x writes it with an underscore), then transformers' default of 6.
         key = next((k for k in ("sliding_window_pattern", "_sliding_window_pattern") if hf.get(k) is not None),
