@@ -3,10 +3,10 @@
 
 Prefilling a prompt spends about half its time outside the matrix products, in RMSNorm (eight passes over the
 activations in float32), rotary embeddings and GeGLU's activation, op by op as the reference runs them. Compiled,
-each becomes one fused loop: a 512-token prefill of the 270M on 2 CPU cores ran 1.16x transformers' speed against
-1.09x uncompiled (tools/bench.py --compile, 2026-11-29; 1.1-1.25x over eager in single-process A/Bs). Only passes over
-several tokens without autograd use them (`multi_token`): a decoding step is a few hundred small
-tensors, where a compiled call costs more than it saves, and training keeps its exact eager arithmetic.
+each becomes one fused loop (what that gains is measured by `tools/bench.py --compile`; the README's "Performance"
+section has the figures). Only passes over several tokens without autograd use them (`multi_token`): a decoding
+step is a few hundred small tensors, where a compiled call costs more than it saves, and training keeps its exact
+eager arithmetic.
 
 The fused loops round differently from the op-by-op ones (float32 sums in another order, another tanh): outputs
 match the eager model to float32 rounding, not bit for bit, which is why this is not the default. The first
