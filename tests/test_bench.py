@@ -1,4 +1,4 @@
-"""train/bench.py: the LoRA fine-tuning workload, ours and transformers + peft, on a tiny model.
+"""tools/bench_train.py: the LoRA fine-tuning workload, ours and transformers + peft, on a tiny model.
 
 Both sides start from the same adapter and see the same tokens, so their losses must agree step for step (up to
 bf16 rounding): the benchmark times the same training on both sides.
@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench_train import sft
 from tiny_models import save_hf_model
-from train.bench import sft
 
 pytest.importorskip("peft")
 

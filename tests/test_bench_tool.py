@@ -1,5 +1,6 @@
-"""gemma.bench and tools/bench.py: the decode, prefill and agreement workloads measure the same work on both sides,
-and the command runs end to end (tiny random model, one repetition), printing the table and writing the JSON."""
+"""tools/bench_workloads.py and tools/bench.py: the decode, prefill and agreement workloads measure the same work
+on both sides, and the command runs end to end (tiny random model, one repetition), printing the table and writing
+the JSON."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemma.bench import agreement, decode, model_folder, ours, prefill_run, prompt_ids, reference, weight_bytes
+from bench_workloads import agreement, decode, model_folder, ours, prefill_run, prompt_ids, reference, weight_bytes
 from gemma.quantize import quantize_model
 from tiny_models import save_hf_model
 
@@ -47,7 +48,7 @@ def test_decode_and_prefill_workloads(hf_folder, impl):
 
 def test_ours_and_reference_decode_the_same_tokens(hf_folder):
     """The two sides of the decode benchmark do the same work: the same greedy tokens from the same prompt."""
-    from gemma.bench import _ours_generate
+    from bench_workloads import _ours_generate
 
     cpu = torch.device("cpu")
     mine, theirs = ours(hf_folder, torch.float32, cpu), reference(hf_folder, torch.float32, cpu)

@@ -34,6 +34,11 @@ from gemma.errors import GemmaError
 from gemma.files import check_source_file, refuse_overwriting_inputs
 from gemma.writing import check_writable, finite_json, write_atomically
 
+# The workloads, bench_workloads (decoding, prefill, int8 agreement) and bench_train (the SFT step), are modules
+# beside this file, outside the packages, which never import transformers or peft. They are imported by name, in
+# the functions that run them (--help and the refusals load no torch): tools/ is first on sys.path when this file
+# runs, its worker processes included, and the tests get it from pyproject's pytest `pythonpath`.
+
 WORKLOADS = ("decode1", "decode8", "prefill", "sft")
 LABELS = {"decode1": "greedy decode, batch 1", "decode8": "greedy decode, batch 8", "prefill": "prefill",
           "sft": "LoRA SFT step", "int8-decode1": "int8 decode, batch 1", "int8-decode8": "int8 decode, batch 8",
@@ -87,50 +92,50 @@ def run_worker(spec: dict) -> None:
     peak memory and, decoding, the bandwidth bound)."""
     import torch
 
-    from gemma import bench
+    import bench_workloads as workloads
 
     device, dtype = torch.device(spec["device"]), parse_dtype(spec["dtype"])
     folder, kind = Path(spec["folder"]), spec["kind"]
     if spec.get("pair"):
         samplers = {impl: _sampler(spec, impl, folder, device, dtype) for impl in ("ours", "reference")}
         runs = {"prefill": 3 * spec["runs"], "sft": spec["sft_steps"]}.get(kind, 2 * spec["runs"])
-        bench.emit(bench.paired(samplers, runs))
+        workloads.emit(workloads.paired(samplers, runs))
         return
     impl, quantize = spec["impl"], spec.get("quantize")
     if kind in ("decode1", "decode8"):
-        result = bench.decode(impl, folder, batch=1 if kind == "decode1" else 8, new_tokens=spec["new_tokens"],
-                              runs=spec["runs"], dtype=dtype, device=device, quantize=quantize)
+        result = workloads.decode(impl, folder, batch=1 if kind == "decode1" else 8, new_tokens=spec["new_tokens"],
+                                  runs=spec["runs"], dtype=dtype, device=device, quantize=quantize)
     elif kind == "prefill":
-        result = bench.prefill_run(impl, folder, prompt_len=spec["prompt_len"], runs=spec["runs"], dtype=dtype,
-                                   device=device, compile=spec.get("compile", False))
+        result = workloads.prefill_run(impl, folder, prompt_len=spec["prompt_len"], runs=spec["runs"], dtype=dtype,
+                                       device=device, compile=spec.get("compile", False))
     elif kind == "sft":
-        from train.bench import sft
+        from bench_train import sft
 
         result = sft(impl, folder, batch=spec["sft_batch"], seq_len=spec["sft_len"], steps=spec["sft_steps"],
                      device=device)
     elif kind == "agreement":
-        result = bench.agreement(folder, spec["prompts"], dtype=dtype, device=device, quantize=quantize)
+        result = workloads.agreement(folder, spec["prompts"], dtype=dtype, device=device, quantize=quantize)
     else:
         raise ValueError(kind)
-    bench.emit(result)
+    workloads.emit(result)
 
 
 def _sampler(spec: dict, impl: str, folder: Path, device, dtype):
     """One implementation's timed-run function for `spec`'s workload; the variant (int8, compile) is ours only."""
-    from gemma import bench
+    import bench_workloads as workloads
 
     kind = spec["kind"]
     variant = {"quantize": spec.get("quantize")} if impl == "ours" else {}
     if kind in ("decode1", "decode8"):
-        return bench.decode_sampler(impl, folder, batch=1 if kind == "decode1" else 8,
-                                    new_tokens=spec["new_tokens"], dtype=dtype, device=device, **variant)[1]
+        return workloads.decode_sampler(impl, folder, batch=1 if kind == "decode1" else 8,
+                                        new_tokens=spec["new_tokens"], dtype=dtype, device=device, **variant)[1]
     if kind == "prefill":
         if impl == "ours":
             variant["compile"] = spec.get("compile", False)
-        return bench.prefill_sampler(impl, folder, prompt_len=spec["prompt_len"], dtype=dtype, device=device,
-                                     **variant)[1]
+        return workloads.prefill_sampler(impl, folder, prompt_len=spec["prompt_len"], dtype=dtype, device=device,
+                                         **variant)[1]
     if kind == "sft":
-        from train.bench import sft_sampler
+        from bench_train import sft_sampler
 
         return sft_sampler(impl, folder, batch=spec["sft_batch"], seq_len=spec["sft_len"], device=device)[0]
     raise ValueError(kind)
@@ -226,7 +231,7 @@ def main(argv=None) -> int:
     if args.worker is not None:
         run_worker(json.loads(args.worker))
         return 0
-    from gemma import bench
+    import bench_workloads as workloads
 
     # The output is tried, and kept off every input, before the (long) run.
     inputs = {"--model": None if args.size else args.model}
@@ -239,7 +244,7 @@ def main(argv=None) -> int:
     started = time.time()
     source = f"random:{args.size}" if args.size else args.model
     print(f"[preparing {source} ...]", file=sys.stderr, flush=True)
-    folder = bench.model_folder(source)
+    folder = workloads.model_folder(source)
     base = {"folder": str(folder), "device": args.device, "dtype": args.dtype, "runs": args.runs,
             "new_tokens": args.new_tokens, "prompt_len": args.prompt_len, "sft_batch": args.sft_batch,
             "sft_len": args.sft_len, "sft_steps": args.sft_steps}

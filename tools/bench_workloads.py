@@ -1,9 +1,12 @@
 """Benchmark workloads for tools/bench.py: greedy decoding and prefill, ours and transformers' (the reference), the
-machine's memory read bandwidth, and peak memory.
+machine's memory read bandwidth, and peak memory. The LoRA SFT workload is tools/bench_train.py.
 
 Each workload runs in a process of its own (tools/bench.py starts one per workload, implementation and repetition,
 alternating ours and the reference) so that its peak memory is its own: RSS on CPU, `max_memory_allocated` on CUDA.
-transformers is imported here only inside the reference workloads; nothing in the product imports this module.
+This module sits beside tools/bench.py, outside the packages, because it imports transformers (inside the
+reference workloads only): gemma/, lora/ and train/ never do (tests/test_layering.py). tools/ is no package: the
+bench and its workers run as `python tools/bench.py`, which puts tools/ first on sys.path, and the tests find it
+through pyproject's `pythonpath`.
 """
 
 from __future__ import annotations

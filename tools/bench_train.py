@@ -11,7 +11,9 @@ Both sides see the same seeded random token ids, every position a target, and st
 drawn from one seeded generator in peft's Kaiming-uniform distribution, B zero), so their losses agree step for
 step up to bf16 rounding: `losses` in the result shows that both trained the same thing.
 
-tools/bench.py runs each workload in a process of its own, so `peak_memory` is the workload's own.
+tools/bench.py runs each workload in a process of its own, so `peak_memory` is the workload's own. Like
+tools/bench_workloads.py, this module is outside the packages because it imports peft (and, through the reference
+model, transformers).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-from gemma.bench import ours, peak_memory, reference, timed
 from lora import LoraConfig, inject, lora_layers
 from lora.config import ALL_TARGETS, ATTN_TARGETS
 from lora.inject import module_path
@@ -30,6 +31,8 @@ from train.data import Example, collate
 from train.loop import LossModule, accumulate
 from train.loss import IGNORE
 from train.options import TrainOptions
+
+from bench_workloads import ours, peak_memory, reference, timed
 
 HF_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
               "down": "down_proj"}
