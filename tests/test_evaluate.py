@@ -1,12 +1,12 @@
-"""train.metrics and tools/evaluate.py: Chinese scored by characters and other text by words; answers equal to their
-references score 1.0 everywhere; known values; the reference loss is the model's cross-entropy on the trained tokens
-and the perplexity its exp; the command's files and its errors."""
+"""train.metrics, train.evaluate and tools/evaluate.py: Chinese scored by characters and other text by words;
+answers equal to their references score 1.0 everywhere; known values; the reference loss is the model's
+cross-entropy on the trained tokens and the perplexity its exp; the command's files and its errors."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,17 +20,22 @@ import gemma
 from gemma.sampling import generate
 from gen_models import real_270m, tiny_generator_folder
 from train.data import IGNORE, encode_messages
+from train.evaluate import predictions_path, reply_text
 from train.metrics import corpus_bleu, mean_loss, perplexity, reference_losses, score_record, text_scores, words
 
 ROOT = Path(__file__).resolve().parents[1]
 EVALUATE = ROOT / "tools" / "evaluate.py"
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("evaluate_tool", EVALUATE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def run_evaluate(*args, block: str | None = None) -> subprocess.CompletedProcess:
+    """python tools/evaluate.py ARGS as a user runs it, with one torch thread as the tests here run; `block` names
+    a module that the command then cannot import, as if it were not installed."""
+    cmd = [sys.executable, str(EVALUATE), *map(str, args)]
+    if block is not None:
+        cmd[1:2] = ["-c", f"import runpy, sys; sys.modules[{block!r}] = None; sys.argv = sys.argv[1:]; "
+                          "runpy.run_path(sys.argv[0], run_name='__main__')", str(EVALUATE)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=300)
 
 
 @pytest.fixture(autouse=True)
@@ -125,8 +130,7 @@ def test_reference_loss_is_the_cross_entropy_of_the_trained_tokens(model, tok):
 
 
 def reply(model, tok, messages, max_new):
-    evaluate = load_tool()
-    return evaluate.reply_text(tok, generate(model, tok, [tok.apply_chat(messages)], max_new_tokens=max_new)[0])
+    return reply_text(tok, generate(model, tok, [tok.apply_chat(messages)], max_new_tokens=max_new)[0])
 
 
 def test_answers_forced_equal_to_the_references_score_one(model, tok, folder, tmp_path):
@@ -189,7 +193,7 @@ def test_answers_forced_equal_to_the_references_score_one(model, tok, folder, tm
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary file left
 
 
-def test_an_adapter_is_applied(model, tok, folder, tmp_path, capsys):
+def test_an_adapter_is_applied(model, tok, folder, tmp_path):
     """References are the answers of the model with a (random) LoRA adapter: with --adapter they match exactly."""
     import lora
 
@@ -209,15 +213,15 @@ def test_an_adapter_is_applied(model, tok, folder, tmp_path, capsys):
         out = tmp_path / f"{adapter is not None}.json"
         args = ["--model", str(folder), "--data", str(data), "--out", str(out), "--max-new-tokens", "10",
                 "--dtype", "fp32"] + (["--adapter", str(adapter)] if adapter else [])
-        assert load_tool().main(args) == 0, capsys.readouterr().err
+        r = run_evaluate(*args)
+        assert r.returncode == 0, r.stderr
         scores[adapter is not None] = json.loads(out.read_text())["exact_match"]
     assert scores[True] == 1.0 and scores[False] < 1.0
 
 
 def test_predictions_go_beside_the_summary():
-    evaluate = load_tool()
-    assert evaluate.predictions_path(Path("runs/eval.json")) == Path("runs/eval.predictions.jsonl")
-    assert evaluate.predictions_path(Path("eval")) == Path("eval.predictions.jsonl")
+    assert predictions_path(Path("runs/eval.json")) == Path("runs/eval.predictions.jsonl")
+    assert predictions_path(Path("eval")) == Path("eval.predictions.jsonl")
 
 
 @pytest.mark.parametrize("content,message", [
@@ -226,30 +230,30 @@ def test_predictions_go_beside_the_summary():
     ('{"messages": [{"role": "user", "content": "a"}]}\n', "no record has a model turn"),
     ('{"question": "a"}\n', "bad.jsonl:1: unknown record shape"),
 ])
-def test_user_errors_exit_2_before_the_model_loads(tmp_path, capsys, content, message):
+def test_user_errors_exit_2_before_the_model_loads(tmp_path, content, message):
     data = tmp_path / "bad.jsonl"
     if content is not None:
         data.write_text(content)
-    code = load_tool().main(["--model", str(tmp_path / "no-model"), "--data", str(data),
-                             "--out", str(tmp_path / "e.json")])
-    err = capsys.readouterr().err
+    r = run_evaluate("--model", tmp_path / "no-model", "--data", data, "--out", tmp_path / "e.json")
+    code, err = r.returncode, r.stderr
     assert code == 2 and err.startswith("error:") and message in err and len(err.strip().splitlines()) == 1
 
 
-def test_missing_scoring_library_is_a_clear_error(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "sacrebleu", None)  # as if not installed
-    code = load_tool().main(["--data", str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "e.json")])
-    assert code == 2 and "pip install -e '.[eval]'" in capsys.readouterr().err
+def test_missing_scoring_library_is_a_clear_error(tmp_path):
+    r = run_evaluate("--data", tmp_path / "x.jsonl", "--out", tmp_path / "e.json", block="sacrebleu")
+    code = r.returncode
+    assert code == 2 and "pip install -e '.[eval]'" in r.stderr
 
 
-def test_an_unwritable_output_is_an_error_and_leaves_nothing(folder, tmp_path, capsys):
+def test_an_unwritable_output_is_an_error_and_leaves_nothing(folder, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"instruction": "Hi", "output": "Hello"}\n')
     blocker = tmp_path / "file"
     blocker.write_text("")
-    code = load_tool().main(["--model", str(folder), "--data", str(data), "--out", str(blocker / "e.json"),
-                             "--max-new-tokens", "2", "--dtype", "fp32"])
-    assert code == 2 and f"--out cannot be written there ({blocker} is a file" in capsys.readouterr().err
+    r = run_evaluate("--model", folder, "--data", data, "--out", blocker / "e.json", "--max-new-tokens", "2",
+                     "--dtype", "fp32")
+    code = r.returncode
+    assert code == 2 and f"--out cannot be written there ({blocker} is a file" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "file"]
 
 

@@ -1,11 +1,13 @@
 """tools/serve.py through OpenAI's own Python client: chat and completions equal gemma.generate, streaming equals
 non-streaming, concurrent requests equal sequential ones, the older /nlg/text_generate route, and every bad request
-answered with its 4xx while the next good request still succeeds. The server runs in a subprocess on a free
-loopback port, serving a tiny model in fp32 (one thread): the exact equalities hold in fp32, while in bf16 a
-near-tie can flip with the batch's composition (see gemma/engine.py). Hostile clients: test_hostile_serve.py."""
+answered with its 4xx while the next good request still succeeds; and the routes of gemma.serving.app called one by
+one in this process. The server runs in a subprocess on a free loopback port, serving a tiny model in fp32 (one
+thread): the exact equalities hold in fp32, while in bf16 a near-tie can flip with the batch's composition (see
+gemma/engine.py). Hostile clients: test_hostile_serve.py."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -141,6 +143,44 @@ def expected(model, tok, ids, max_new, stop=None, **kw):
 
 QUESTIONS = ["Hello, world!", "What is the capital of France?", "今天天气很好。", "Please write a short poem.",
              "Numbers: 1 2 3", "def add(a, b):", "你好！你今天过得怎么样？", "The quick brown fox"]
+
+
+# ---- the routes one by one, in this process (gemma/serving/app.py) -------------------------------------------------
+
+
+def call_route(route, app, body: dict | None = None, **params):
+    """A route of gemma.serving.app called as FastAPI calls it, with a request of `app` carrying `body` as JSON."""
+    from starlette.requests import Request
+
+    async def receive():
+        return {"type": "http.request", "body": json.dumps(body).encode() if body else b"", "more_body": False}
+
+    async def call():
+        scope = {"type": "http", "app": app, "method": "POST" if body else "GET", "path": "/", "headers": [],
+                 "query_string": b""}
+        return await route(**params, http=Request(scope, receive))
+
+    return asyncio.run(call())
+
+
+def test_routes_are_functions_that_can_be_called_alone(model, tok):
+    from gemma.engine import Engine
+    from gemma.serving import app as served
+    from gemma.serving.protocol import ApiError
+
+    with Engine(model, tok, max_batch=2, threads=1) as engine:
+        api = served.build_api(served.Served(engine, "tiny"))
+        assert call_route(served.list_models, api)["data"][0]["id"] == "tiny"
+        assert json.loads(call_route(served.health, api).body)["status"] == "ok"
+        with pytest.raises(ApiError) as exc:
+            call_route(served.get_model, api, name="gpt-4")
+        assert exc.value.status == 404 and exc.value.code == "model_not_found"
+        messages = [user("What is the capital of France?")]
+        r = call_route(served.chat_completions, api, {"messages": messages, "max_tokens": 12, "temperature": 0})
+        assert r["choices"][0]["message"]["content"] == expected(model, tok, tok.apply_chat(messages), 12)[0]
+        r = call_route(served.completions, api, {"prompt": "The quick brown", "max_tokens": 8, "temperature": 0})
+        assert r["choices"][0]["text"] == expected(model, tok, tok.encode("The quick brown"), 8)[0]
+        assert not [route for route in api.routes if getattr(route, "path", "") == "/nlg/text_generate"]
 
 
 def test_models_and_health(server, client):

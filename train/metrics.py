@@ -82,6 +82,11 @@ def check_scoring_available() -> None:
     _libraries()
 
 
+def is_exact_match(prediction: str, reference: str) -> bool:
+    """Exact match, for tools/evaluate.py and the training report alike: equal once both are stripped."""
+    return prediction.strip() == reference.strip()
+
+
 @dataclass
 class RecordScores:
     exact_match: bool
@@ -93,7 +98,7 @@ class RecordScores:
 
 def score_record(prediction: str, reference: str) -> RecordScores:
     rouge_scorer, sacrebleu = _libraries()
-    exact = prediction.strip() == reference.strip()
+    exact = is_exact_match(prediction, reference)
     p, r = words(prediction), words(reference)
     if p == r:  # identical, even where an order has no n-gram to count (a one-word answer has no bigram)
         return RecordScores(exact, 1.0, 1.0, 1.0, 1.0)

@@ -8,14 +8,10 @@ from pathlib import Path
 import torch
 
 from gemma.tokenizer import Tokenizer
+from train.evaluate import split_prompt
+from train.metrics import is_exact_match
 
-
-def split_prompt(messages: list[dict]) -> tuple[list[dict], str] | None:
-    """(the conversation up to the last model turn, that turn's text), or None without a model turn."""
-    for i in range(len(messages) - 1, -1, -1):
-        if messages[i]["role"] in ("model", "assistant"):
-            return messages[:i], messages[i]["content"]
-    return None
+__all__ = ["exact_match", "generate_replies", "plot_losses", "split_prompt"]
 
 
 @torch.no_grad()
@@ -37,10 +33,11 @@ def generate_replies(model, tokenizer: Tokenizer, conversations: list[list[dict]
 
 def exact_match(model, tokenizer: Tokenizer, records: list[list[dict]], max_new_tokens: int = 32
                 ) -> tuple[float, list[dict]]:
-    """Share of records whose greedy reply equals the reference answer (both stripped), and the rows."""
+    """Share of records whose greedy reply equals the reference answer (train.metrics.is_exact_match, as
+    tools/evaluate.py scores it; the records split into prompt and reference as there too), and the rows."""
     pairs = [p for p in (split_prompt(m) for m in records) if p is not None]
     replies = generate_replies(model, tokenizer, [p for p, _ in pairs], max_new_tokens)
-    rows = [{"prompt": p[-1]["content"], "reference": ref.strip(), "reply": r, "match": r == ref.strip()}
+    rows = [{"prompt": p[-1]["content"], "reference": ref.strip(), "reply": r, "match": is_exact_match(r, ref)}
             for (p, ref), r in zip(pairs, replies)]
     return (sum(r["match"] for r in rows) / max(len(rows), 1)), rows
 

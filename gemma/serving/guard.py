@@ -1,5 +1,5 @@
-"""What an HTTP request to tools/serve.py must get past before the API sees it, and the connection limits that keep
-slow or hostile clients from starving the others.
+"""What an HTTP request to the server (gemma/serving/app.py, run by tools/serve.py) must get past before the API
+sees it, and the connection limits that keep slow or hostile clients from starving the others.
 
 Per connection (`GuardedH11Protocol`: uvicorn's h11 protocol with three additions):
   - A request's headers must be complete within `header_timeout` seconds of the connection opening (or of the
