@@ -19,8 +19,7 @@ import torch
 
 from gemma.errors import GemmaError
 from gemma.files import MAX_JSON_DEPTH, has_lone_surrogate, json_depth_ok, read_bytes
-
-IGNORE = -100  # the target of a position that takes no loss (cross_entropy's default ignore_index)
+from train.loss import IGNORE
 
 
 @dataclass

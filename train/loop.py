@@ -1,5 +1,10 @@
 """The training loop: set up, then for each optimizer step accumulate, clip, step, log, maybe eval, maybe save.
 
+`_train` reads as the run's stages, top to bottom: the folder and seeds, the model, the data, a checkpoint to
+resume, config.json (train.prepare); the score before training; the steps (`optimizer_step`, then `after_step`,
+with the update's policies and the cadence from train.step); the report. This module keeps the loss path
+(`accumulate`, `eval_loss`) and the steps themselves.
+
 The same loop runs in one process or, under torchrun, in every process of a data-parallel job (train.distributed):
 each reads its share of every global batch, and the loop adds the few collectives that keep them in step.
 """
@@ -7,45 +12,24 @@ each reads its share of every global batch, and the loop adds the few collective
 from __future__ import annotations
 
 import math
-import random
 import signal
 import sys
-import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-import gemma
 from gemma.errors import GemmaError
-from lora import LoraConfig, inject, summary
-from lora.inject import module_path
 from train import checkpoint as ckpt
-from train import distributed, outputs
-from train.data import Example, _read_located, collate, load_dataset, pack, plan_epoch, record_messages, shard
+from train import distributed, outputs, prepare
+from train.data import Example, _read_located, collate, plan_epoch, record_messages, shard
 from train.loss import IGNORE, chunked_cross_entropy
 from train.options import TrainOptions
 from train.report import exact_match, generate_replies, plot_losses
 from train.schedule import lr_at
-
-NONFINITE_LIMIT = 2  # consecutive non-finite losses (fp32/bf16) that stop the run
-FP16_SKIP_LIMIT = 25  # consecutive overflowing fp16 steps that stop the run
-
-
-@dataclass
-class RunState:
-    """What advances during training and is saved in checkpoints."""
-
-    step: int = 0  # optimizer steps done
-    epoch: int = 0  # current pass over the data
-    batch_in_epoch: int = 0  # optimizer steps done within the current epoch
-    best_eval: float = math.inf
-    skipped: int = 0  # steps whose update was skipped (non-finite loss or fp16 overflow)
-    history: list = field(default_factory=list)  # (step, train loss, eval loss or None) for the plot
+from train.step import BadSteps, RunState, Window, cadence, metrics_record, update
 
 
 class Interrupted(Exception):
@@ -54,11 +38,6 @@ class Interrupted(Exception):
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
-
-
-def default_run_dir(opts: TrainOptions) -> Path:
-    name = Path(opts.source).name.removesuffix(".gguf") or "model"
-    return Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -151,6 +130,8 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+# ---- the run, stage by stage -----------------------------------------------------------------------------------------
+
 def train(opts: TrainOptions, log=print) -> Path:
     """Run one fine-tuning job; returns the run folder. Raises Interrupted after saving on SIGINT/SIGTERM.
 
@@ -173,267 +154,228 @@ def _quiet(message: str) -> None:
 
 
 def _train(opts: TrainOptions, d: distributed.Dist, log) -> Path:
-    device, world, rank = d.device, d.world, d.rank
-    with d.agreed_errors():  # rank 0 alone looks at the output folder (the others would race it)
-        found = None
-        if d.main:
-            run_dir = Path(opts.out) if opts.out else default_run_dir(opts)
-            found = (run_dir, _check_run_dir(run_dir, opts.resume))
-    run_dir, resume_from = d.broadcast(found)
-    torch.manual_seed(opts.seed)
-    random.seed(opts.seed)
-    np.random.seed(opts.seed)
-
-    # ---- model: frozen base in the compute dtype, LoRA weights and optimizer state in fp32 ----
-    if opts.precision == "fp16" and device.type == "cpu":
-        log("note: fp16 on CPU is slow and overflow-prone; bf16 is the better choice here")
-    if opts.distributed == "fsdp" and not d.enabled:
-        log("note: --distributed applies under torchrun; this is one process")
-    base_dtype = torch.bfloat16 if opts.precision == "bf16" else torch.float32
-    with d.agreed_errors():
-        model, tokenizer = gemma.load(opts.source, dtype=base_dtype, device="cpu")
-        _check_lora_rank(model, opts)
-    # Longer sequences would hold positions the model never saw; a larger --max-len only means "no trimming".
-    max_len = min(opts.max_len, model.config.max_seq_len)
-    if max_len < opts.max_len:
-        log(f"note: --max-len {opts.max_len} is above the model's context of {max_len} tokens; using {max_len}")
-    lora_cfg = LoraConfig(r=opts.lora_r, alpha=opts.lora_alpha, dropout=opts.lora_dropout, targets=opts.targets,
-                          rslora=opts.rslora, dora=opts.dora)
-    inject(model, lora_cfg)
-    for p in model.parameters():
-        if p.requires_grad:  # the adapter trains in float32 whatever the base dtype (autocast does the matmuls)
-            p.data = p.data.float()
-    # The adapter is drawn on the CPU whatever the device, so a seed gives the same start on CPU and GPU, with or
-    # without FSDP, which shards the model from host memory so that no device ever holds all of it.
-    if not d.sharded:
-        model.to(device)
-    log(summary(model))
-    model.grad_checkpointing = opts.grad_checkpointing
-    model.train()
-    if rank:  # every process starts from the same adapter; dropout then draws differently on each
-        torch.manual_seed(opts.seed + rank)
-    replicas = distributed.Replicas(LossModule(model, opts.precision), model.layers, d, opts.precision)
-    params = replicas.params  # FSDP replaces the parameters by their shards
-
-    # ---- data ----
-    with d.agreed_errors():
-        train_examples, stats = load_dataset(opts.data, tokenizer, max_len, opts.train_on_prompt)
-        log(f"train data: {stats.summary()}")
-        eval_examples: list[Example] = []
-        if opts.eval_data:
-            eval_examples, eval_stats = load_dataset(opts.eval_data, tokenizer, max_len, opts.train_on_prompt)
-            log(f"eval data: {eval_stats.summary()}")
-        elif opts.eval_split > 0:
-            order = torch.randperm(len(train_examples), generator=torch.Generator().manual_seed(opts.seed)).tolist()
-            n_eval = max(1, int(len(order) * opts.eval_split))
-            eval_examples = [train_examples[i] for i in order[:n_eval]]
-            train_examples = [train_examples[i] for i in sorted(order[n_eval:])]
-        if opts.packing:
-            train_examples = pack(train_examples, max_len)
-            log(f"packed into {len(train_examples)} sequences of up to {max_len} tokens")
-        if not train_examples:
-            raise GemmaError(f"{opts.data}: no trainable records after filtering")
-    lengths = [len(e.input_ids) for e in train_examples]
-    global_batch = opts.batch_size * opts.grad_accum * world
-    empty = to_device(collate([_EMPTY], tokenizer.pad_id), device)
-    steps_per_epoch = math.ceil(len(train_examples) / global_batch)
-    total_steps = opts.max_steps or max(1, math.ceil(opts.epochs * steps_per_epoch))
-    warmup = int(opts.warmup_ratio * total_steps)
-
-    # ---- optimizer, scaler, state ----
-    optimizer = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=opts.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=opts.precision == "fp16")
+    run = prepare.start_run(opts, d, log)  # the folder (and what to resume), the seeds
+    setup = build_setup(run)  # the model with its adapter, wrapped for this process; the optimizer
+    data = prepare.load_data(run, setup.tokenizer, setup.max_len)
     state = RunState()
-    metrics_path = run_dir / "metrics.jsonl"
-    if resume_from is not None:
-        with d.agreed_errors():
-            saved = ckpt.load_checkpoint(resume_from, rank if d.enabled else None)
-            _restore(saved, model, optimizer, scaler, state, resume_from, d, replicas)
-        if d.main:
-            outputs.truncate_metrics(metrics_path, state.step)
-        log(f"resumed from {resume_from} at step {state.step}")
-    if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        outputs.write_json(run_dir / "config.json", {**opts.to_dict(), "resolved": {
-            "run_dir": str(run_dir), "device": str(device), "total_steps": total_steps, "warmup_steps": warmup,
-            "global_batch": global_batch, "world_size": world, "distributed": d.mode, "max_len": max_len,
-            "train_examples": len(train_examples), "eval_examples": len(eval_examples),
-            "model_config": model.config.to_dict()}})
+    if run.resume_from is not None:
+        prepare.resume(run, setup, state)
+    prepare.write_config(run, setup, data)
+    report = score_before(run, setup)
+    with Signals(d) as signals:
+        run_steps(run, setup, data, state, signals)
+    return finish(run, setup, state, report)
 
-    def write_adapter(folder: Path) -> None:  # every process calls it (FSDP gathers the shards); rank 0 writes
-        with ckpt.writing(folder, "adapter"):
-            replicas.save_adapter(model, folder, opts.source)
 
-    def save() -> Path:
-        own = {"rng": ckpt.rng_state()}
-        payload = {"scaler": scaler.state_dict(), "run": state.__dict__.copy(), "rng": own["rng"],
-                   "options": opts.to_dict(), "layout": d.layout}
-        if d.sharded:
-            own.update(replicas.local_state(model, optimizer))
-        elif d.main:
-            payload.update(trainable=trainable_state(model), optimizer=optimizer.state_dict())
-        gathered = replicas.gather_adapter(model)
-        return ckpt.save_checkpoint(run_dir, state.step, payload,
-                                    lambda folder: replicas.write_adapter(model, folder, gathered, opts.source),
-                                    opts.keep_last, own, d)
+def build_setup(run: prepare.Run) -> prepare.Setup:
+    """The model (frozen base in the compute dtype, adapter in float32), the loss wrapped for this process (as is,
+    DDP or FSDP), AdamW over the adapter (FSDP: over its shards) and the fp16 gradient scaler."""
+    opts, d = run.opts, run.d
+    model, tokenizer, max_len = prepare.load_model(run)
+    replicas = distributed.Replicas(LossModule(model, opts.precision), model.layers, d, opts.precision)
+    optimizer = torch.optim.AdamW(replicas.params, lr=opts.lr, betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=opts.weight_decay)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=opts.precision == "fp16")
+    empty = to_device(collate([_EMPTY], tokenizer.pad_id), d.device)
+    return prepare.Setup(model, tokenizer, max_len, replicas, optimizer, scaler, empty)
 
-    # ---- signals: finish the current step, save, stop (under torchrun: all processes, at the same step) ----
-    pending: list[int] = []
 
-    def on_signal(signum, frame):
-        if pending and not d.enabled:  # a second Ctrl-C: stop now (torchrun has its own --shutdown-timeout)
+# ---- the steps -------------------------------------------------------------------------------------------------------
+
+class Signals:
+    """SIGINT and SIGTERM while training: noted, so that the loop finishes the current step, saves and stops (under
+    torchrun: all processes, at the same step). A second Ctrl-C of one process stops it at once."""
+
+    def __init__(self, d: distributed.Dist):
+        self.d = d
+        self.pending: list[int] = []  # the signals received, in order
+        self._previous: dict = {}
+
+    def __call__(self, signum, frame) -> None:
+        if self.pending and not self.d.enabled:  # torchrun has its own --shutdown-timeout
             raise KeyboardInterrupt
-        pending.append(signum)
+        self.pending.append(signum)
 
-    # ---- held-out exact match before training (the base model: LoRA's B starts at zero) ----
-    # Generation runs on rank 0 alone, with the model whole: not under FSDP, where each process holds a shard.
-    report_path = run_dir / "report.json"
-    report = outputs.read_report(report_path) if d.main and report_path.exists() else {}
-    held_out = _held_out(opts) if d.main and not d.sharded else []
-    if d.sharded and (opts.eval_generate or opts.chat_prompt):
-        log("note: --eval-generate and --chat-prompt are skipped under --distributed fsdp (the model is sharded); "
-            "use tools/evaluate.py or tools/chat.py with the adapter")
-    if held_out and "exact_match_before" not in report:
-        score, _ = exact_match(model, tokenizer, held_out)
-        report["exact_match_before"] = score
-        outputs.write_json(report_path, report)
-        log(f"held-out exact match before training: {score:.1%} of {len(held_out)}")
+    def __enter__(self) -> Signals:
+        self._previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    bar = None
-    try:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=not d.main)
-        plan = plan_epoch(lengths, global_batch, opts.seed, state.epoch)
-        consecutive_bad = 0
-        window_tokens, window_start = 0, time.perf_counter()
-        while state.step < total_steps:
-            if state.batch_in_epoch >= len(plan):
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-                plan = plan_epoch(lengths, global_batch, opts.seed, state.epoch)
-            chosen = plan[state.batch_in_epoch]
-            micro = shard(chosen, rank, world, opts.grad_accum)
-            batches = [to_device(collate([train_examples[i] for i in mb], tokenizer.pad_id), device) for mb in micro]
-            # Normalise by the target tokens of the whole accumulated batch, not per micro-batch.
-            n_targets = sum(int((b["targets"] != IGNORE).sum()) for b in batches)
-            tokens = sum(int((b["tokens"] != tokenizer.pad_id).sum()) for b in batches)
-            if d.enabled:  # ... of all processes; and each runs as many micro-batches as the busiest
-                n_targets = int(d.all_sum(n_targets)[0])
-                busiest = max(len(shard(chosen, r, world, opts.grad_accum)) for r in range(world))
-                batches += [empty] * (busiest - len(batches))
-            lr = lr_at(state.step, total_steps, opts.lr, warmup, opts.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-
-            step_loss = accumulate(model, batches, n_targets, opts.precision, device, scaler, replicas)
-            if d.enabled:  # the global loss and tokens, and whether any process got a signal
-                step_loss, tokens, signalled = d.all_sum(step_loss, tokens, len(pending))
-                stop = signalled > 0
-            window_tokens += tokens
-
-            finite = math.isfinite(step_loss)
-            if not finite and opts.precision != "fp16":
-                consecutive_bad += 1
-                state.skipped += 1
-                optimizer.zero_grad(set_to_none=True)
-                if consecutive_bad >= NONFINITE_LIMIT:
-                    last = ckpt.checkpoint_dirs(run_dir)
-                    # The loss is global, so every process stops here: an AgreedError, which rank 0 reports.
-                    raise distributed.AgreedError(
-                        f"non-finite loss at {consecutive_bad} steps in a row (step {state.step + 1}); stopped. "
-                        f"Last good checkpoint: {last[-1] if last else 'none'}")
-                grad_norm = float("nan")
-            else:
-                scaler.unscale_(optimizer)  # exactly once per optimizer step
-                grad_norm = replicas.clip_grad_norm(opts.max_grad_norm or float("inf"))
-                scale_before = scaler.get_scale() if scaler.is_enabled() else None
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                if scaler.is_enabled() and scaler.get_scale() < scale_before:
-                    state.skipped += 1  # overflow: the scaler skipped this update and lowered its scale
-                    consecutive_bad += 1
-                    if consecutive_bad >= FP16_SKIP_LIMIT:
-                        raise distributed.AgreedError(
-                            f"fp16 overflow at {consecutive_bad} steps in a row; use --precision bf16")
-                else:
-                    consecutive_bad = 0
-            state.step += 1
-            state.batch_in_epoch += 1
-
-            # ---- log, eval, save ----
-            record = None
-            last_step = state.step == total_steps
-            if state.step % opts.log_every == 0 or last_step:
-                elapsed = time.perf_counter() - window_start
-                record = {"step": state.step, "epoch": state.epoch + state.batch_in_epoch / max(len(plan), 1),
-                          "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                          "tokens_per_s": window_tokens / max(elapsed, 1e-9), "skipped_steps": state.skipped}
-                if device.type == "cuda":
-                    record["memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9  # rank 0's peak
-                window_tokens, window_start = 0, time.perf_counter()
-            eval_value = None
-            if eval_examples and ((opts.eval_every and state.step % opts.eval_every == 0) or last_step):
-                eval_value = eval_loss(model, eval_examples, tokenizer.pad_id, opts.batch_size, opts.precision,
-                                       device, replicas)
-                record = {**(record or {"step": state.step, "loss": step_loss, "lr": lr}), "eval_loss": eval_value}
-                if eval_value < state.best_eval:
-                    state.best_eval = eval_value
-                    write_adapter(run_dir / "best_adapter")
-            if record is not None:
-                state.history.append((state.step, step_loss, eval_value))
-                if d.main:
-                    outputs.append_metrics(metrics_path, record)
-                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}",
-                                tok_s=f"{record.get('tokens_per_s', 0):.0f}", refresh=False)
-            bar.update(1)
-            if opts.save_every and state.step % opts.save_every == 0 and not last_step:
-                save()
-            if not d.enabled:
-                stop = bool(pending)
-            if stop:
-                path = save()
-                bar.close()
-                if d.main:
-                    print(f"interrupted: saved {path}; continue with --resume --out {run_dir}", file=sys.stderr)
-                raise Interrupted(pending[0] if pending else signal.SIGTERM)
-        bar.close()
-        save()
-        write_adapter(run_dir / "adapter")
-    finally:
-        if bar is not None:  # an error line must start a line of its own, not follow the bar
-            bar.close()
-        for s, handler in previous.items():
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
             signal.signal(s, handler)
 
-    # ---- what the user sees at the end (rank 0; the others are done) ----
-    if not d.main:
-        return run_dir
-    # Everything is written before anything is shown: a terminal that cannot show the reply loses no file.
-    shown = []
-    report["train_loss_last"] = state.history[-1][1] if state.history else None
-    if state.best_eval < math.inf:
-        report["eval_loss_best"] = state.best_eval
-    if held_out:
-        score, rows = exact_match(model, tokenizer, held_out)
-        report["exact_match_after"] = score
-        shown.append(f"held-out exact match after training: {score:.1%} (before: {report['exact_match_before']:.1%})")
-        outputs.write_jsonl(run_dir / "predictions.jsonl", rows)
-    if opts.chat_prompt and not d.sharded:
-        reply = generate_replies(model, tokenizer, [[{"role": "user", "content": opts.chat_prompt}]],
-                                 max_new_tokens=64)[0]
-        report["chat"] = {"prompt": opts.chat_prompt, "reply": reply}
-        shown.append(f"user: {opts.chat_prompt}\nmodel: {reply}")
-    with ckpt.writing(run_dir / "loss.png", "loss plot"):
-        plot = plot_losses(state.history, run_dir / "loss.png")
-    if plot:
-        report["loss_plot"] = str(plot)
-    outputs.write_json(report_path, report)
-    for line in shown:
-        log(line)
-    return run_dir
+
+@dataclass
+class Step:
+    """What one optimizer step did (its loss and tokens global under torchrun)."""
+
+    loss: float  # mean loss per target token of the global batch
+    lr: float
+    grad_norm: float  # before clipping; NaN when the update was skipped for a non-finite loss
+    tokens: float  # tokens of the global batch, padding aside
+    signalled: bool  # under torchrun: whether any process got SIGINT or SIGTERM before this step's end
+
+
+def run_steps(run: prepare.Run, setup: prepare.Setup, data: prepare.Data, state: RunState,
+              signals: Signals) -> None:
+    """Optimizer steps from `state` to the last, then the final checkpoint and the adapter. After a signal: a
+    checkpoint, then Interrupted."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=data.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not run.d.main)
+    try:
+        plan = plan_epoch(data.lengths, data.global_batch, run.opts.seed, state.epoch)
+        bad, window = BadSteps(run.opts.precision), Window()
+        while state.step < data.total_steps:
+            if state.batch_in_epoch >= len(plan):
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                plan = plan_epoch(data.lengths, data.global_batch, run.opts.seed, state.epoch)
+            done = optimizer_step(run, setup, data, state, plan[state.batch_in_epoch], signals, bad)
+            window.add(done.tokens)
+            after_step(run, setup, data, state, done, window, len(plan), bar, signals)
+        bar.close()
+        save(run, setup, state)
+        write_adapter(run, setup, run.run_dir / "adapter")
+    finally:
+        bar.close()  # an error line must start a line of its own, not follow the bar
+
+
+def micro_batches(run: prepare.Run, setup: prepare.Setup, data: prepare.Data,
+                  chosen: list[int]) -> tuple[list[dict], int, int]:
+    """(this process's micro-batches of the global batch `chosen` on the device, the target tokens of the whole
+    global batch, this process's tokens)."""
+    d, opts, pad = run.d, run.opts, setup.tokenizer.pad_id
+    micro = shard(chosen, d.rank, d.world, opts.grad_accum)
+    batches = [to_device(collate([data.train[i] for i in mb], pad), d.device) for mb in micro]
+    # Normalise by the target tokens of the whole accumulated batch, not per micro-batch.
+    n_targets = sum(int((b["targets"] != IGNORE).sum()) for b in batches)
+    tokens = sum(int((b["tokens"] != pad).sum()) for b in batches)
+    if d.enabled:  # ... of all processes; and each runs as many micro-batches as the busiest
+        n_targets = int(d.all_sum(n_targets)[0])
+        busiest = max(len(shard(chosen, r, d.world, opts.grad_accum)) for r in range(d.world))
+        batches += [setup.empty] * (busiest - len(batches))
+    return batches, n_targets, tokens
+
+
+def optimizer_step(run: prepare.Run, setup: prepare.Setup, data: prepare.Data, state: RunState, chosen: list[int],
+                   signals: Signals, bad: BadSteps) -> Step:
+    """One optimizer step over the global batch `chosen`: set the learning rate, accumulate, update (or skip, by
+    the policies of `bad`); advances `state`."""
+    opts, d = run.opts, run.d
+    batches, n_targets, tokens = micro_batches(run, setup, data, chosen)
+    lr = lr_at(state.step, data.total_steps, opts.lr, data.warmup, opts.min_lr_ratio)
+    for group in setup.optimizer.param_groups:
+        group["lr"] = lr
+    loss = accumulate(setup.model, batches, n_targets, opts.precision, d.device, setup.scaler, setup.replicas)
+    signalled = False
+    if d.enabled:  # the global loss and tokens, and whether any process got a signal
+        loss, tokens, n_signals = d.all_sum(loss, tokens, len(signals.pending))
+        signalled = n_signals > 0
+    grad_norm, skipped = update(bad, setup.optimizer, setup.scaler, setup.replicas.clip_grad_norm, loss,
+                                opts.max_grad_norm, state.step + 1, lambda: _last_checkpoint(run.run_dir))
+    state.skipped += skipped
+    state.step += 1
+    state.batch_in_epoch += 1
+    return Step(loss, lr, grad_norm, tokens, signalled)
+
+
+def _last_checkpoint(run_dir: Path) -> Path | None:
+    found = ckpt.checkpoint_dirs(run_dir)
+    return found[-1] if found else None
+
+
+def after_step(run: prepare.Run, setup: prepare.Setup, data: prepare.Data, state: RunState, done: Step,
+               window: Window, steps_in_epoch: int, bar, signals: Signals) -> None:
+    """Log, maybe eval (keeping the best adapter), maybe save, and stop after a signal (Interrupted)."""
+    opts, d = run.opts, run.d
+    when = cadence(state.step, data.total_steps, log_every=opts.log_every, eval_every=opts.eval_every,
+                   save_every=opts.save_every, has_eval=bool(data.eval))
+    record = None
+    if when.log:
+        record = metrics_record(state, done.loss, done.lr, done.grad_norm, window.rate(), steps_in_epoch, d.device)
+        window.reset()
+    eval_value = None
+    if when.eval:
+        eval_value = evaluate(run, setup, data, state)
+        record = {**(record or {"step": state.step, "loss": done.loss, "lr": done.lr}), "eval_loss": eval_value}
+    if record is not None:
+        state.history.append((state.step, done.loss, eval_value))
+        if d.main:
+            outputs.append_metrics(run.metrics_path, record)
+        bar.set_postfix(loss=f"{done.loss:.4f}", lr=f"{done.lr:.2e}",
+                        tok_s=f"{record.get('tokens_per_s', 0):.0f}", refresh=False)
+    bar.update(1)
+    if when.save:
+        save(run, setup, state)
+    stop = done.signalled if d.enabled else bool(signals.pending)  # torchrun: agreed on in the step's all_sum
+    if stop:
+        path = save(run, setup, state)
+        bar.close()
+        if d.main:
+            print(f"interrupted: saved {path}; continue with --resume --out {run.run_dir}", file=sys.stderr)
+        raise Interrupted(signals.pending[0] if signals.pending else signal.SIGTERM)
+
+
+def evaluate(run: prepare.Run, setup: prepare.Setup, data: prepare.Data, state: RunState) -> float:
+    """The eval loss now; a new best one also writes DIR/best_adapter."""
+    value = eval_loss(setup.model, data.eval, setup.tokenizer.pad_id, run.opts.batch_size, run.opts.precision,
+                      run.d.device, setup.replicas)
+    if value < state.best_eval:
+        state.best_eval = value
+        write_adapter(run, setup, run.run_dir / "best_adapter")
+    return value
+
+
+# ---- what is written: adapters and checkpoints -----------------------------------------------------------------------
+
+def write_adapter(run: prepare.Run, setup: prepare.Setup, folder: Path) -> None:
+    """Every process calls it (FSDP gathers the shards); rank 0 writes."""
+    with ckpt.writing(folder, "adapter"):
+        setup.replicas.save_adapter(setup.model, folder, run.opts.source)
+
+
+def save(run: prepare.Run, setup: prepare.Setup, state: RunState) -> Path:
+    """A checkpoint of this step (every process calls it: each writes its own part, rank 0 the rest)."""
+    opts, d, model, replicas = run.opts, run.d, setup.model, setup.replicas
+    own = {"rng": ckpt.rng_state()}
+    payload = {"scaler": setup.scaler.state_dict(), "run": state.__dict__.copy(), "rng": own["rng"],
+               "options": opts.to_dict(), "layout": d.layout}
+    if d.sharded:
+        own.update(replicas.local_state(model, setup.optimizer))
+    elif d.main:
+        payload.update(trainable=trainable_state(model), optimizer=setup.optimizer.state_dict())
+    gathered = replicas.gather_adapter(model)
+    return ckpt.save_checkpoint(run.run_dir, state.step, payload,
+                                lambda folder: replicas.write_adapter(model, folder, gathered, opts.source),
+                                opts.keep_last, own, d)
+
+
+# ---- held-out scores and the report ----------------------------------------------------------------------------------
+
+@dataclass
+class Report:
+    """report.json as it grows (rank 0), and the held-out conversations scored before and after training."""
+
+    data: dict
+    held_out: list[list[dict]]
+
+
+def score_before(run: prepare.Run, setup: prepare.Setup) -> Report:
+    """Held-out exact match before training (the base model: LoRA's B starts at zero), unless a resumed run has it.
+    Generation runs on rank 0 alone, with the model whole: not under FSDP, where each process holds a shard."""
+    opts, d = run.opts, run.d
+    report = outputs.read_report(run.report_path) if d.main and run.report_path.exists() else {}
+    held_out = _held_out(opts) if d.main and not d.sharded else []
+    if d.sharded and (opts.eval_generate or opts.chat_prompt):
+        run.log("note: --eval-generate and --chat-prompt are skipped under --distributed fsdp (the model is "
+                "sharded); use tools/evaluate.py or tools/chat.py with the adapter")
+    if held_out and "exact_match_before" not in report:
+        score, _ = exact_match(setup.model, setup.tokenizer, held_out)
+        report["exact_match_before"] = score
+        outputs.write_json(run.report_path, report)
+        run.log(f"held-out exact match before training: {score:.1%} of {len(held_out)}")
+    return Report(report, held_out)
 
 
 def _held_out(opts: TrainOptions) -> list[list[dict]]:
@@ -444,76 +386,32 @@ def _held_out(opts: TrainOptions) -> list[list[dict]]:
     return [record_messages(record, where) for where, record in located]
 
 
-def _check_run_dir(run_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh run; refuses to overwrite a finished or started run, and
-    an output folder it cannot write (before any work, not at the first save). Clears what killed saves left."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise GemmaError(f"{run_dir}: exists and is not a folder")
-    if resume and not run_dir.is_dir():
-        raise GemmaError(f"{run_dir}: no checkpoint to resume from")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-        ckpt.recover(run_dir)
-    except OSError as exc:
-        raise GemmaError(f"{run_dir}: cannot write the output folder ({exc.strerror or exc})") from None
-    found = ckpt.checkpoint_dirs(run_dir)
-    if resume:
-        if not found:
-            raise GemmaError(f"{run_dir}: no checkpoint to resume from")
-        return found[-1]
-    if found or (run_dir / "adapter").exists():
-        raise GemmaError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another --out")
-    return None
-
-
-def _check_lora_rank(model, opts: TrainOptions) -> None:
-    """A rank above a projection's smaller side cannot raise the rank of its update B @ A; it only adds parameters
-    and, through alpha / r, shrinks the update: refused, naming the narrowest projection."""
-    for i in range(len(model.layers)):
-        for target in opts.targets:
-            path = module_path(i, target)
-            out_features, in_features = model.get_submodule(path).weight.shape
-            width = min(in_features, out_features)
-            if opts.lora_r > width:
-                raise GemmaError(f"--lora-r {opts.lora_r} is above the width {width} of {path} ({in_features} in, "
-                                 f"{out_features} out); choose at most {width} or leave {target!r} out of "
-                                 "--lora-targets")
-
-
-def _restore(saved, model, optimizer, scaler, state: RunState, where: Path, d: distributed.Dist,
-             replicas: distributed.Replicas) -> None:
-    """Put the checkpoint's state into this run; one that lacks a part or holds one of another shape (a file that
-    loads but was not written by this code) is a GemmaError naming the folder."""
-    try:
-        _restore_parts(saved, model, optimizer, scaler, state, where, d, replicas)
-    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
-        detail = f"missing {exc}" if isinstance(exc, KeyError) else (str(exc).splitlines() or [""])[0]
-        raise GemmaError(f"{where}: not a checkpoint this run can resume ({type(exc).__name__}: {detail})") from None
-
-
-def _restore_parts(saved, model, optimizer, scaler, state: RunState, where: Path, d: distributed.Dist,
-                   replicas: distributed.Replicas) -> None:
-    ckpt.check_layout(saved, d.layout, where)
-    own = saved.get("own", {})
-    if d.sharded:
-        replicas.load_local_state(model, optimizer, own, where)
-    else:
-        named = dict(model.named_parameters())
-        trainable = saved["trainable"]
-        expected = {n for n, p in named.items() if p.requires_grad}
-        if set(trainable) != expected:
-            raise GemmaError(f"{where}: the checkpoint's adapter does not match this run's LoRA settings")
-        for name, tensor in trainable.items():
-            if named[name].shape != tensor.shape:
-                raise GemmaError(f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, this run needs "
-                                 f"{tuple(named[name].shape)}")
-            with torch.no_grad():
-                named[name].copy_(tensor)
-        optimizer.load_state_dict(saved["optimizer"])
-    scaler.load_state_dict(saved["scaler"])
-    for key in state.__dataclass_fields__:
-        setattr(state, key, saved["run"][key])
-    ckpt.set_rng_state(own.get("rng", saved["rng"]))
+def finish(run: prepare.Run, setup: prepare.Setup, state: RunState, report: Report) -> Path:
+    """What the user sees at the end (rank 0; the others are done): the report, the scores after training, the
+    reply to --chat-prompt, the loss plot. Everything is written before anything is shown: a terminal that cannot
+    show the reply loses no file."""
+    opts, d, run_dir, model, tokenizer = run.opts, run.d, run.run_dir, setup.model, setup.tokenizer
+    if not d.main:
+        return run_dir
+    shown, values = [], report.data
+    values["train_loss_last"] = state.history[-1][1] if state.history else None
+    if state.best_eval < math.inf:
+        values["eval_loss_best"] = state.best_eval
+    if report.held_out:
+        score, rows = exact_match(model, tokenizer, report.held_out)
+        values["exact_match_after"] = score
+        shown.append(f"held-out exact match after training: {score:.1%} (before: {values['exact_match_before']:.1%})")
+        outputs.write_jsonl(run_dir / "predictions.jsonl", rows)
+    if opts.chat_prompt and not d.sharded:
+        reply = generate_replies(model, tokenizer, [[{"role": "user", "content": opts.chat_prompt}]],
+                                 max_new_tokens=64)[0]
+        values["chat"] = {"prompt": opts.chat_prompt, "reply": reply}
+        shown.append(f"user: {opts.chat_prompt}\nmodel: {reply}")
+    with ckpt.writing(run_dir / "loss.png", "loss plot"):
+        plot = plot_losses(state.history, run_dir / "loss.png")
+    if plot:
+        values["loss_plot"] = str(plot)
+    outputs.write_json(run.report_path, values)
+    for line in shown:
+        run.log(line)
+    return run_dir

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-IGNORE = -100
+IGNORE = -100  # the target of a position that takes no loss (cross_entropy's default ignore_index)
 CACHED = 1 << 21  # float32 elements (8 MB) of logits that the softmax works on at a time
 
 

@@ -15,9 +15,9 @@ from typing import Any
 
 from gemma.errors import GemmaError
 from gemma.files import has_lone_surrogate, loads_strict, read_bytes
+from lora.config import ALL_TARGETS
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
 MAX_EPOCHS = 10**6  # a bound that keeps epochs x steps per epoch a float we can count up to
 MAX_DIST_TIMEOUT = 10**9  # seconds (31 years); far larger values overflow the timedelta of the process group
@@ -58,7 +58,7 @@ class TrainOptions:
     lora_r: int = _opt(16, "LoRA rank")
     lora_alpha: float = _opt(32.0, "LoRA alpha (scale alpha / r, or alpha / sqrt(r) with --rslora)")
     lora_dropout: float = _opt(0.05, "dropout on the LoRA input")
-    lora_targets: str = _opt(",".join(LORA_TARGETS), "projections to adapt, a comma list of q,k,v,o,gate,up,down")
+    lora_targets: str = _opt(",".join(ALL_TARGETS), f"projections to adapt, a comma list of {','.join(ALL_TARGETS)}")
     rslora: bool = _opt(False, "rank-stabilised scaling alpha / sqrt(r)")
     dora: bool = _opt(False, "weight-decomposed LoRA (DoRA)")
     # numerics and memory
@@ -117,7 +117,7 @@ class TrainOptions:
                 raise GemmaError(message)
         if self.chat_prompt is not None and has_lone_surrogate(self.chat_prompt):
             raise GemmaError("--chat-prompt is not valid text (bytes that are not UTF-8, or a lone surrogate)")
-        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        bad = [t for t in self.targets if t not in ALL_TARGETS]
         if bad or not self.targets:
             raise GemmaError(f"--lora-targets: unknown target {bad[0]!r}" if bad else "--lora-targets is empty")
 
