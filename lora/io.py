@@ -224,7 +224,7 @@ def read_peft_config(path: Path, model_cfg: GemmaConfig) -> tuple[LoraConfig, st
             continue
         if not any(value is v or (type(value) is type(v) and value == v) for v in _NEUTRAL):
             raise GemmaError(f"{where}: {key}={shown(value)} is not supported "
-                             f"(only LoRA on the q,k,v,o,gate,up,down projections of every layer)")
+                             f"(only LoRA on the {','.join(ALL_TARGETS)} projections of every layer)")
     try:
         cfg = LoraConfig(r=data.get("r", 8), alpha=data.get("lora_alpha", 8), dropout=data.get("lora_dropout", 0.0),
                          targets=_targets(data.get("target_modules"), model_cfg, where),
