@@ -17,7 +17,6 @@ import gemma
 from gemma.checkpoint import save_native
 from gemma.errors import GemmaError
 from gemma.sampling import ChatSession, decode_text, generate
-from gemma.tokenizer import Tokenizer
 from gen_models import real_270m, tiny_generator, tiny_generator_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,11 +37,6 @@ def inference(request):
     with torch.no_grad():
         yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_tokenizer_path):
-    return Tokenizer(tiny_tokenizer_path)
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,10 @@ import pytest
 import torch
 
 from gemma.errors import GemmaError
-from gemma.tokenizer import Tokenizer
 from train.data import (IGNORE, DataStats, Example, collate, encode_messages, load_dataset, pack, plan_epoch,
                         read_records, record_messages, shard)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_tokenizer_path):
-    return Tokenizer(tiny_tokenizer_path)
 
 
 def write(path, text):

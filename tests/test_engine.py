@@ -14,7 +14,6 @@ from gemma.engine import Delta, Engine, EngineBusy, Finish
 from gemma.errors import GemmaError
 from gemma.kv_cache import KVCache
 from gemma.sampling import decode_text, generate, prefill, stream_generate
-from gemma.tokenizer import Tokenizer
 from gen_models import real_270m, tiny_generator
 from tiny_models import CASES
 
@@ -28,11 +27,6 @@ def inference(request):
     with torch.no_grad():
         yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_tokenizer_path):
-    return Tokenizer(tiny_tokenizer_path)
 
 
 @pytest.fixture(scope="module", params=CASES)

@@ -16,16 +16,10 @@ from gemma.errors import GemmaError
 from gemma.layers import Linear
 from gemma.quantize import Int8Embedding, Int8Linear, int8_matmul, quantize_model, quantize_rows
 from gemma.sampling import generate
-from gemma.tokenizer import Tokenizer
 from gen_models import tiny_generator, tiny_generator_folder
 from tiny_models import CASES
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_tokenizer_path):
-    return Tokenizer(tiny_tokenizer_path)
 
 
 def test_rows_round_to_nearest_within_half_a_step():

@@ -15,7 +15,6 @@ from gemma.errors import GemmaError
 from gemma.sampling import (IncrementalDecoder, SamplingParams, TextStream, apply_repetition_penalty,
                             decode_one_token, decode_text, find_stop, generate, logits_to_probs, min_p_filter,
                             prefill, sample, seen_mask, stream_generate, top_k_filter, top_p_filter)
-from gemma.tokenizer import Tokenizer
 from gen_models import real_270m, tiny_generator
 from tiny_models import CASES, hf_model
 
@@ -34,11 +33,6 @@ def inference(request):
 
 # The tiny models' sliding window is 5: the long prompt and the 24 new tokens both run past it.
 PROMPTS = ("The quick brown fox", "Hello, world! How are you today? I am fine, thank you.", "今天")
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_tokenizer_path):
-    return Tokenizer(tiny_tokenizer_path)
 
 
 @pytest.fixture(scope="module", params=CASES)

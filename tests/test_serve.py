@@ -27,7 +27,6 @@ import torch
 
 import gemma
 from gemma.sampling import decode_text, generate
-from gemma.tokenizer import Tokenizer
 from gen_models import tiny_generator_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,11 +58,6 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_tokenizer_path):
-    return Tokenizer(tiny_tokenizer_path)
 
 
 @pytest.fixture(scope="module")

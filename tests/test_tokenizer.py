@@ -87,11 +87,6 @@ CONVERSATIONS = {
 
 
 @pytest.fixture(scope="module")
-def tok(tiny_tokenizer_path):
-    return Tokenizer(tiny_tokenizer_path)
-
-
-@pytest.fixture(scope="module")
 def sp(tiny_tokenizer_path):
     return spm.SentencePieceProcessor(model_file=tiny_tokenizer_path)
 
