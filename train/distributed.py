@@ -8,7 +8,8 @@ them in step:
 
 - The target tokens of the whole global batch are summed over the processes before the backward passes, and each
   process divides its summed loss by that count, times the number of processes because DDP and FSDP average
-  gradients. So a global batch gives the same update however many processes share it (GEMMA_NOTES 9).
+  gradients. So a global batch gives the same update however many processes share it (normalising per process
+  or per micro-batch instead would weight a short sequence's tokens more than a long one's).
 - Gradients are synchronised once per optimizer step, on the last micro-batch (`no_sync` under DDP,
   `set_requires_gradient_sync(False)` under FSDP2). A process with fewer micro-batches than the others (the small
   last group of an epoch) runs empty ones: under FSDP every forward and backward is a collective, under DDP the
