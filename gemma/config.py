@@ -333,16 +333,7 @@ def _from_hf_config(hf: dict[str, Any], where: str) -> GemmaConfig:
         raise GemmaError(f"{where}: model_type {shown(model_type)} is not a Gemma text model "
                          f"(expected one of {', '.join(_HF_DEFAULTS)}, or gemma3)")
     c = {**_HF_DEFAULTS[model_type], **{k: v for k, v in hf.items() if v is not None or k.endswith("softcapping")}}
-
-    act = c.get("hidden_activation") or c.get("hidden_act") or "gelu_pytorch_tanh"
-    if not isinstance(act, str) or act not in _GELU_TANH:
-        raise GemmaError(f"{where}: unsupported activation {shown(act)} (Gemma uses tanh-approximated GELU)")
-    if c.get("attention_bias"):
-        raise GemmaError(f"{where}: attention_bias is not supported (no Gemma checkpoint uses it)")
-    if c.get("use_bidirectional_attention"):
-        raise GemmaError(f"{where}: use_bidirectional_attention (embedding models) is not supported")
-    if c.get("tie_word_embeddings") is False:
-        raise GemmaError(f"{where}: untied embeddings are not supported (Gemma ties the output head)")
+    _check_supported(c, where)
 
     def num(key: str, kind: type = int) -> int | float:
         return _hf_number(c.get(key), key, where, kind)
@@ -352,52 +343,9 @@ def _from_hf_config(hf: dict[str, Any], where: str) -> GemmaConfig:
 
     # Bounded before anything is built from it (the layer list below, the model's tables later).
     n = check_size("num_layers", num("num_hidden_layers"), MAX_LAYERS)
-    # Which layers slide: transformers 5.x writes layer_types; 4.x configs imply them.
-    if c.get("layer_types"):
-        types = c["layer_types"]
-        if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
-            raise GemmaError(f"{where}: field 'layer_types' must be a list of strings, got {shown(types)}")
-        unknown = next((t for t in types if t not in _HF_LAYER_TYPES), None)
-        if unknown is not None:
-            raise GemmaError(f"{where}: field 'layer_types': unknown layer type {shown(unknown)}")
-        layer_types = tuple(_HF_LAYER_TYPES[t] for t in types)
-    elif model_type == "gemma2":
-        layer_types = pattern_layers(n, 2)
-    elif model_type == "gemma3_text":
-        # The file's own key first (4.5x writes it with an underscore), then transformers' default of 6.
-        key = next((k for k in ("sliding_window_pattern", "_sliding_window_pattern") if hf.get(k) is not None),
-                   "sliding_window_pattern")
-        pattern = num(key)
-        if pattern <= 0:
-            raise GemmaError(f"{where}: field {key!r} must be a positive integer, got {pattern}")
-        layer_types = pattern_layers(n, pattern)
-    else:
-        layer_types = (FULL,) * n
-
-    # RoPE: 5.x nests per layer type under rope_parameters; 4.x has rope_theta, rope_local_base_freq, rope_scaling.
-    theta = num("rope_theta", float) if "rope_theta" in c else 10000.0
-    local_theta = num("rope_local_base_freq", float) if "rope_local_base_freq" in c else theta
-    scaling = 1.0
-    rp = c.get("rope_parameters")
-    if rp and isinstance(rp, dict) and ("full_attention" in rp or "sliding_attention" in rp):
-        t, scaling = _rope_from_params(rp.get("full_attention"), where, "rope_parameters.full_attention",
-                                       "full-attention")
-        theta = t if t is not None else theta
-        t, local_scaling = _rope_from_params(rp.get("sliding_attention"), where, "rope_parameters.sliding_attention",
-                                             "sliding-window")
-        local_theta = t if t is not None else local_theta
-        if local_scaling != 1.0:
-            raise GemmaError(f"{where}: RoPE scaling on sliding-window layers is not supported")
-    elif rp:
-        t, scaling = _rope_from_params(rp, where, "rope_parameters", "all")
-        theta = t if t is not None else theta
-        if model_type != "gemma3_text":
-            local_theta = theta
-    if c.get("rope_scaling"):
-        _, scaling = _rope_from_params(c["rope_scaling"], where, "rope_scaling", "full-attention")
-
+    layer_types = _hf_layer_types(c, hf, model_type, n, where)
+    theta, local_theta, scaling = _hf_rope(c, model_type, where)
     heads = check_size("num_heads", num("num_attention_heads"), MAX_HEADS)  # divides hidden_size below
-    has_sliding = SLIDING in layer_types
     name = hf.get("_name_or_path")
     return GemmaConfig(
         vocab_size=num("vocab_size"),
@@ -416,11 +364,74 @@ def _from_hf_config(hf: dict[str, Any], where: str) -> GemmaConfig:
         final_softcap=opt("final_logit_softcapping"),
         use_qk_norm=model_type == "gemma3_text",
         sandwich_norms=model_type in ("gemma2", "gemma3_text"),
-        sliding_window=num("sliding_window") if has_sliding else None,
+        sliding_window=num("sliding_window") if SLIDING in layer_types else None,
         layer_types=layer_types,
         max_seq_len=num("max_position_embeddings"),
         hf_repo=name if isinstance(name, str) and name else None,  # informational: anything else is dropped
     )
+
+
+def _check_supported(c: dict[str, Any], where: str) -> None:
+    """Refuse the settings that no Gemma text checkpoint has and our model does not implement."""
+    act = c.get("hidden_activation") or c.get("hidden_act") or "gelu_pytorch_tanh"
+    if not isinstance(act, str) or act not in _GELU_TANH:
+        raise GemmaError(f"{where}: unsupported activation {shown(act)} (Gemma uses tanh-approximated GELU)")
+    if c.get("attention_bias"):
+        raise GemmaError(f"{where}: attention_bias is not supported (no Gemma checkpoint uses it)")
+    if c.get("use_bidirectional_attention"):
+        raise GemmaError(f"{where}: use_bidirectional_attention (embedding models) is not supported")
+    if c.get("tie_word_embeddings") is False:
+        raise GemmaError(f"{where}: untied embeddings are not supported (Gemma ties the output head)")
+
+
+def _hf_layer_types(c: dict[str, Any], hf: dict[str, Any], model_type: str, n: int, where: str) -> tuple[str, ...]:
+    """Which layers slide: transformers 5.x writes layer_types; 4.x configs imply them."""
+    if c.get("layer_types"):
+        types = c["layer_types"]
+        if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+            raise GemmaError(f"{where}: field 'layer_types' must be a list of strings, got {shown(types)}")
+        unknown = next((t for t in types if t not in _HF_LAYER_TYPES), None)
+        if unknown is not None:
+            raise GemmaError(f"{where}: field 'layer_types': unknown layer type {shown(unknown)}")
+        return tuple(_HF_LAYER_TYPES[t] for t in types)
+    if model_type == "gemma2":
+        return pattern_layers(n, 2)
+    if model_type == "gemma3_text":
+        # The file's own key first (4.5x writes it with an underscore), then transformers' default of 6.
+        key = next((k for k in ("sliding_window_pattern", "_sliding_window_pattern") if hf.get(k) is not None),
+                   "sliding_window_pattern")
+        pattern = _hf_number(c.get(key), key, where, int)
+        if pattern <= 0:
+            raise GemmaError(f"{where}: field {key!r} must be a positive integer, got {pattern}")
+        return pattern_layers(n, pattern)
+    return (FULL,) * n
+
+
+def _hf_rope(c: dict[str, Any], model_type: str, where: str) -> tuple[float, float, float]:
+    """(theta, local theta, linear scaling of the full-attention layers). 5.x nests per layer type under
+    rope_parameters; 4.x has rope_theta, rope_local_base_freq, rope_scaling."""
+    theta = _hf_number(c["rope_theta"], "rope_theta", where) if "rope_theta" in c else 10000.0
+    local_theta = (_hf_number(c["rope_local_base_freq"], "rope_local_base_freq", where)
+                   if "rope_local_base_freq" in c else theta)
+    scaling = 1.0
+    rp = c.get("rope_parameters")
+    if rp and isinstance(rp, dict) and ("full_attention" in rp or "sliding_attention" in rp):
+        t, scaling = _rope_from_params(rp.get("full_attention"), where, "rope_parameters.full_attention",
+                                       "full-attention")
+        theta = t if t is not None else theta
+        t, local_scaling = _rope_from_params(rp.get("sliding_attention"), where, "rope_parameters.sliding_attention",
+                                             "sliding-window")
+        local_theta = t if t is not None else local_theta
+        if local_scaling != 1.0:
+            raise GemmaError(f"{where}: RoPE scaling on sliding-window layers is not supported")
+    elif rp:
+        t, scaling = _rope_from_params(rp, where, "rope_parameters", "all")
+        theta = t if t is not None else theta
+        if model_type != "gemma3_text":
+            local_theta = theta
+    if c.get("rope_scaling"):
+        _, scaling = _rope_from_params(c["rope_scaling"], where, "rope_scaling", "full-attention")
+    return theta, local_theta, scaling
 
 
 def to_hf_config(cfg: GemmaConfig, bos_token_id: int = 2, eos_token_id: int = 1,
