@@ -119,20 +119,37 @@ def peft_config(model_cfg: GemmaConfig, cfg: LoraConfig, base_model_name_or_path
     }
 
 
+def write_adapter(folder: str | Path, model_cfg: GemmaConfig, cfg: LoraConfig, tensors: dict[str, torch.Tensor],
+                  base_model_name_or_path: str | None = None, dtype: torch.dtype | None = None,
+                  force: bool = False) -> Path:
+    """Write adapter tensors by native name (as `load_adapter` returns them) as a PEFT folder, atomically.
+
+    The one writer of adapter folders: `save_adapter` passes a model's own tensors, FSDP training the whole tensors
+    it gathered from the shards. `tensors` must hold exactly the tensors `cfg` implies for `model_cfg`.
+    """
+    names = peft_names(model_cfg, cfg)
+    unknown = next((k for k in tensors if k not in names), None)
+    if unknown is not None:
+        raise GemmaError(f"adapter: tensor {unknown!r} is not one of the LoRA settings' adapter tensors")
+    missing = next((k for k in names if k not in tensors), None)
+    if missing is not None:
+        raise GemmaError(f"adapter: missing tensor {missing!r}")
+    peft_tensors = {names[k]: (v.to(dtype) if dtype else v).contiguous().cpu() for k, v in tensors.items()}
+    folder = Path(folder)
+    with atomic_dir(folder, force) as tmp:
+        save_safetensors(peft_tensors, tmp / WEIGHTS_FILE)
+        write_json(tmp / CONFIG_FILE, peft_config(model_cfg, cfg, base_model_name_or_path))
+    return folder
+
+
 def save_adapter(model: Gemma, folder: str | Path, base_model_name_or_path: str | None = None,
                  dtype: torch.dtype | None = None, force: bool = False) -> Path:
     """Write the model's adapter as a PEFT folder, atomically (a merged model saves the same adapter)."""
     cfg = getattr(model, "lora_config", None)
     if cfg is None or not lora_layers(model):
         raise GemmaError("the model has no LoRA layers to save")
-    names = peft_names(model.config, cfg)
-    tensors = {names[k]: (v.to(dtype) if dtype else v).contiguous().cpu()
-               for k, v in adapter_state_dict(model).items()}
-    folder = Path(folder)
-    with atomic_dir(folder, force) as tmp:
-        save_safetensors(tensors, tmp / WEIGHTS_FILE)
-        write_json(tmp / CONFIG_FILE, peft_config(model.config, cfg, base_model_name_or_path))
-    return folder
+    return write_adapter(folder, model.config, cfg, adapter_state_dict(model), base_model_name_or_path, dtype,
+                         force)
 
 
 # ---- reading -----------------------------------------------------------------------------------------------------

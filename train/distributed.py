@@ -35,12 +35,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gemma.checkpoint import atomic_dir, save_safetensors, write_json
 from gemma.config import GemmaConfig, preset
 from gemma.cli import pick_device
 from gemma.errors import GemmaError
 from lora.inject import adapter_state_dict
-from lora.io import CONFIG_FILE, WEIGHTS_FILE, peft_config, peft_names, save_adapter
+from lora.io import save_adapter, write_adapter
 
 _ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -250,13 +249,9 @@ class Replicas:
         """Write the adapter as a PEFT folder (rank 0 calls this; `gathered` from gather_adapter)."""
         if gathered is None:
             save_adapter(model, folder, base_model_name_or_path=base, force=True)
-            return
-        # lora.save_adapter reads the model's parameters, which are shards here: write the gathered tensors with the
-        # same names and config.
-        names = peft_names(model.config, model.lora_config)
-        with atomic_dir(Path(folder), force=True) as tmp:
-            save_safetensors({names[k]: v.contiguous() for k, v in gathered.items()}, tmp / WEIGHTS_FILE)
-            write_json(tmp / CONFIG_FILE, peft_config(model.config, model.lora_config, base))
+        else:  # the model's parameters are shards here: the same writer, given the gathered whole tensors
+            write_adapter(folder, model.config, model.lora_config, gathered, base_model_name_or_path=base,
+                          force=True)
 
     def save_adapter(self, model, folder: Path, base: str | None) -> None:
         """Every process calls this; rank 0 writes."""
