@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from test_serve import SERVE, Reply, Server, folder, tok  # noqa: F401 - folder and tok are fixtures
+from test_serve import SERVE, Reply, Server, folder  # noqa: F401 - folder is a fixture (tok comes from conftest)
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "clé-🔑-test"  # non-ASCII on purpose: compared as UTF-8 bytes
