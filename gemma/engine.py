@@ -40,8 +40,8 @@ import torch
 
 from gemma.errors import GemmaError
 from gemma.kv_cache import KVCache
-from gemma.sampling import (SamplingParams, TextStream, check_settings, check_stop_strings, decode_one_token,
-                            new_generator, prefill, sample, seen_mask)
+from gemma.sampling import (SamplingParams, TextStream, check_prompt, decode_one_token, left_pad, new_generator,
+                            prefill, sample, sampling_params, seen_mask)
 
 log = logging.getLogger("gemma.engine")
 
@@ -92,12 +92,11 @@ class Request:
 
     _ids = itertools.count(1)
 
-    def __init__(self, engine: "Engine", prompt: list[int], max_new_tokens: int, params: SamplingParams,
-                 seed: int | None, stop_ids: frozenset[int], stop_strings: tuple[str, ...],
-                 sink: Callable[[Event], None] | None):
+    def __init__(self, engine: "Engine", prompt: list[int], params: SamplingParams, max_new_tokens: int,
+                 stop_ids: frozenset[int], sink: Callable[[Event], None] | None):
         self.id = next(Request._ids)
-        self.prompt, self.max_new_tokens, self.params, self.seed = prompt, max_new_tokens, params, seed
-        self.stop_ids, self.stop_strings = stop_ids, stop_strings
+        self.prompt, self.params, self.stop_ids = prompt, params, stop_ids
+        self.max_new_tokens = max_new_tokens  # params.max_new_tokens, capped at the context's end
         self.finish: Finish | None = None
         self._engine = engine
         self._queue: queue.SimpleQueue | None = queue.SimpleQueue() if sink is None else None
@@ -226,26 +225,33 @@ class Engine:
     def submit(self, prompt: Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,
                top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                repetition_penalty: float = 1.0, seed: int | None = None, *, stop_ids: Sequence[int] | None = None,
-               stop_strings: Sequence[str] | None = None, sink: Callable[[Event], None] | None = None) -> Request:
-        """Queue one prompt (token ids); settings as `gemma.generate`'s. Bad settings raise GemmaError here.
+               stop_strings: Sequence[str] | None = None, sink: Callable[[Event], None] | None = None,
+               params: SamplingParams | None = None) -> Request:
+        """Queue one prompt (token ids); settings as `gemma.generate`'s (or all of them as `params`). Bad settings
+        raise GemmaError here.
 
         Generation ends after `max_new_tokens`, at the context's end (`max_len`), at a stop id (by default the
         tokenizer's `<eos>` and `<end_of_turn>`), or once the text holds a stop string.
         """
-        request = self._prepare(prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
-                                stop_ids=stop_ids, stop_strings=stop_strings, sink=sink)
+        params = sampling_params(params, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                                 stop_strings=stop_strings)
+        request = self._prepare(prompt, params, stop_ids=stop_ids, sink=sink)
         self._enqueue([request], limit=self.max_waiting)
         return request
 
-    def run_all(self, prompts: Sequence[Sequence[int]], on_finish: Callable[[int, Finish], None] | None = None,
+    def run_all(self, prompts: Sequence[Sequence[int]], on_finish: Callable[[int, Finish], None] | None = None, *,
+                params: SamplingParams | None = None, stop_ids: Sequence[int] | None = None,
                 **settings) -> list[Finish]:
         """Generate for every prompt (all queued at once, whatever `max_waiting`) and return their Finishes in order.
+        Settings as `submit`'s, the same for every prompt.
 
         `on_finish(index, finish)` is called on the engine's thread as each one ends (e.g. to advance a progress bar).
         """
+        params = sampling_params(params, **settings)
         sinks = [(lambda i: lambda event: on_finish(i, event) if isinstance(event, Finish) else None)(i)  # noqa: B023
                  for i in range(len(prompts))] if on_finish else [None] * len(prompts)
-        requests = [self._prepare(p, sink=sink, **settings) for p, sink in zip(prompts, sinks)]
+        requests = [self._prepare(p, params, stop_ids=stop_ids, sink=sink) for p, sink in zip(prompts, sinks)]
         self._enqueue(requests, limit=None)
         try:
             return [r.result() for r in requests]
@@ -261,26 +267,14 @@ class Engine:
                 raise RuntimeError(f"generation failed: {f.error}")
         return [list(f.token_ids) for f in finishes]
 
-    def _prepare(self, prompt, max_new_tokens=256, temperature=0.0, top_k=None, top_p=None, min_p=None,
-                 repetition_penalty=1.0, seed=None, *, stop_ids=None, stop_strings=None, sink=None) -> Request:
-        check_settings(temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens, seed)
-        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
-        prompt = self._check_prompt(prompt)
+    def _prepare(self, prompt, params: SamplingParams | None = None, *, stop_ids=None, sink=None,
+                 **settings) -> Request:
+        """A Request for `prompt`, or a GemmaError. The settings (`params`, or keywords) are checked first, before
+        anything of the engine's is looked at."""
+        params = sampling_params(params, **settings)
+        prompt = check_prompt(prompt, self.model.config.vocab_size, self.context)
         stops = frozenset(self.tokenizer.stop_ids if stop_ids is None else stop_ids)
-        return Request(self, prompt, min(max_new_tokens, self.context - len(prompt)), params, seed, stops,
-                       check_stop_strings(stop_strings), sink)
-
-    def _check_prompt(self, prompt) -> list[int]:
-        if isinstance(prompt, torch.Tensor):
-            prompt = prompt.tolist()
-        vocab = self.model.config.vocab_size
-        if not isinstance(prompt, (list, tuple)) or not prompt:
-            raise GemmaError("a prompt must be a non-empty list of token ids")
-        if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab for i in prompt):
-            raise GemmaError(f"a prompt holds something other than token ids in [0, {vocab})")
-        if len(prompt) >= self.context:
-            raise GemmaError(f"a prompt of {len(prompt)} tokens leaves no room in the context of {self.context}")
-        return list(prompt)
+        return Request(self, prompt, params, min(params.max_new_tokens, self.context - len(prompt)), stops, sink)
 
     def _enqueue(self, requests: list[Request], limit: int | None) -> None:
         with self._cond:
@@ -362,13 +356,9 @@ class Engine:
         device, cfg = self.model.device, self.model.config
         free = [r for r in range(self.max_batch) if r not in self._rows][:len(requests)]
         width = max(len(r.prompt) for r in requests)
-        tokens = torch.full((len(requests), width), self.tokenizer.pad_id, dtype=torch.long)
-        positions = torch.full((len(requests), width), -1, dtype=torch.long)
-        for i, r in enumerate(requests):  # left-padded, as gemma.generate batches them
-            tokens[i, width - len(r.prompt):] = torch.tensor(r.prompt)
-            positions[i, width - len(r.prompt):] = torch.arange(len(r.prompt))
+        tokens, positions = left_pad([r.prompt for r in requests], self.tokenizer.pad_id, device)  # as generate does
         staging = self.model.new_cache(len(requests), width)
-        logits = prefill(self.model, staging, tokens.to(device), positions.to(device))  # (n, V)
+        logits = prefill(self.model, staging, tokens, positions)  # (n, V)
         self.stats.prompt_tokens += sum(len(r.prompt) for r in requests)
         self._move_cursor(max([width] + [row.pos for row in self._rows.values()]))
         for i, (request, slot) in enumerate(zip(requests, free)):
@@ -376,8 +366,8 @@ class Engine:
             self.cache.load_row(slot, staging, i, self.cache.length - P)
             seen = (seen_mask([request.prompt], cfg.vocab_size, device)[0]
                     if request.params.repetition_penalty != 1.0 else None)
-            self._rows[slot] = _Row(request, P, -1, [], 0, TextStream(self.tokenizer, request.stop_strings),
-                                    new_generator(request.seed, device), seen)
+            self._rows[slot] = _Row(request, P, -1, [], 0, TextStream(self.tokenizer, request.params.stop_strings),
+                                    new_generator(request.params.seed, device), seen)
         self._mask_vocab(logits)
         for i, slot in enumerate(free):
             self._take(slot, logits[i:i + 1])

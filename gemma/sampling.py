@@ -78,20 +78,62 @@ def check_settings(temperature=0.0, top_k=None, top_p=None, min_p=None, repetiti
         refuse("seed", "an integer in [-2**63, 2**64)", seed)
 
 
+def check_stop_strings(stop_strings: Sequence[str] | None) -> tuple[str, ...]:
+    stops = tuple(stop_strings or ())
+    if any(not isinstance(s, str) or not s for s in stops):
+        raise GemmaError("stop strings must be non-empty strings")
+    return stops
+
+
 @dataclass(frozen=True)
 class SamplingParams:
+    """How to generate, as one object that travels from an entry point (`generate`, `stream_generate`,
+    `ChatSession`, `Engine.submit`, the chat tool, the server) to the sampler, checked once: at construction (a
+    GemmaError naming the first bad field). The filters are what `sample` reads; the rest is read where a
+    generation starts and ends. As vLLM's SamplingParams, one object rather than filters and a second one for
+    length, seed and stops: every caller that has the one has the other."""
+
     temperature: float = 0.0  # 0 (or below MIN_TEMPERATURE) = greedy; otherwise logits are divided by it
     top_k: int | None = None  # keep only the k most likely tokens (ties with the k-th kept too)
     top_p: float | None = None  # keep the smallest set of most likely tokens whose probability reaches p
     min_p: float | None = None  # drop tokens less likely than min_p times the most likely one
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the context (transformers' rule); 1 = off
+    max_new_tokens: int = 256  # tokens sampled at most (stop id included); the context's end may come first
+    seed: int | None = None  # seeds the generation's own RNG; None = seeded from the OS
+    stop_strings: tuple[str, ...] = ()  # the text ends before the first of these to complete (any sequence given)
 
     def __post_init__(self):
-        check_settings(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
+        check_settings(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty,
+                       self.max_new_tokens, self.seed)
+        object.__setattr__(self, "stop_strings", check_stop_strings(self.stop_strings))  # frozen: set once
 
     @property
     def greedy(self) -> bool:
         return self.temperature < MIN_TEMPERATURE
+
+
+_DEFAULTS = SamplingParams()
+
+
+def _at_default(name: str, value) -> bool:
+    if name == "stop_strings":
+        return not value  # None, () and [] all mean none
+    default = getattr(_DEFAULTS, name)
+    return value is default or (not isinstance(value, bool) and value == default)
+
+
+def sampling_params(params: SamplingParams | None = None, **settings) -> SamplingParams:
+    """The settings of an entry point as one SamplingParams: `params` itself, or one built (and so checked) from
+    the keyword settings (`temperature=...`) the entry point also takes. Both at once are refused, unless the
+    keywords are at their defaults."""
+    if params is None:
+        return SamplingParams(**settings)
+    if not isinstance(params, SamplingParams):
+        raise GemmaError(f"params must be a SamplingParams, got {type(params).__name__}")
+    both = [name for name, value in settings.items() if not _at_default(name, value)]
+    if both:
+        raise GemmaError(f"give the settings either as params or as keywords, not both ({', '.join(both)})")
+    return params
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -312,13 +354,6 @@ def _stop_prefix_len(text: str, stop_strings: Sequence[str]) -> int:
     return held
 
 
-def check_stop_strings(stop_strings: Sequence[str] | None) -> tuple[str, ...]:
-    stops = tuple(stop_strings or ())
-    if any(not isinstance(s, str) or not s for s in stops):
-        raise GemmaError("stop strings must be non-empty strings")
-    return stops
-
-
 class TextStream:
     """Token ids in, text pieces out: an IncrementalDecoder that also stops at stop strings.
 
@@ -362,20 +397,48 @@ class TextStream:
 # ---- generate ----------------------------------------------------------------------------------------------------
 
 
+def check_prompt(prompt, vocab: int, context: int | None = None, *, name: str = "a prompt",
+                 empty: str = "a prompt must be a non-empty list of token ids",
+                 room: str = "the context") -> list[int]:
+    """`prompt` (ids in a list, tuple or tensor) as a list, or a GemmaError: it is empty (the message `empty`),
+    holds anything but ids in [0, vocab) (naming it as `name`), or, with `context`, leaves no room for a new token
+    in `room` (`check_room`). The prompt checks of `generate` and the engine, each in its own words."""
+    if isinstance(prompt, torch.Tensor):
+        prompt = prompt.tolist()
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        raise GemmaError(empty)
+    if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab for i in prompt):
+        raise GemmaError(f"{name} holds something other than token ids in [0, {vocab})")
+    if context is not None:
+        check_room(len(prompt), context, room)
+    return list(prompt)
+
+
+def check_room(length: int, context: int, room: str = "the context") -> None:
+    """A GemmaError if a prompt of `length` tokens leaves no column of `context` for a new token."""
+    if length >= context:
+        raise GemmaError(f"a prompt of {length} tokens leaves no room in {room} of {context}")
+
+
 def _check_prompts(prompts, vocab: int) -> list[list[int]]:
     if isinstance(prompts, torch.Tensor):
         prompts = prompts.tolist()
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(
             isinstance(p, (list, tuple)) for p in prompts):
         raise GemmaError("prompts must be a non-empty list of token-id lists")
-    out = []
-    for n, p in enumerate(prompts):
-        if not p:
-            raise GemmaError(f"prompt {n} is empty")
-        if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab for i in p):
-            raise GemmaError(f"prompt {n} holds something other than token ids in [0, {vocab})")
-        out.append(list(p))
-    return out
+    return [check_prompt(p, vocab, name=f"prompt {n}", empty=f"prompt {n} is empty") for n, p in enumerate(prompts)]
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of prompts of any lengths: (tokens, positions), both (B, longest), each prompt at the right end
+    of its row; the padding on the left holds `pad_id` at position -1, which attention masks out."""
+    width = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    positions = torch.full((len(prompts), width), -1, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        tokens[b, width - len(p):] = torch.tensor(p)
+        positions[b, width - len(p):] = torch.arange(len(p))
+    return tokens.to(device), positions.to(device)
 
 
 def new_generator(seed: int | None, device) -> torch.Generator:
@@ -392,54 +455,46 @@ def _no_steps() -> Iterator[list[int]]:
     yield from ()
 
 
-def _start(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
-           stop_ids, stats):
+def _start(model, tokenizer, prompts, params: SamplingParams, stop_ids, stats):
     """Shared set-up of `generate` and `stream_generate`: left-pad the batch into one cache and start stepping."""
-    check_settings(temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens, seed)
-    params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
     cfg, device = model.config, model.device
     prompts = _check_prompts(prompts, cfg.vocab_size)
     width = max(len(p) for p in prompts)
-    if width >= cfg.max_seq_len:
-        raise GemmaError(f"a prompt of {width} tokens leaves no room in the model's context of {cfg.max_seq_len}")
+    check_room(width, cfg.max_seq_len, "the model's context")
     # Generation ends at the context's end, as it ends at max_new_tokens.
-    max_new_tokens = min(max_new_tokens, cfg.max_seq_len - width)
+    max_new_tokens = min(params.max_new_tokens, cfg.max_seq_len - width)
     stops = frozenset(tokenizer.stop_ids if stop_ids is None else stop_ids)
     if max_new_tokens == 0:
         return _no_steps(), stops
 
-    B = len(prompts)
-    tokens = torch.full((B, width), tokenizer.pad_id, dtype=torch.long)
-    positions = torch.full((B, width), -1, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        tokens[b, width - len(p):] = torch.tensor(p)
-        positions[b, width - len(p):] = torch.arange(len(p))
-    tokens, positions = tokens.to(device), positions.to(device)
+    tokens, positions = left_pad(prompts, tokenizer.pad_id, device)
     seen = seen_mask(prompts, cfg.vocab_size, device) if params.repetition_penalty != 1.0 else None
-    cache = model.new_cache(B, width + max_new_tokens)
-    steps = decode_steps(model, cache, tokens, positions, max_new_tokens, params, new_generator(seed, device), seen,
-                         tokenizer.vocab_size, stats)
+    cache = model.new_cache(len(prompts), width + max_new_tokens)
+    steps = decode_steps(model, cache, tokens, positions, max_new_tokens, params, new_generator(params.seed, device),
+                         seen, tokenizer.vocab_size, stats)
     return steps, stops
 
 
 def generate(model, tokenizer, prompts, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, min_p: float | None = None, repetition_penalty: float = 1.0,
              seed: int | None = None, *, stop_ids: Sequence[int] | None = None,
-             stop_strings: Sequence[str] | None = None, stats: GenerationStats | None = None) -> list[list[int]]:
+             stop_strings: Sequence[str] | None = None, stats: GenerationStats | None = None,
+             params: SamplingParams | None = None) -> list[list[int]]:
     """The new token ids of each prompt (one batch, left-padded; prompts may differ in length).
 
     Each row stops after `max_new_tokens`, at the model's context end, or at a stop id (`stop_ids`, by default the
     tokenizer's `<eos>` and `<end_of_turn>`; not included), or once its text contains one of `stop_strings` (the
     ids then run up to the token that completed it; `decode_text` cuts the text there). `seed` makes sampling
-    reproducible; temperature 0 is greedy.
+    reproducible; temperature 0 is greedy. `params` (a SamplingParams) may carry all the settings instead.
     """
-    steps, stops = _start(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
-                          repetition_penalty, seed, stop_ids, stats)
-    stop_strings = check_stop_strings(stop_strings)
+    params = sampling_params(params, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                             top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                             stop_strings=stop_strings)
+    steps, stops = _start(model, tokenizer, prompts, params, stop_ids, stats)
     B = len(prompts)
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
-    streams = [TextStream(tokenizer, stop_strings) for _ in range(B)] if stop_strings else None
+    streams = [TextStream(tokenizer, params.stop_strings) for _ in range(B)] if params.stop_strings else None
     try:
         for ids in steps:
             for b, t in enumerate(ids):
@@ -468,13 +523,15 @@ def stream_generate(model, tokenizer, prompt: Sequence[int], max_new_tokens: int
                     top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                     repetition_penalty: float = 1.0, seed: int | None = None, *,
                     stop_ids: Sequence[int] | None = None, stop_strings: Sequence[str] | None = None,
-                    stats: GenerationStats | None = None) -> Iterator[str]:
+                    stats: GenerationStats | None = None, params: SamplingParams | None = None) -> Iterator[str]:
     """`generate` for one prompt, yielding text as it is produced. No piece splits a character, and the pieces
     join to `decode_text(tokenizer, generate(...)[0], stop_strings)` for the same settings. Settings are checked
     at the call, before the first piece is asked for."""
-    steps, stops = _start(model, tokenizer, [prompt], max_new_tokens, temperature, top_k, top_p, min_p,
-                          repetition_penalty, seed, stop_ids, stats)
-    return _stream_text(steps, stops, TextStream(tokenizer, stop_strings))
+    params = sampling_params(params, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                             top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                             stop_strings=stop_strings)
+    steps, stops = _start(model, tokenizer, [prompt], params, stop_ids, stats)
+    return _stream_text(steps, stops, TextStream(tokenizer, params.stop_strings))
 
 
 def _stream_text(steps: Iterator[list[int]], stops: frozenset[int], stream: TextStream,
@@ -515,24 +572,23 @@ class ChatSession:
                  raw: bool = False, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, min_p: float | None = None, repetition_penalty: float = 1.0,
                  seed: int | None = None, stop_strings: Sequence[str] | None = None,
-                 notify: Callable[[str], None] | None = None):
+                 notify: Callable[[str], None] | None = None, params: SamplingParams | None = None):
         self.model, self.tokenizer = model, tokenizer
-        check_settings(temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens, seed, min_new_tokens=1)
-        self.params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
+        self.params = sampling_params(params, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                      top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                                      stop_strings=stop_strings)
+        check_settings(max_new_tokens=self.params.max_new_tokens, min_new_tokens=1)  # a reply has a token at least
         self.max_len = max_len or min(model.config.max_seq_len, 8192)
-        if max_new_tokens >= self.max_len:
-            raise GemmaError(f"max_new_tokens ({max_new_tokens}) leaves no room for a prompt in the context of "
-                             f"{self.max_len} tokens")
-        self.max_new_tokens = max_new_tokens
+        if self.params.max_new_tokens >= self.max_len:
+            raise GemmaError(f"max_new_tokens ({self.params.max_new_tokens}) leaves no room for a prompt in the "
+                             f"context of {self.max_len} tokens")
         self.raw = raw
         self.system = [{"role": "system", "content": system}] if system else []
         if system and raw:
             raise GemmaError("a system prompt needs the chat template (not --raw)")
-        self.stop_strings = check_stop_strings(stop_strings)
-        self.seed = seed
         self.notify = notify or (lambda message: None)
         self.cache = model.new_cache(1, self.max_len)
-        self.generator = new_generator(seed, model.device)
+        self.generator = new_generator(self.params.seed, model.device)
         self.tokens: list[int] = []
         self.messages: list[dict] = []  # the user and model turns kept, as text (for re-encoding after a drop)
         self.last_prefill = 0  # tokens the latest turn fed to the model before its reply
@@ -542,7 +598,7 @@ class ChatSession:
         """Forget the conversation (the system prompt stays) and restart the seeded RNG."""
         self.cache.reset()
         self.tokens, self.messages = [], []
-        self.generator = new_generator(self.seed, self.model.device)
+        self.generator = new_generator(self.params.seed, self.model.device)
 
     def send(self, text: str) -> Iterator[str]:
         """Add a user message and return an iterator over the reply's text. Closing it early (Ctrl-C) keeps the
@@ -552,7 +608,7 @@ class ChatSession:
             raise GemmaError("the message is not valid text (it holds bytes that are not UTF-8, or a lone "
                              "surrogate); nothing was sent")
         new = self._turn_tokens(text)
-        if len(self.tokens) + len(new) + self.max_new_tokens > self.max_len:
+        if len(self.tokens) + len(new) + self.params.max_new_tokens > self.max_len:
             new = self._drop_oldest(text)
         self.tokens += new
         feed = self.tokens[self.cache.length:]
@@ -562,12 +618,12 @@ class ChatSession:
                 if self.params.repetition_penalty != 1.0 else None)
         self.stats = GenerationStats()
         steps = decode_steps(self.model, self.cache, torch.tensor([feed], device=device),
-                             torch.arange(start, start + len(feed), device=device)[None], self.max_new_tokens,
+                             torch.arange(start, start + len(feed), device=device)[None], self.params.max_new_tokens,
                              self.params, self.generator, seen, self.tokenizer.vocab_size, self.stats)
         return self._reply(text, steps)
 
     def _reply(self, text: str, steps: Iterator[list[int]]) -> Iterator[str]:
-        stream = TextStream(self.tokenizer, self.stop_strings)
+        stream = TextStream(self.tokenizer, self.params.stop_strings)
         try:
             yield from _stream_text(steps, frozenset(self.tokenizer.stop_ids), stream, self.tokens.append)
         except KeyboardInterrupt:
@@ -598,7 +654,7 @@ class ChatSession:
     def _drop_oldest(self, text: str) -> list[int]:
         """Make the conversation fit: drop the oldest turns (raw: the oldest tokens after <bos>) and start the
         cache afresh; returns the whole conversation's ids."""
-        room = self.max_len - self.max_new_tokens
+        room = self.max_len - self.params.max_new_tokens
         if self.raw:
             everything = self.tokens + self.tokenizer.encode(text, bos=not self.tokens)
             dropped = len(everything) - room
@@ -613,7 +669,7 @@ class ChatSession:
                     break
                 if not kept:
                     raise GemmaError(f"the message ({len(ids)} tokens) and max_new_tokens "
-                                     f"({self.max_new_tokens}) do not fit the context of {self.max_len} tokens")
+                                     f"({self.params.max_new_tokens}) do not fit the context of {self.max_len} tokens")
                 kept = kept[2:]  # one user turn and its reply
             dropped = (len(self.messages) - len(kept)) // 2
             self.messages = kept

@@ -96,6 +96,19 @@ def test_seeded_sampling_session_is_reproducible(model, tok):
     assert runs[0] == runs[1]
 
 
+def test_a_session_takes_its_settings_as_one_object(model, tok):
+    from gemma.sampling import SamplingParams
+
+    settings = dict(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=5, repetition_penalty=1.2)
+    runs = []
+    for s in (ChatSession(model, tok, max_len=256, **settings),
+              ChatSession(model, tok, max_len=256, params=SamplingParams(**settings))):
+        runs.append([reply_of(s, t)[1] for t in ("Hi", "And then?")])
+    assert runs[0] == runs[1]
+    with pytest.raises(GemmaError, match="^max_new_tokens must be a positive integer, got 0$"):
+        ChatSession(model, tok, params=SamplingParams(max_new_tokens=0))  # a reply needs one token at least
+
+
 def test_overflow_drops_the_oldest_turns_with_a_notice(model, tok):
     notices = []
     s = ChatSession(model, tok, max_len=72, max_new_tokens=8, system=SYSTEM["content"], notify=notices.append)

@@ -13,7 +13,7 @@ import torch
 from gemma.engine import Delta, Engine, EngineBusy, Finish
 from gemma.errors import GemmaError
 from gemma.kv_cache import KVCache
-from gemma.sampling import decode_text, generate, prefill, stream_generate
+from gemma.sampling import SamplingParams, decode_text, generate, prefill, stream_generate
 from gen_models import real_270m, tiny_generator
 from tiny_models import CASES
 
@@ -108,6 +108,20 @@ def test_seeded_sampling_equals_generate(model, tok):
                     for i, p in enumerate(prompts)]
         got = [list(r.result(60).token_ids) for r in requests]
     assert got == [alone(model, tok, p, 16, seed=10 + i, stop_ids=(), **settings) for i, p in enumerate(prompts)]
+
+
+def test_settings_as_one_object_equal_the_keywords(gemma3, tok):
+    prompts = random_prompts(tok, 3, seed=9)
+    params = SamplingParams(temperature=0.9, top_k=40, repetition_penalty=1.3, max_new_tokens=12, seed=2)
+    with Engine(gemma3, tok, max_batch=2) as engine:
+        one = list(engine.submit(prompts[0], params=params, stop_ids=()).result(30).token_ids)
+        every = engine.generate(prompts, params=params, stop_ids=())
+        with pytest.raises(GemmaError, match="not both"):
+            engine.submit(prompts[0], seed=3, params=params)
+    want = [generate(gemma3, tok, [p], params=params, stop_ids=())[0] for p in prompts]
+    assert [one] + every == want[:1] + want
+    assert want[0] == alone(gemma3, tok, prompts[0], 12, temperature=0.9, top_k=40, repetition_penalty=1.3, seed=2,
+                            stop_ids=())
 
 
 def test_events_are_whole_characters_that_join_to_the_text(gemma3, tok):

@@ -216,6 +216,37 @@ def test_bad_prompts_are_user_errors(model, tok, prompts):
         generate(model, tok, prompts, max_new_tokens=2)
 
 
+def test_settings_travel_as_one_object(model, tok):
+    prompt = tok.encode(PROMPTS[1])
+    settings = dict(max_new_tokens=12, temperature=0.9, top_k=50, top_p=0.9, min_p=0.01, repetition_penalty=1.2,
+                    seed=4)
+    params = SamplingParams(**settings, stop_strings=["zz"])
+    assert generate(model, tok, [prompt], params=params, stop_ids=()) == \
+        generate(model, tok, [prompt], stop_strings=["zz"], stop_ids=(), **settings)
+    assert list(stream_generate(model, tok, prompt, params=params, stop_ids=())) == \
+        list(stream_generate(model, tok, prompt, stop_strings=["zz"], stop_ids=(), **settings))
+    with pytest.raises(GemmaError, match="not both"):
+        generate(model, tok, [prompt], temperature=0.5, params=params)
+    with pytest.raises(GemmaError, match="^stop strings must be non-empty strings$"):
+        SamplingParams(stop_strings=[""])  # checked once, when the object is made
+
+
+def test_prompt_checks_and_padding_are_shared():
+    from gemma.sampling import _check_prompts, check_prompt, left_pad
+
+    assert check_prompt(torch.tensor([2, 5]), 10, 3) == [2, 5]
+    for prompt, context, says in (([], None, "^a prompt must be a non-empty list of token ids$"),
+                                  ([2, 10], None, r"^a prompt holds something other than token ids in \[0, 10\)$"),
+                                  ([2, True], None, "holds something other"),
+                                  ([2, 5], 2, "^a prompt of 2 tokens leaves no room in the context of 2$")):
+        with pytest.raises(GemmaError, match=says):
+            check_prompt(prompt, 10, context)
+    with pytest.raises(GemmaError, match="^prompt 1 is empty$"):  # generate's words for a batch
+        _check_prompts([[2], []], 10)
+    tokens, positions = left_pad([[7, 8, 9], [5]], pad_id=0)
+    assert tokens.tolist() == [[7, 8, 9], [0, 0, 5]] and positions.tolist() == [[0, 1, 2], [-1, -1, 0]]
+
+
 # ---- seeds -------------------------------------------------------------------------------------------------------
 
 

@@ -51,11 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def sampling_kwargs(args) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
-
-
 def write_stream(pieces: Iterable[str], out: TextIO) -> bool:
     """Print the pieces as they come and end the line; False if Ctrl-C stopped them."""
     try:
@@ -73,7 +68,7 @@ def write_stream(pieces: Iterable[str], out: TextIO) -> bool:
         out.flush()
 
 
-def one_shot(model, tokenizer, args, out: TextIO, err: TextIO) -> int:
+def one_shot(model, tokenizer, args, params, out: TextIO, err: TextIO) -> int:
     from gemma.sampling import GenerationStats, stream_generate
 
     if args.raw:
@@ -84,7 +79,7 @@ def one_shot(model, tokenizer, args, out: TextIO, err: TextIO) -> int:
         system = [{"role": "system", "content": args.system}] if args.system else []
         ids = tokenizer.apply_chat(system + [{"role": "user", "content": args.prompt}])
     stats = GenerationStats()
-    pieces = stream_generate(model, tokenizer, ids, **sampling_kwargs(args), stop_strings=args.stop, stats=stats)
+    pieces = stream_generate(model, tokenizer, ids, params=params, stats=stats)
     finished = write_stream(pieces, out)
     if args.stats:
         print(stats.summary(), file=err)
@@ -153,26 +148,35 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def check_args(args) -> None:
-    """Every flag value checked, before the (slow) load: one line naming the flag."""
-    from gemma.sampling import check_settings, check_stop_strings
+def sampling_params(args):
+    """The sampling flags as one SamplingParams. Each value is checked under its flag's name first (`--top-p must
+    be ...`, where the object's own check would say `top_p`), and a reply needs one new token at least."""
+    from gemma.sampling import SamplingParams, check_settings
 
+    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    check_settings(**settings, min_new_tokens=1, spell=flag)
+    return SamplingParams(**settings, stop_strings=args.stop)
+
+
+def check_args(args):
+    """Every flag value checked, before the (slow) load: one line naming the flag. Returns the sampling flags as
+    one SamplingParams."""
     if args.max_len is not None and args.max_len < 1:
         raise GemmaError(f"--max-len must be a positive integer, got {args.max_len}")
-    check_settings(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty,
-                   args.max_new_tokens, args.seed, min_new_tokens=1, spell=flag)
-    check_stop_strings(args.stop)
+    params = sampling_params(args)
     # Bytes that are not UTF-8 reach Python as lone surrogates (`--prompt $'\xff'`): no tokenizer can take them.
     for name, texts in (("--prompt", [args.prompt]), ("--system", [args.system]), ("--stop", args.stop)):
         if any(t is not None and has_lone_surrogate(t) for t in texts):
             raise GemmaError(f"{name}: not valid text (it holds bytes that are not UTF-8)")
     check_source_file(args.size or args.model)
+    return params
 
 
 @main_guard
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    check_args(args)
+    params = check_args(args)
 
     from gemma.sampling import ChatSession
     # Replies are text in any language: never fail on a character the terminal's encoding lacks.
@@ -185,10 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompt is not None:
         if args.stats:
             print(loaded, file=sys.stderr)
-        return one_shot(model, tokenizer, args, sys.stdout, sys.stderr)
+        return one_shot(model, tokenizer, args, params, sys.stdout, sys.stderr)
 
-    session = ChatSession(model, tokenizer, max_len=args.max_len, system=args.system, raw=args.raw,
-                          **sampling_kwargs(args), stop_strings=args.stop,
+    session = ChatSession(model, tokenizer, max_len=args.max_len, system=args.system, raw=args.raw, params=params,
                           notify=lambda message: print(f"[{message}]", file=sys.stderr))
     print(f"{loaded}\n[/help for commands, /exit to quit]", file=sys.stderr)
     if sys.stdin is None:  # started with standard input closed: nothing to read

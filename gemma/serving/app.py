@@ -33,10 +33,11 @@ from starlette.responses import StreamingResponse
 
 from gemma.engine import Delta, EngineBusy, EngineClosed, Finish
 from gemma.errors import GemmaError
+from gemma.sampling import SamplingParams
 from gemma.serving.guard import AllowedHosts, Guard, error_response
 from gemma.serving.protocol import (ApiError, ChatRequest, CompletionRequest, TextGenerateRequest, chat_messages,
-                                    checked_sampling, completion_prompt, parse_body, refuse_unsupported,
-                                    sampling_settings, validation_message)
+                                    checked_sampling, completion_prompt, engine_params, parse_body,
+                                    refuse_unsupported, sampling_settings, validation_message)
 
 PROTECTED = ("/v1/", "/nlg/")  # path prefixes that need the API key, when there is one
 DISCONNECT_POLL_S = 0.5  # how often a waiting request checks that its client is still there
@@ -63,7 +64,7 @@ class LiveGenerations:
 class _Generation:
     """One engine request seen from the event loop: its events arrive through an asyncio queue."""
 
-    def __init__(self, engine, prompt: list[int], settings: dict, http: Request, live: LiveGenerations):
+    def __init__(self, engine, prompt: list[int], params: SamplingParams, http: Request, live: LiveGenerations):
         if live.closing:
             raise ApiError(503, "the server is shutting down", code="shutting_down")
         loop = asyncio.get_running_loop()
@@ -72,7 +73,7 @@ class _Generation:
         self.prompt_tokens = len(prompt)
         self.aborted_at: float | None = None  # when the shutdown stopped it
         try:
-            self.request = engine.submit(prompt, **settings,
+            self.request = engine.submit(prompt, params=params,
                                          sink=lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, event))
         except GemmaError as exc:
             raise ApiError(400, str(exc)) from None
@@ -266,9 +267,9 @@ async def encode(fn, *args) -> list[int]:
         raise ApiError(400, str(exc), "messages") from None
 
 
-def generation(http: Request, prompt: list[int], settings: dict) -> _Generation:
+def generation(http: Request, prompt: list[int], params: SamplingParams) -> _Generation:
     state = served(http)
-    return _Generation(state.engine, prompt, settings, http, state.live)
+    return _Generation(state.engine, prompt, params, http, state.live)
 
 
 def chat_chunk(ident: str, created: int, model_name: str, delta: dict, finish_reason: str | None = None) -> dict:
@@ -338,8 +339,8 @@ async def text_generate(http: Request):
                                 engine.vocab_limit)
     if greedy:
         sampling.update(top_k=None, top_p=None)
-    settings = dict(max_new_tokens=min(body.max_new_tokens, engine.context - len(prompt)), **sampling)
-    finish = await finish_reply(generation(http, prompt, settings))
+    params = engine_params(max_new_tokens=min(body.max_new_tokens, engine.context - len(prompt)), **sampling)
+    finish = await finish_reply(generation(http, prompt, params))
     if not isinstance(finish, Finish):
         return finish
     return JSONResponse(finish.text)

@@ -2,7 +2,7 @@
 checked (JSON that Python's parser would choke on, lone surrogates, unsupported parameters, sampling values out of
 range), and the error every refusal becomes (`ApiError`, answered as {"error": {"message", "type", "param",
 "code"}} by gemma/serving/app.py). Nothing here touches the engine: each function maps a body to what the engine
-takes, or raises ApiError."""
+takes (a prompt's ids, the settings as one gemma.sampling.SamplingParams), or raises ApiError."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from typing import Any, Literal
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from gemma.errors import GemmaError
 from gemma.files import MAX_JSON_DEPTH, has_lone_surrogate, json_depth_ok
+from gemma.sampling import SamplingParams
 
 # Sampling values outside these ranges are refused: beyond them the sampler's arithmetic overflows (logits divided
 # by a vanishing temperature, or by a vanishing repetition penalty, become inf and the probabilities NaN), or the
@@ -232,8 +234,9 @@ def completion_prompt(body: CompletionRequest, tokenizer) -> list[int]:
     return list(prompt)
 
 
-def sampling_settings(body: _Sampling, prompt_len: int, context: int, max_new: int | None, vocab: int) -> dict:
-    """Engine settings from OpenAI's fields, or a 400 that says what is wrong."""
+def sampling_settings(body: _Sampling, prompt_len: int, context: int, max_new: int | None,
+                      vocab: int) -> SamplingParams:
+    """The engine's settings from OpenAI's fields, or a 400 that says what is wrong."""
     if prompt_len >= context:
         raise ApiError(400, f"This model's maximum context length is {context} tokens. However, your prompt has "
                             f"{prompt_len} tokens.", "messages" if isinstance(body, ChatRequest) else "prompt",
@@ -250,9 +253,18 @@ def sampling_settings(body: _Sampling, prompt_len: int, context: int, max_new: i
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 16 or any(not 0 < len(s) <= 256 for s in stop):
         raise ApiError(400, "stop must be a string of 1 to 256 characters or a list of at most 16 of them", "stop")
-    return dict(max_new_tokens=max_new, stop_strings=stop,
-                **checked_sampling(1.0 if body.temperature is None else body.temperature, body.top_k, body.top_p,
-                                   body.min_p, body.repetition_penalty, body.seed, vocab))
+    return engine_params(max_new_tokens=max_new, stop_strings=stop,
+                         **checked_sampling(1.0 if body.temperature is None else body.temperature, body.top_k,
+                                            body.top_p, body.min_p, body.repetition_penalty, body.seed, vocab))
+
+
+def engine_params(**settings) -> SamplingParams:
+    """Settings this module has checked as the engine's SamplingParams. Its own checks are wider than ours, so it
+    refuses none of them; should it ever, the refusal is a 400, as it was when the engine made it."""
+    try:
+        return SamplingParams(**settings)
+    except GemmaError as exc:
+        raise ApiError(400, str(exc)) from None
 
 
 def checked_sampling(temperature: float, top_k: int | None, top_p: float | None, min_p: float | None,
