@@ -27,11 +27,11 @@ def first_non_finite(state) -> str | None:
 
 def file_names(path, cfg) -> dict[str, str]:
     """native name -> the tensor's name in the source's files, for messages."""
-    from gemma.checkpoint import hf_names
-    from gemma.load import folder_kind
+    from gemma.formats.checkpoint import hf_names
+    from gemma.formats.load import folder_kind
 
     if not path.is_dir():
-        from gemma.gguf import gguf_names
+        from gemma.formats.gguf import gguf_names
 
         return gguf_names(cfg)
     return {} if folder_kind(path) == "native" else hf_names(cfg)
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 (default fp32)")
     args = parser.parse_args(argv)
 
-    from gemma.load import load_weights, resolve
+    from gemma.formats.load import load_weights, resolve
 
     dtype = parse_dtype(args.dtype)
     path = resolve(args.source)

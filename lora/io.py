@@ -3,7 +3,7 @@
 A PEFT adapter folder holds `adapter_config.json` (a peft `LoraConfig`) and `adapter_model.safetensors` whose keys
 are the HF module paths under `base_model.model.` with peft's suffixes, for example
 `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` (and `...lora_magnitude_vector` for DoRA).
-Native names come from the same table the base checkpoints use (`gemma.checkpoint.hf_names`).
+Native names come from the same table the base checkpoints use (`gemma.formats.checkpoint.hf_names`).
 
 Reading is strict: every tensor the config implies must be present with its shape, nothing else may be, and a
 peft option we do not implement (bias training, modules_to_save, layers_to_transform, rank_pattern, ...) is an
@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from gemma.checkpoint import atomic_dir, expected_shapes, hf_names, hf_text_key, save_safetensors, write_json
-from gemma.config import GemmaConfig, read_json, shown
+from gemma.formats.checkpoint import atomic_dir, expected_shapes, hf_names, hf_text_key, save_safetensors, write_json
+from gemma.model.config import GemmaConfig, read_json, shown
 from gemma.errors import GemmaError
 from gemma.files import regular_file
 from gemma.model import Gemma

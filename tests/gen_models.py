@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from gemma.checkpoint import build_model, load_hf_folder, save_native
+from gemma.formats.checkpoint import build_model, load_hf_folder, save_native
 from gemma.tokenizer import Tokenizer
 from tiny_models import hf_model
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bench_workloads import agreement, decode, model_folder, ours, prefill_run, prompt_ids, reference, weight_bytes
-from gemma.quantize import quantize_model
+from gemma.model.quantize import quantize_model
 from tiny_models import save_hf_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,21 +54,21 @@ def test_ours_and_reference_decode_the_same_tokens(hf_folder):
     mine, theirs = ours(hf_folder, torch.float32, cpu), reference(hf_folder, torch.float32, cpu)
     ids = prompt_ids(2, 8, mine.config.vocab_size)
     seen = []
-    from gemma import sampling
+    from gemma.generation import steps
 
-    real = sampling.decode_steps
+    real = steps.decode_steps
 
     def spy(*args, **kwargs):
         for step in real(*args, **kwargs):
             seen.append(step)
             yield step
 
-    sampling.decode_steps = spy
+    steps.decode_steps = spy
     try:
         with torch.no_grad():
             _ours_generate(mine, ids, 6)
     finally:
-        sampling.decode_steps = real
+        steps.decode_steps = real
     ours_tokens = torch.tensor(seen).T  # (B, 6)
     with torch.no_grad():
         theirs_tokens = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,

@@ -14,9 +14,11 @@ import pytest
 import torch
 
 import gemma
-from gemma.checkpoint import save_native
+from gemma.formats.checkpoint import save_native
 from gemma.errors import GemmaError
-from gemma.sampling import ChatSession, decode_text, generate
+from gemma.generation.chat import ChatSession
+from gemma.generation.text import decode_text
+from gemma.generation.batch import generate
 from gen_models import real_270m, tiny_generator, tiny_generator_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +99,7 @@ def test_seeded_sampling_session_is_reproducible(model, tok):
 
 
 def test_a_session_takes_its_settings_as_one_object(model, tok):
-    from gemma.sampling import SamplingParams
+    from gemma.generation.sampling import SamplingParams
 
     settings = dict(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=5, repetition_penalty=1.2)
     runs = []

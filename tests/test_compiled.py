@@ -1,4 +1,4 @@
-"""gemma.compiled: torch.compile of a prompt's elementwise work agrees with the eager model, and falls back."""
+"""gemma.model.compiled: torch.compile of a prompt's elementwise work agrees with the eager model, and falls back."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-import gemma.compiled
-from gemma.checkpoint import build_model, load_hf_folder
-from gemma.compiled import compile_model, uncompile_model
-from gemma.sampling import prefill
+import gemma.model.compiled
+from gemma.formats.checkpoint import build_model, load_hf_folder
+from gemma.model.compiled import compile_model, uncompile_model
+from gemma.generation.steps import prefill
 from tiny_models import hf_model, tokens
 
 
@@ -47,7 +47,7 @@ def test_a_failed_compile_runs_eagerly_and_says_so_once(model, monkeypatch, caps
             raise RuntimeError("no C++ compiler found\nmore detail")
         return run
 
-    monkeypatch.setattr(gemma.compiled.torch, "compile", broken)
+    monkeypatch.setattr(gemma.model.compiled.torch, "compile", broken)
     fast = compile_model(copy.deepcopy(model))
     x = tokens(batch=1, length=9, seed=4)
     with torch.no_grad():

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from gemma.config import FULL, PRESETS, SLIDING, GemmaConfig, from_hf_config, preset
+from gemma.model.config import FULL, PRESETS, SLIDING, GemmaConfig, from_hf_config, preset
 from gemma.errors import GemmaError
 
 # config.json files as the hub publishes them (written by transformers 4.x), trimmed of keys we do not read.

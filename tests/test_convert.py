@@ -1,4 +1,4 @@
-"""tools/convert.py and gemma.convert: exact round trips between HF and native folders, transformers loads ours."""
+"""tools/convert.py and gemma/formats/convert.py: round trips between HF and native folders, transformers loads ours."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 import gemma
-from gemma.checkpoint import save_hf
-from gemma.config import from_hf_config
-from gemma.convert import convert
+from gemma.formats.checkpoint import save_hf
+from gemma.model.config import from_hf_config
+from gemma.formats.convert import convert
 from gemma.errors import GemmaError
 from tiny_models import hf_model, tokens
 

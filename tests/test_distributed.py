@@ -227,7 +227,7 @@ def test_a_user_error_is_one_line_from_rank_0(tiny_folder, tmp_path):
 
 def test_readme_memory_table_is_computed_from_the_presets():
     from train.distributed import memory_table, parameter_counts
-    from gemma.config import preset
+    from gemma.model.config import preset
 
     # The published totals of the HF checkpoints (text towers for Gemma 3).
     assert parameter_counts(preset("2b"))["total"] == 2_506_172_416

@@ -1,4 +1,4 @@
-"""gemma.engine: requests that share forward passes, joining and leaving the batch at any step, get what
+"""gemma.generation.engine: requests that share forward passes, joining and leaving the batch at any step, get what
 gemma.generate gives each prompt alone (greedy and seeded sampling), token for token; the KV cache's row methods
 keep the logits of a row exact while rows are loaded and columns move."""
 
@@ -10,10 +10,13 @@ import threading
 import pytest
 import torch
 
-from gemma.engine import Delta, Engine, EngineBusy, Finish
+from gemma.generation.engine import Delta, Engine, EngineBusy, Finish
 from gemma.errors import GemmaError
-from gemma.kv_cache import KVCache
-from gemma.sampling import SamplingParams, decode_text, generate, prefill, stream_generate
+from gemma.model.kv_cache import KVCache
+from gemma.generation.sampling import SamplingParams
+from gemma.generation.text import decode_text
+from gemma.generation.batch import generate, stream_generate
+from gemma.generation.steps import prefill
 from gen_models import real_270m, tiny_generator
 from tiny_models import CASES
 
@@ -181,7 +184,7 @@ def test_a_full_queue_says_busy(gemma3, tok):
 
 
 def test_a_failed_step_fails_its_requests_and_the_next_ones_succeed(gemma3, tok, monkeypatch):
-    import gemma.engine as engine_module
+    import gemma.generation.engine as engine_module
 
     failing = threading.Event()
     failing.set()
@@ -203,16 +206,16 @@ def test_a_failed_step_fails_its_requests_and_the_next_ones_succeed(gemma3, tok,
 
 
 def test_a_request_whose_sampling_fails_ends_alone(gemma3, tok, monkeypatch):
-    import gemma.engine
+    import gemma.generation.engine
 
-    real = gemma.engine.sample
+    real = gemma.generation.engine.sample
 
     def sample(logits, params, *args):  # settings can no longer make sampling fail: fail the marked request
         if params.top_k == 7:
             raise RuntimeError("probability tensor contains either inf, nan or element < 0")
         return real(logits, params, *args)
 
-    monkeypatch.setattr(gemma.engine, "sample", sample)
+    monkeypatch.setattr(gemma.generation.engine, "sample", sample)
     prompts = random_prompts(tok, 2, seed=8)
     with Engine(gemma3, tok) as engine:
         good = engine.submit(prompts[0], max_new_tokens=16, stop_ids=())

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import gemma
-from gemma.sampling import generate
+from gemma.generation.batch import generate
 from gen_models import real_270m, tiny_generator_folder
 from train.data import IGNORE, encode_messages
 from train.evaluate import predictions_path, reply_text

@@ -17,11 +17,11 @@ import sentencepiece as spm
 import torch
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-import gemma.gguf as gg
-from gemma.checkpoint import build_model, expected_shapes
-from gemma.config import FULL, SLIDING, preset
+import gemma.formats.gguf as gg
+from gemma.formats.checkpoint import build_model, expected_shapes
+from gemma.model.config import FULL, SLIDING, preset
 from gemma.errors import GemmaError
-from gemma.gguf import gguf_config, gguf_names, gguf_tokenizer_proto, open_gguf, packaged_270m, read_gguf
+from gemma.formats.gguf import gguf_config, gguf_names, gguf_tokenizer_proto, open_gguf, packaged_270m, read_gguf
 from tiny_gguf import ARCHS, CHAT_MARKERS, write_tiny_gguf
 
 Q = gguf.GGMLQuantizationType
@@ -508,7 +508,7 @@ def test_real_fp32_conversion_peak_memory(real_path):
     # In a fresh process: peak RSS of reading the 270M (Q4_K_M) into float32. The peak is read from VmHWM, which
     # belongs to the new process image; getrusage's ru_maxrss would carry over the high-water mark of this (large)
     # pytest process across fork and exec.
-    code = ("import json, re; from gemma.gguf import read_gguf; "
+    code = ("import json, re; from gemma.formats.gguf import read_gguf; "
             f"cfg, state, tok = read_gguf({str(real_path)!r}); "
             "n = sum(t.numel() for t in state.values()); "
             "hwm = int(re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read()).group(1)); "

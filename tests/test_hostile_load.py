@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 import gemma
 import lora
 from gemma.__main__ import main as gemma_main
-from gemma.checkpoint import load_hf_folder, save_native
-from gemma.config import MAX_LAYERS, GemmaConfig, from_hf_config
+from gemma.formats.checkpoint import load_hf_folder, save_native
+from gemma.model.config import MAX_LAYERS, GemmaConfig, from_hf_config
 from gemma.errors import GemmaError
 from gemma.files import MAX_JSON_DEPTH
 from gemma.tokenizer import Tokenizer
@@ -276,7 +276,7 @@ def test_non_finite_adapter_tensors_are_refused_at_load(hf_source, adapter, tmp_
     needles = (path, repr(key), "holds NaN or infinite values")
     one_line(lambda: gemma.load(hf_source, adapter=adapter), *needles)
     one_line(lambda: gemma.load(hf_source, adapter=adapter, quantize="int8"), *needles)  # the merging path
-    from gemma.convert import convert
+    from gemma.formats.convert import convert
 
     one_line(lambda: convert(hf_source, tmp_path / "merged", "native", adapter=adapter), *needles)
     assert not (tmp_path / "merged").exists()
@@ -284,7 +284,7 @@ def test_non_finite_adapter_tensors_are_refused_at_load(hf_source, adapter, tmp_
 
 def test_an_adapter_whose_merge_overflows_is_refused(hf_source, adapter, tmp_path):
     edit_json(adapter / "adapter_config.json", lora_alpha=1e300)  # finite, but scale * B @ A is not
-    from gemma.convert import convert
+    from gemma.formats.convert import convert
 
     one_line(lambda: convert(hf_source, tmp_path / "merged", "hf", adapter=adapter), str(adapter),
              "merging the adapter into layers.0.attn.q gives NaN or infinite weights")

@@ -32,8 +32,9 @@ from gemma import writing
 from gemma.errors import GemmaError
 from gemma.files import refuse_overwriting_inputs
 from gemma.writing import clean_leftovers, exchange, install, write_files_atomically
-from gemma.sampling import (MIN_TEMPERATURE, SamplingParams, apply_repetition_penalty, check_settings, generate,
-                            logits_to_probs, sample)
+from gemma.generation.sampling import (MIN_TEMPERATURE, SamplingParams, apply_repetition_penalty, check_settings,
+                                       logits_to_probs, sample)
+from gemma.generation.batch import generate
 from gen_models import tiny_generator_folder
 from tiny_gguf import write_tiny_gguf
 
@@ -227,7 +228,7 @@ def test_the_api_and_the_engine_share_the_checks(name, value, model_dir):
         check_settings(**{name: value})
     with pytest.raises(GemmaError, match=f"^{name} must be"):
         generate(None, None, [[2, 5]], **{name: value})  # refused before the model is touched
-    from gemma.engine import Engine
+    from gemma.generation.engine import Engine
 
     with pytest.raises(GemmaError, match=f"^{name} must be"):
         Engine._prepare(None, [2, 5], **{name: value})  # the checks come before anything of the engine's
@@ -276,7 +277,7 @@ def test_extreme_logits_and_settings_stay_finite():
 
 
 def test_a_full_disk_mid_conversion_keeps_dst_and_leaves_nothing(model_dir, tmp_path, monkeypatch, capsys):
-    import gemma.checkpoint as checkpoint
+    import gemma.formats.checkpoint as checkpoint
 
     dst = tmp_path / "out"
     assert load_tool("convert").main([str(model_dir), str(dst), "--to", "native"]) == 0
@@ -486,9 +487,9 @@ KILLED_WRITER = textwrap.dedent('''
     import os, sys, time
     from pathlib import Path
 
-    import gemma.checkpoint as checkpoint
+    import gemma.formats.checkpoint as checkpoint
     import gemma.writing as writing
-    from gemma.convert import convert
+    from gemma.formats.convert import convert
 
     src, dst, stage, ready = sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4])
 

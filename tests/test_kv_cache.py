@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gemma.checkpoint import build_model, load_hf_folder
+from gemma.formats.checkpoint import build_model, load_hf_folder
 from gemma.errors import GemmaError
 from tiny_models import CASES, hf_model, tokens
 
@@ -37,7 +37,7 @@ def test_prefill_of_the_last_column_only(model, chunks, padded):
     # What generation's prefill asks for: the last column's logits, with every column's keys and values cached.
     # The last layer then runs its query, attention and MLP on one column: the logits agree with the full pass,
     # the cache holds exactly the same keys and values, and decoding goes on from it identically.
-    from gemma.sampling import prefill
+    from gemma.generation.steps import prefill
 
     x = tokens(batch=2, length=sum(chunks) + 1, seed=11)
     positions = torch.arange(x.shape[1]).expand(2, -1).clone()

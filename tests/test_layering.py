@@ -95,3 +95,26 @@ def test_the_checker_sees_imports_everywhere(tmp_path):
     found = sorted(imported(fake / "m.py", tmp_path))
     assert found == [(1, "os"), (2, "gemma.sampling"), (3, "train"), (5, "transformers"), (6, "peft.tuners"),
                      (8, "importlib"), (9, "lora.io"), (11, "tools")]
+
+
+# gemma/'s own parts: the model core builds on nothing of the others; the formats and generation build on the core
+# (and on the shared modules at gemma/'s top: errors, files, writing, cli, tokenizer) but not on each other; the
+# server builds on generation. A part's name -> the parts of gemma/ it must not import.
+PARTS = {
+    "model": {"formats", "generation", "serving", "tokenizer", "cli"},
+    "formats": {"generation", "serving"},
+    "generation": {"formats", "serving", "cli"},
+}
+
+
+def part_violations(part: str) -> list[str]:
+    forbidden = {f"gemma.{p}" for p in PARTS[part]}
+    return [f"{path.relative_to(ROOT)}:{line}: imports {name}"
+            for path in modules(f"gemma/{part}") for line, name in imported(path)
+            if any(name == f or name.startswith(f + ".") for f in forbidden)]
+
+
+@pytest.mark.parametrize("part", sorted(PARTS))
+def test_gemma_parts_layering(part):
+    assert len(modules(f"gemma/{part}")) > 2, part  # the part exists (else the check is vacuous)
+    assert part_violations(part) == []

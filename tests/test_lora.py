@@ -174,7 +174,7 @@ def test_forward_and_backward_match_peft(case, variant, base, tmp_path):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("case", ("gemma1-mha", "gemma2", "gemma3"))
 def test_convert_with_adapter_equals_merge_and_unload(case, variant, base, tmp_path):
-    from gemma.convert import convert
+    from gemma.formats.convert import convert
 
     folder, theirs = peft_adapter(case, variant, tmp_path / "adapter")
     expected = theirs.merge_and_unload().state_dict()
@@ -482,6 +482,6 @@ def test_cli_convert_with_adapter(adapter, base, tmp_path):
 
 
 def test_adapter_loader_is_registered():
-    from gemma.load import adapter_loader
+    from gemma.formats.load import adapter_loader
 
     assert adapter_loader() is lora.apply_adapter

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gemma.checkpoint import build_model, load_hf_folder
+from gemma.formats.checkpoint import build_model, load_hf_folder
 from tiny_models import CASES, hf_model, tokens
 
 

@@ -1,4 +1,4 @@
-"""gemma.quantize: int8 weights with per-row scales. The int8 product equals the float product of the dequantized
+"""gemma.model.quantize: int8 weights with per-row scales. The int8 product equals the float product of the dequantized
 weights; a quantized model stays close to the float one and generates through every entry point (gemma.load,
 chat.py, serve.py's loader flags); an adapter is merged before quantizing."""
 
@@ -13,9 +13,9 @@ import torch
 
 import gemma
 from gemma.errors import GemmaError
-from gemma.layers import Linear
-from gemma.quantize import Int8Embedding, Int8Linear, int8_matmul, quantize_model, quantize_rows
-from gemma.sampling import generate
+from gemma.model.layers import Linear
+from gemma.model.quantize import Int8Embedding, Int8Linear, int8_matmul, quantize_model, quantize_rows
+from gemma.generation.batch import generate
 from gen_models import tiny_generator, tiny_generator_folder
 from tiny_models import CASES
 

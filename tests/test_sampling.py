@@ -1,4 +1,4 @@
-"""gemma.sampling: cached generation equals full forward passes, batches equal single prompts, each sampling filter
+"""gemma.generation: cached generation equals full forward passes, batches equal single prompts, each sampling filter
 does what it says (and what transformers does), seeds reproduce, streams never split a character."""
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ import torch
 
 import gemma
 from gemma.errors import GemmaError
-from gemma.sampling import (IncrementalDecoder, SamplingParams, TextStream, apply_repetition_penalty,
-                            decode_one_token, decode_text, find_stop, generate, logits_to_probs, min_p_filter,
-                            prefill, sample, seen_mask, stream_generate, top_k_filter, top_p_filter)
+from gemma.generation.text import IncrementalDecoder, TextStream, decode_text, find_stop
+from gemma.generation.sampling import (SamplingParams, apply_repetition_penalty, logits_to_probs, min_p_filter, sample,
+                                       seen_mask, top_k_filter, top_p_filter)
+from gemma.generation.steps import decode_one_token, prefill
+from gemma.generation.batch import generate, stream_generate
 from gen_models import real_270m, tiny_generator
 from tiny_models import CASES, hf_model
 
@@ -102,7 +104,7 @@ def test_cached_logits_equal_uncached(model, tok):
 
 def test_ids_without_a_tokenizer_piece_are_never_sampled(tok, tmp_path):
     # The parity models have 1024 embedding rows, the tokenizer 640 pieces.
-    from gemma.checkpoint import build_model, load_hf_folder
+    from gemma.formats.checkpoint import build_model, load_hf_folder
 
     hf_model("gemma1-mqa").save_pretrained(tmp_path)
     model = build_model(*load_hf_folder(tmp_path))
@@ -232,7 +234,7 @@ def test_settings_travel_as_one_object(model, tok):
 
 
 def test_prompt_checks_and_padding_are_shared():
-    from gemma.sampling import _check_prompts, check_prompt, left_pad
+    from gemma.generation.batch import _check_prompts, check_prompt, left_pad
 
     assert check_prompt(torch.tensor([2, 5]), 10, 3) == [2, 5]
     for prompt, context, says in (([], None, "^a prompt must be a non-empty list of token ids$"),

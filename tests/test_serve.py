@@ -3,7 +3,7 @@ non-streaming, concurrent requests equal sequential ones, the older /nlg/text_ge
 answered with its 4xx while the next good request still succeeds; and the routes of gemma.serving.app called one by
 one in this process. The server runs in a subprocess on a free loopback port, serving a tiny model in fp32 (one
 thread): the exact equalities hold in fp32, while in bf16 a near-tie can flip with the batch's composition (see
-gemma/engine.py). Hostile clients: test_hostile_serve.py."""
+gemma/generation/engine.py). Hostile clients: test_hostile_serve.py."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ import pytest
 import torch
 
 import gemma
-from gemma.sampling import decode_text, generate
+from gemma.generation.text import decode_text
+from gemma.generation.batch import generate
 from gen_models import tiny_generator_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,7 +159,7 @@ def call_route(route, app, body: dict | None = None, **params):
 
 
 def test_routes_are_functions_that_can_be_called_alone(model, tok):
-    from gemma.engine import Engine
+    from gemma.generation.engine import Engine
     from gemma.serving import app as served
     from gemma.serving.protocol import ApiError
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import gemma
-from gemma.checkpoint import build_model, load_hf_folder
+from gemma.formats.checkpoint import build_model, load_hf_folder
 from lora import LoraConfig, inject
 from train.data import collate, load_dataset, pack
 from train.loop import accumulate, autocast_for

@@ -11,7 +11,7 @@ processes; turns in one process see the same drift): the speed ratio is the medi
 process, of ours' rate over the reference's in that turn. Peak memory (RSS on CPU, max_memory_allocated on CUDA)
 comes from each implementation alone in a fresh process. With --quantize int8 our int8-weight model is also
 measured (against transformers in --dtype) and its greedy choices are compared with the unquantized model's. With
---compile our prefill is also measured with gemma.compiled (torch.compile of the elementwise work; the
+--compile our prefill is also measured with gemma.model.compiled (torch.compile of the elementwise work; the
 compilation is left out of the timing, reported apart).
 
 The default model is the real Gemma 3 270M, converted once to a bf16 HF folder under ~/.cache/gemma-sft/bench;

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from gemma.config import preset
+from gemma.model.config import preset
 from gemma.files import read_json_file
 
 CACHE = Path.home() / ".cache" / "gemma-sft" / "bench"
@@ -80,7 +80,7 @@ def real_270m_folder() -> Path:
     """An HF folder of the real Gemma 3 270M (bf16), converted once from whatever source `3-270m` resolves to."""
     folder = CACHE / "3-270m-hf"
     if not (folder / "config.json").exists():
-        from gemma.convert import convert
+        from gemma.formats.convert import convert
 
         convert("3-270m", folder, "hf", dtype=torch.bfloat16, force=True)
     return folder
@@ -89,7 +89,7 @@ def real_270m_folder() -> Path:
 def random_folder(size: str, seed: int = 0) -> Path:
     """An HF folder holding `size`'s architecture with seeded random bf16 weights (no tokenizer: the benchmarks
     feed token ids)."""
-    from gemma.checkpoint import atomic_dir, hf_names, save_safetensors
+    from gemma.formats.checkpoint import atomic_dir, hf_names, save_safetensors
     from gemma.model import Gemma
 
     cfg = preset(size)
@@ -129,7 +129,7 @@ def model_folder(source: str) -> Path:
         config = read_json_file(path / "config.json", "model config")  # a FIFO or malformed JSON: one line
         if isinstance(config, dict) and "model_type" in config:
             return path
-    from gemma.convert import convert
+    from gemma.formats.convert import convert
 
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(path.expanduser().resolve() if path.exists()
                                                                          else source))
@@ -142,16 +142,16 @@ def model_folder(source: str) -> Path:
 def ours(folder: Path, dtype: torch.dtype, device: torch.device, quantize: str | None = None,
          compile: bool = False):
     """Our model from an HF folder (no tokenizer needed), in eval mode."""
-    from gemma import checkpoint
+    from gemma.formats import checkpoint
 
     cfg, state = checkpoint.load_hf_folder(folder, dtype)
     model = checkpoint.build_model(cfg, state, device).eval()
     if quantize is not None:
-        from gemma.quantize import quantize_model
+        from gemma.model.quantize import quantize_model
 
         quantize_model(model, quantize)
     if compile:
-        from gemma.compiled import compile_model
+        from gemma.model.compiled import compile_model
 
         compile_model(model)
     return model
@@ -197,7 +197,8 @@ def prompt_ids(batch: int, length: int, vocab_size: int, seed: int = 0) -> torch
 
 
 def _ours_generate(model, ids: torch.Tensor, new_tokens: int) -> None:
-    from gemma.sampling import SamplingParams, decode_steps
+    from gemma.generation.sampling import SamplingParams
+    from gemma.generation.steps import decode_steps
 
     B, T = ids.shape
     cache = model.new_cache(B, T + new_tokens)
@@ -250,7 +251,7 @@ def prefill_sampler(impl: str, folder: Path, *, prompt_len: int = 512, dtype: to
     """(model, sample, first_s) for one forward pass over a `prompt_len`-token prompt that fills the KV cache and
     returns the last position's logits: what generation does first (transformers: `logits_to_keep=1`, its own
     cache). `first_s` is the untimed first pass (with `compile`, the compilation)."""
-    from gemma.sampling import prefill
+    from gemma.generation.steps import prefill
 
     model = (ours(folder, dtype, device, quantize, compile) if impl == "ours"
              else reference(folder, dtype, device))
@@ -294,7 +295,8 @@ def paired(samplers: dict, runs: int) -> dict[str, list[float]]:
 
 
 def _greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
-    from gemma.sampling import SamplingParams, decode_steps
+    from gemma.generation.sampling import SamplingParams
+    from gemma.generation.steps import decode_steps
 
     ids = torch.tensor([prompt], device=model.device)
     cache = model.new_cache(1, len(prompt) + new_tokens)

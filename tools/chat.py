@@ -69,7 +69,8 @@ def write_stream(pieces: Iterable[str], out: TextIO) -> bool:
 
 
 def one_shot(model, tokenizer, args, params, out: TextIO, err: TextIO) -> int:
-    from gemma.sampling import GenerationStats, stream_generate
+    from gemma.generation.steps import GenerationStats
+    from gemma.generation.batch import stream_generate
 
     if args.raw:
         if args.system:
@@ -151,7 +152,7 @@ def flag(name: str) -> str:
 def sampling_params(args):
     """The sampling flags as one SamplingParams. Each value is checked under its flag's name first (`--top-p must
     be ...`, where the object's own check would say `top_p`), and a reply needs one new token at least."""
-    from gemma.sampling import SamplingParams, check_settings
+    from gemma.generation.sampling import SamplingParams, check_settings
 
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     params = check_args(args)
 
-    from gemma.sampling import ChatSession
+    from gemma.generation.chat import ChatSession
     # Replies are text in any language: never fail on a character the terminal's encoding lacks.
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")

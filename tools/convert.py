@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="replace DST if it exists")
     args = parser.parse_args(argv)
 
-    from gemma.convert import convert
+    from gemma.formats.convert import convert
 
     start = time.perf_counter()
     dtype = parse_dtype(args.dtype) if args.dtype else None

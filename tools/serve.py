@@ -10,8 +10,8 @@ Routes:
                               "top_p", "top_k", "do_sample"} in, the reply text (a JSON string) out
 
 The server is gemma/serving/ (the routes in app.py); this file parses the flags and starts it. Requests that
-arrive together share forward passes: gemma.engine batches them, each joining at the next step and leaving when
-done. A client that disconnects stops its generation. Sampling: `max_tokens` (or
+arrive together share forward passes: gemma.generation.Engine batches them, each joining at the next step and
+leaving when done. A client that disconnects stops its generation. Sampling: `max_tokens` (or
 `max_completion_tokens`), `temperature` (OpenAI's default 1; 0 = greedy), `top_p`, `top_k`, `min_p`,
 `repetition_penalty`, `stop`, `seed`, `n` = 1; `stream_options.include_usage` adds a usage chunk. Greedy replies
 are gemma.generate's for the prompt alone when the model runs in fp32; in bf16 (or fp16) a near-tie between two
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
     AllowedHosts([], 0, args.allow_host)  # a malformed --allow-host fails now, before the model loads
 
-    from gemma.engine import Engine
+    from gemma.generation.engine import Engine
     from gemma.serving import server
     from gemma.serving.app import LiveGenerations, create_app
 

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gemma.checkpoint import atomic_dir
+from gemma.formats.checkpoint import atomic_dir
 from gemma.errors import GemmaError
 from gemma.files import regular_file
 from gemma.writing import process_alive
@@ -133,7 +133,7 @@ def _save_atomic(obj, path: Path) -> None:
 @contextmanager
 def writing(where: Path, what: str):
     """A failed write (a full disk, a read-only or lost mount) as a GemmaError naming `where`, without a traceback
-    (gemma.checkpoint.save_safetensors turns safetensors' own error for it into the OSError it is)."""
+    (gemma.formats.checkpoint.save_safetensors turns safetensors' own error for it into the OSError it is)."""
     try:
         yield
     except OSError as exc:

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gemma.config import GemmaConfig, preset
+from gemma.model.config import GemmaConfig, preset
 from gemma.cli import pick_device
 from gemma.errors import GemmaError
 from lora.inject import adapter_state_dict

@@ -2,7 +2,7 @@
 (train/report.py) takes its split of a record into prompt and reference.
 
 A record's case is its conversation up to the last model turn: the turns before it are the prompt, that turn's text
-the reference (`split_prompt`, `read_cases`). The model answers every prompt greedily through gemma.engine
+the reference (`split_prompt`, `read_cases`). The model answers every prompt greedily through gemma.generation.engine
 (`generate_answers`); each answer is scored against its reference by train.metrics (ROUGE-1/2/L, BLEU-4, exact
 match), and the loss of the references is taken as training takes it (`reference_loss`). `score_cases` does all
 of it; `prediction_lines` and `summary` are what the command writes, with `write_outputs`.
@@ -72,7 +72,7 @@ def generate_answers(model, tokenizer, cases: list[dict], context: int, max_new_
     `context` is a GemmaError naming its record."""
     from tqdm import tqdm
 
-    from gemma.engine import Engine
+    from gemma.generation.engine import Engine
 
     prompts = []
     for case in cases:
@@ -119,7 +119,7 @@ def reference_loss(model, tokenizer, cases: list[dict], context: int, batch_size
 class Scored:
     """What `score_cases` found, case by case and over all of them."""
 
-    finishes: list  # gemma.engine.Finish of each answer
+    finishes: list  # gemma.generation.engine.Finish of each answer
     predictions: list[str]  # the answers as text (`reply_text`)
     references: list[str]  # stripped
     rows: list[metrics.RecordScores]

@@ -7,7 +7,7 @@ Routes:
   POST /nlg/text_generate     the older Gemma-SFT API: {"instruction", "text", "max_new_tokens", "temperature",
                               "top_p", "top_k", "do_sample"} in, the reply text (a JSON string) out
 
-`create_app(engine, model_name, ...)` builds it for a gemma.engine.Engine; each route finds the engine and the
+`create_app(engine, model_name, ...)` builds it for a gemma.generation.Engine; each route finds the engine and the
 name in `request.app.state.served` (a `Served`), so a route can be called with any app that carries one. Each
 request becomes a `_Generation` (an engine request whose events arrive through an asyncio queue); a reply waits for
 its Finish (`finish_reply`) or streams its Deltas (`stream_reply`). The request bodies, and how they are checked,
@@ -31,9 +31,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.responses import StreamingResponse
 
-from gemma.engine import Delta, EngineBusy, EngineClosed, Finish
+from gemma.generation.engine import Delta, EngineBusy, EngineClosed, Finish
 from gemma.errors import GemmaError
-from gemma.sampling import SamplingParams
+from gemma.generation.sampling import SamplingParams
 from gemma.serving.guard import AllowedHosts, Guard, error_response
 from gemma.serving.protocol import (ApiError, ChatRequest, CompletionRequest, TextGenerateRequest, chat_messages,
                                     checked_sampling, completion_prompt, engine_params, parse_body,
@@ -204,7 +204,7 @@ async def finish_reply(gen):
 class Served:
     """What the routes serve: the engine, the model's name in /v1/models, the live generations a shutdown aborts."""
 
-    engine: Any  # a gemma.engine.Engine
+    engine: Any  # a gemma.generation.engine.Engine
     model_name: str
     live: LiveGenerations = field(default_factory=LiveGenerations)
     # (instruction, text) -> the user turn of /nlg/text_generate, as training builds it from an alpaca record (the
@@ -369,7 +369,7 @@ def build_api(state: Served) -> FastAPI:
 def create_app(engine, model_name: str, api_key: str | None = None, max_body_bytes: int = 1 << 20, *,
                hosts: AllowedHosts | None = None, body_timeout: float = 30.0, live: LiveGenerations | None = None,
                instruction_messages: Callable[[str, str], list[dict]] | None = None):
-    """The ASGI app serving `engine` (a gemma.engine.Engine) as `model_name`, behind the guard's checks. `hosts`
+    """The ASGI app serving `engine` (a gemma.generation.Engine) as `model_name`, behind the guard's checks. `hosts`
     None answers any Host (the command passes the addresses it listens on); `live` is the registry a shutdown
     aborts; `instruction_messages` makes the user turn of /nlg/text_generate (see `Served`)."""
     state = Served(engine, model_name, live if live is not None else LiveGenerations(), instruction_messages)

@@ -2,7 +2,7 @@
 checked (JSON that Python's parser would choke on, lone surrogates, unsupported parameters, sampling values out of
 range), and the error every refusal becomes (`ApiError`, answered as {"error": {"message", "type", "param",
 "code"}} by gemma/serving/app.py). Nothing here touches the engine: each function maps a body to what the engine
-takes (a prompt's ids, the settings as one gemma.sampling.SamplingParams), or raises ApiError."""
+takes (a prompt's ids, the settings as one gemma.generation.sampling.SamplingParams), or raises ApiError."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from gemma.errors import GemmaError
 from gemma.files import MAX_JSON_DEPTH, has_lone_surrogate, json_depth_ok
-from gemma.sampling import SamplingParams
+from gemma.generation.sampling import SamplingParams
 
 # Sampling values outside these ranges are refused: beyond them the sampler's arithmetic overflows (logits divided
 # by a vanishing temperature, or by a vanishing repetition penalty, become inf and the probabilities NaN), or the

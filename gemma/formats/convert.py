@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from gemma.checkpoint import build_model, save_hf, save_native
-from gemma.config import GemmaConfig
+from gemma.formats.checkpoint import build_model, save_hf, save_native
+from gemma.model.config import GemmaConfig
 from gemma.errors import GemmaError
 from gemma.files import check_source_file, refuse_overwriting_inputs
 from gemma.writing import clean_leftovers
-from gemma.load import adapter_loader, check_adapter_folder, load_weights
+from gemma.formats.load import adapter_loader, check_adapter_folder, load_weights
 from gemma.tokenizer import Tokenizer
 
 FORMATS = ("native", "hf")

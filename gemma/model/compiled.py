@@ -21,8 +21,8 @@ import sys
 import torch
 from torch import nn
 
-from gemma import layers
-from gemma.attention import Attention
+from gemma.model import layers
+from gemma.model.attention import Attention
 
 
 def multi_token(x: torch.Tensor) -> bool:
@@ -55,7 +55,7 @@ class _Kernel:
 
 
 class Kernels:
-    """The compiled counterparts of `gemma.layers.EAGER`, shared by one model's modules (one compiled graph per kind
+    """The compiled counterparts of `layers.EAGER`, shared by one model's modules (one compiled graph per kind
     of input)."""
 
     def __init__(self):

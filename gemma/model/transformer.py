@@ -8,10 +8,10 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from gemma.attention import Attention, attention_mask
-from gemma.config import GemmaConfig
-from gemma.kv_cache import KVCache
-from gemma.layers import Embedding, GeGLU, RMSNorm, rope_cos_sin, rope_inv_freq
+from gemma.model.attention import Attention, attention_mask
+from gemma.model.config import GemmaConfig
+from gemma.model.kv_cache import KVCache
+from gemma.model.layers import Embedding, GeGLU, RMSNorm, rope_cos_sin, rope_inv_freq
 
 
 class Block(nn.Module):
@@ -57,7 +57,7 @@ class Gemma(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.norm.weight.dtype  # the compute dtype (the weights may be quantized: gemma.quantize)
+        return self.norm.weight.dtype  # the compute dtype (the weights may be quantized: gemma.model.quantize)
 
     @property
     def device(self) -> torch.device:

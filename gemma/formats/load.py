@@ -12,19 +12,19 @@ from typing import Callable
 
 import torch
 
-from gemma import checkpoint
-from gemma.config import NATIVE_FORMAT, PRESETS, GemmaConfig, preset, read_json
+from gemma.formats import checkpoint
+from gemma.model.config import NATIVE_FORMAT, PRESETS, GemmaConfig, preset, read_json
 from gemma.errors import GemmaError
 from gemma.files import regular_file
 from gemma.model import Gemma
-from gemma.quantize import MODES as QUANTIZE_MODES, quantize_model
+from gemma.model.quantize import MODES as QUANTIZE_MODES, quantize_model
 from gemma.tokenizer import Tokenizer
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def _packaged_270m():
-    from gemma.gguf import packaged_270m
+    from gemma.formats.gguf import packaged_270m
 
     return packaged_270m()
 
@@ -117,7 +117,7 @@ def load_weights(source: str | Path, dtype: torch.dtype | None = torch.float32
     if not path.is_dir():
         regular_file(path, "model file")  # a FIFO or a device (/dev/zero) would be read forever
         if path.suffix.lower() == ".gguf":
-            from gemma.gguf import read_gguf
+            from gemma.formats.gguf import read_gguf
 
             return read_gguf(path, dtype or torch.float32)
         raise GemmaError(f"{path}: not a model folder or a .gguf file")
@@ -179,9 +179,9 @@ def load(source: str | Path, adapter: str | Path | None = None, dtype: torch.dty
     """(model, tokenizer) from an HF folder, a native folder, a .gguf file, an HF repo id or a preset name.
 
     With `adapter` (a PEFT adapter folder) the model gets LoRA layers holding the adapter, unmerged. With
-    `quantize` ('int8') the weights are stored in int8 for inference (gemma.quantize); an adapter is then merged
+    `quantize` ('int8') the weights are stored in int8 for inference (gemma.model.quantize); an adapter is then merged
     into the weights before they are quantized. With `compile` the elementwise work of prompt processing runs
-    through torch.compile (gemma.compiled: faster prefill, float32-rounding-level differences)."""
+    through torch.compile (gemma.model.compiled: faster prefill, float32-rounding-level differences)."""
     if quantize is not None and quantize not in QUANTIZE_MODES:
         raise GemmaError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
     device = check_device(device)
@@ -194,7 +194,7 @@ def load(source: str | Path, adapter: str | Path | None = None, dtype: torch.dty
     if quantize is not None:
         model = quantize_model(model, quantize)
     if compile:
-        from gemma.compiled import compile_model
+        from gemma.model.compiled import compile_model
 
         model = compile_model(model)
     return model, tokenizer

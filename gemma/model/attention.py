@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gemma.config import GemmaConfig
-from gemma.kv_cache import KVCache
-from gemma.layers import EAGER, Linear, RMSNorm
+from gemma.model.config import GemmaConfig
+from gemma.model.kv_cache import KVCache
+from gemma.model.layers import EAGER, Linear, RMSNorm
 
 
 def attention_mask(positions: torch.Tensor, window: int | None,
@@ -47,7 +47,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         else:
             self.q_norm = self.k_norm = None
-        self.kernels = EAGER  # gemma.compiled swaps in compiled ones
+        self.kernels = EAGER  # gemma.model.compiled swaps in compiled ones
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:

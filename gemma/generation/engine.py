@@ -39,11 +39,13 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from gemma.errors import GemmaError
-from gemma.kv_cache import KVCache
-from gemma.sampling import (SamplingParams, TextStream, check_prompt, decode_one_token, left_pad, new_generator,
-                            prefill, sample, sampling_params, seen_mask)
+from gemma.model.kv_cache import KVCache
+from gemma.generation.sampling import SamplingParams, sample, sampling_params, seen_mask
+from gemma.generation.text import TextStream
+from gemma.generation.batch import check_prompt, left_pad
+from gemma.generation.steps import decode_one_token, new_generator, prefill
 
-log = logging.getLogger("gemma.engine")
+log = logging.getLogger("gemma.generation.engine")
 
 
 class EngineBusy(RuntimeError):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemma.errors import GemmaError
-from gemma.layers import Linear
+from gemma.model.layers import Linear
 
 MODES = ("int8",)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gemma.config import GemmaConfig
+from gemma.model.config import GemmaConfig
 from gemma.errors import GemmaError
 
 
@@ -124,7 +124,7 @@ class KVCache(nn.Module):
             keys, values = kb[:, :, :step.used], vb[:, :, :step.used]
         return keys, values, step.mask
 
-    # ---- rows that come and go: a batch whose requests join and leave at different times (gemma.engine) ----
+    # ---- rows that come and go: a batch whose requests join and leave at different times (the engine) ----
     #
     # Every row's tokens sit in consecutive columns ending at the shared cursor (`length`), at column offset + p for
     # the token at position p. Sliding layers then stay correct: the slot a new column overwrites holds the token

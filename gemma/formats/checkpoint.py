@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from gemma.config import HF_FIELDS, GemmaConfig, read_json, shown
+from gemma.model.config import HF_FIELDS, GemmaConfig, read_json, shown
 from gemma.errors import GemmaError
 from gemma.files import regular_file
 from gemma.writing import clean_leftovers, install, remove_path, sync_tree, temporary_path

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from gemma.checkpoint import check_embedding, check_layer_count, expected_shapes
-from gemma.config import (FULL, MAX_HEADS, MAX_LAYERS, SLIDING, ConfigFieldError, GemmaConfig, check_size,
+from gemma.formats.checkpoint import check_embedding, check_layer_count, expected_shapes
+from gemma.model.config import (FULL, MAX_HEADS, MAX_LAYERS, SLIDING, ConfigFieldError, GemmaConfig, check_size,
                           pattern_layers, shown)
 from gemma.errors import GemmaError
 from gemma.files import regular_file

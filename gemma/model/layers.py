@@ -48,7 +48,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
-        self.kernels = EAGER  # gemma.compiled swaps in compiled ones
+        self.kernels = EAGER  # gemma.model.compiled swaps in compiled ones
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernels.rms_norm(x, self.weight, self.eps)
@@ -93,7 +93,7 @@ class GeGLU(nn.Module):
         self.gate = Linear(hidden, intermediate)
         self.up = Linear(hidden, intermediate)
         self.down = Linear(intermediate, hidden)
-        self.kernels = EAGER  # gemma.compiled swaps in compiled ones
+        self.kernels = EAGER  # gemma.model.compiled swaps in compiled ones
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.kernels.gelu_mul(self.gate(x), self.up(x)))
@@ -103,6 +103,6 @@ def gelu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.gelu(gate, approximate="tanh") * up
 
 
-# The elementwise functions the modules call through their `kernels` attribute (gemma.compiled gives a model
+# The elementwise functions the modules call through their `kernels` attribute (gemma.model.compiled gives a model
 # compiled ones with the same names).
 EAGER = SimpleNamespace(rms_norm=rms_norm, rope=apply_rope, gelu_mul=gelu_mul)
