@@ -179,3 +179,13 @@ def describe_mode(mode: int) -> str:
     """What a file mode that is not a regular file names: 'a FIFO', 'a device', 'a socket'."""
     return ("a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
             else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:
+    """A JSON object from a regular file, or a one-line error naming the file once: a folder, FIFO or device where
+    the file belongs, text that is not UTF-8 or not JSON, and JSON nested too deeply for the parser are refused
+    (`read_json_file`)."""
+    data = read_json_file(path, what)
+    if not isinstance(data, dict):
+        raise GemmaError(f"{path}: expected a JSON object")
+    return data

@@ -5,16 +5,16 @@ is hard-coded. `apply_chat` reproduces, id for id, what transformers gives when 
 template and tokenizes the string, except that message content can never produce a chat marker (see `encode_content`).
 """
 
-import contextlib
 import os
 import re
-import uuid
 from collections.abc import Mapping
+from pathlib import Path
 
 import sentencepiece as spm
 
 from gemma.errors import GemmaError
 from gemma.files import read_bytes
+from gemma.writing import write_atomically
 
 _ROLES = ("user", "model", "assistant", "system")
 
@@ -80,21 +80,12 @@ class Tokenizer:
         return self._sp.serialized_model_proto()
 
     def save(self, path):
-        """Write the model file atomically: a temporary file in the same folder, then renamed into place."""
-        path = os.fspath(path)
-        # A fresh name opened with "x" rather than mkstemp, so the file gets the usual umask permissions, not 0600.
-        tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
-                           f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            with open(tmp, "xb") as f:
-                f.write(self.model_proto)
-            os.replace(tmp, path)
-        except BaseException as e:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            if isinstance(e, OSError):
-                raise GemmaError(f"{path}: cannot write the tokenizer file ({e.strerror or e})") from None
-            raise
+        """Write the model file atomically (gemma.writing: a temporary file beside it, renamed into place) into a
+        folder that exists."""
+        path = Path(path)
+        if not path.parent.is_dir():
+            raise GemmaError(f"{path}: cannot write the tokenizer file (there is no folder {path.parent})")
+        write_atomically(path, self.model_proto)
 
     # ---- ids ----
 

@@ -21,7 +21,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from gemma.formats.checkpoint import atomic_dir, expected_shapes, hf_names, hf_text_key, save_safetensors, write_json
-from gemma.model.config import GemmaConfig, read_json, shown
+from gemma.files import read_json
+from gemma.model.config import GemmaConfig, shown
 from gemma.errors import GemmaError
 from gemma.files import regular_file
 from gemma.model import Gemma
@@ -145,7 +146,7 @@ def write_adapter(folder: str | Path, model_cfg: GemmaConfig, cfg: LoraConfig, t
 def save_adapter(model: Gemma, folder: str | Path, base_model_name_or_path: str | None = None,
                  dtype: torch.dtype | None = None, force: bool = False) -> Path:
     """Write the model's adapter as a PEFT folder, atomically (a merged model saves the same adapter)."""
-    cfg = getattr(model, "lora_config", None)
+    cfg = model.lora_config
     if cfg is None or not lora_layers(model):
         raise GemmaError("the model has no LoRA layers to save")
     return write_adapter(folder, model.config, cfg, adapter_state_dict(model), base_model_name_or_path, dtype,
@@ -360,8 +361,8 @@ def load_adapter(folder: str | Path, model_cfg: GemmaConfig) -> tuple[LoraConfig
 
 def apply_adapter(model: Gemma, folder: str | Path, merge: bool = False) -> Gemma:
     """Inject the adapter's LoRA layers into `model` and load its weights strictly; `merge` folds them into
-    the base weights (exactly, undoable with `lora.unmerge`). Registered as the `peft` adapter loader of
-    `gemma.load` (entry point group `gemma_sft.adapters`)."""
+    the base weights (exactly, undoable with `lora.unmerge`). What `gemma.load(adapter=)` calls (it imports this
+    module by name: gemma.formats.load.ADAPTER_MODULE)."""
     cfg, tensors = load_adapter(folder, model.config)
     inject(model, cfg)
     params = dict(model.named_parameters())

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gemma.model.layers import AdaptedLinear
+
 
 def dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
     """||W + scale * B A|| over each output row (out,): DoRA's denominator, as peft computes it."""
@@ -99,8 +101,10 @@ class _LoRAMatmul(torch.autograd.Function):
         return grad_x, grad_dx, None, grad_a, grad_b, None
 
 
-class LoRALinear(nn.Module):
-    """A bias-free linear layer with a frozen `weight` and a trainable low-rank update (optionally DoRA)."""
+class LoRALinear(AdaptedLinear):
+    """A bias-free linear layer with a frozen `weight` and a trainable low-rank update (optionally DoRA).
+
+    An `AdaptedLinear`, so that the model's own code knows it (int8 quantization takes a merged one's weight)."""
 
     def __init__(self, weight: nn.Parameter, r: int, scale: float, dropout: float = 0.0, dora: bool = False):
         super().__init__()

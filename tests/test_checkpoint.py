@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import gemma
 from gemma.formats.checkpoint import hf_names, save_native
-from gemma.model.config import from_hf_config
+from gemma.formats.hf_config import from_hf_config
 from gemma.errors import GemmaError
 from tiny_models import hf_model, tokens
 

@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from gemma.model.config import FULL, PRESETS, SLIDING, GemmaConfig, from_hf_config, preset
+from gemma.formats.hf_config import from_hf_config, to_hf_config
+from gemma.model.config import FULL, PRESETS, SLIDING, GemmaConfig, preset
 from gemma.errors import GemmaError
 
 # config.json files as the hub publishes them (written by transformers 4.x), trimmed of keys we do not read.
@@ -113,7 +114,7 @@ def test_to_hf_config_round_trips_through_transformers(name):
     import transformers as tf
 
     cfg = preset(name)
-    hf = cfg.to_hf_config()
+    hf = to_hf_config(cfg)
     loaded = tf.AutoConfig.for_model(**hf).to_dict()  # transformers accepts what we write
     assert same(from_hf_config(hf), cfg)
     assert same(from_hf_config(loaded), cfg)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import gemma
 from gemma.formats.checkpoint import save_hf
-from gemma.model.config import from_hf_config
+from gemma.formats.hf_config import from_hf_config
 from gemma.formats.convert import convert
 from gemma.errors import GemmaError
 from tiny_models import hf_model, tokens

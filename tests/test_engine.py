@@ -1,6 +1,6 @@
 """gemma.generation.engine: requests that share forward passes, joining and leaving the batch at any step, get what
-gemma.generate gives each prompt alone (greedy and seeded sampling), token for token; the KV cache's row methods
-keep the logits of a row exact while rows are loaded and columns move."""
+gemma.generate gives each prompt alone (greedy and seeded sampling), token for token; the engine's cache's row
+methods (gemma.generation.rows) keep the logits of a row exact while rows are loaded and columns move."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch
 
 from gemma.generation.engine import Delta, Engine, EngineBusy, Finish
 from gemma.errors import GemmaError
-from gemma.model.kv_cache import KVCache
 from gemma.generation.sampling import SamplingParams
 from gemma.generation.text import decode_text
 from gemma.generation.batch import generate, stream_generate
+from gemma.generation.rows import RowCache
 from gemma.generation.steps import prefill
 from gen_models import real_270m, tiny_generator
 from tiny_models import CASES
@@ -58,15 +58,15 @@ def alone(model, tok, prompt, max_new, context=None, **kw):
 
 @pytest.fixture
 def shifts(monkeypatch):
-    """Counts KVCache.shift calls, so a test can check it moved columns both ways."""
+    """Counts RowCache.shift calls, so a test can check it moved columns both ways."""
     calls = []
-    original = KVCache.shift
+    original = RowCache.shift
 
     def counting(self, d):
         calls.append(d)
         return original(self, d)
 
-    monkeypatch.setattr(KVCache, "shift", counting)
+    monkeypatch.setattr(RowCache, "shift", counting)
     return calls
 
 
@@ -232,7 +232,21 @@ def test_close_finishes_what_is_left(gemma3, tok):
     assert any(r.result().reason == "error" for r in requests)
 
 
-# ---- the cache's row methods ----------------------------------------------------------------------------------
+# ---- the row cache (gemma.generation.rows) ---------------------------------------------------------------------------
+
+
+def row_cache(model, batch: int, max_len: int) -> RowCache:
+    return RowCache(model.config, batch, max_len, model.dtype, model.device)
+
+
+def test_the_engines_cache_spans_twice_the_context(model, tok):
+    """Columns are not positions: the shared cache holds more columns than the context, which a cache for one
+    sequence may not (Gemma.new_cache)."""
+    context = model.config.max_seq_len
+    with Engine(model, tok, max_batch=2) as engine:
+        assert isinstance(engine.cache, RowCache) and engine.cache.max_len == 2 * context
+    with pytest.raises(GemmaError, match="exceeds the model's context"):
+        model.new_cache(1, context + 1)
 
 
 def test_load_row_and_shift_keep_a_rows_logits_exact(model):
@@ -245,7 +259,7 @@ def test_load_row_and_shift_keep_a_rows_logits_exact(model):
     full = model(seq)[0]  # (20, V)
     staging = model.new_cache(1, P)
     prefill(model, staging, seq[:, :P], torch.arange(P)[None])
-    cache = model.new_cache(3, 48)
+    cache = row_cache(model, 3, 48)
     cache.length = 15  # other rows had run 15 columns
     cache.load_row(1, staging, 0, cache.length - P)
     moves = {3: 4, 6: -7, 8: 2}  # after these decode steps, shift the columns by these amounts
@@ -260,7 +274,7 @@ def test_load_row_and_shift_keep_a_rows_logits_exact(model):
 
 
 def test_first_rows_writes_through_to_the_cache(model):
-    cache = model.new_cache(4, 16)
+    cache = row_cache(model, 4, 16)
     view = cache.first_rows(2)
     x = torch.randint(4, model.config.vocab_size, (2, 3))
     model(x, torch.arange(3).expand(2, 3), cache=view)

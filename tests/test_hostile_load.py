@@ -24,7 +24,8 @@ import gemma
 import lora
 from gemma.__main__ import main as gemma_main
 from gemma.formats.checkpoint import load_hf_folder, save_native
-from gemma.model.config import MAX_LAYERS, GemmaConfig, from_hf_config
+from gemma.formats.hf_config import from_hf_config
+from gemma.model.config import MAX_LAYERS, GemmaConfig
 from gemma.errors import GemmaError
 from gemma.files import MAX_JSON_DEPTH
 from gemma.tokenizer import Tokenizer

@@ -7,6 +7,7 @@ DoRA's output equals plain LoRA's and the magnitude would go untested).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -481,7 +482,32 @@ def test_cli_convert_with_adapter(adapter, base, tmp_path):
     assert "expected (8, " in run.stderr and not (tmp_path / "bad").exists()
 
 
-def test_adapter_loader_is_registered():
+def test_adapter_loader_is_lora_io():
     from gemma.formats.load import adapter_loader
 
     assert adapter_loader() is lora.apply_adapter
+
+
+def test_adapter_loader_without_the_lora_package(monkeypatch):
+    from gemma.formats.load import adapter_loader
+
+    monkeypatch.setitem(adapter_loader.__globals__, "ADAPTER_MODULE", "no_such_lora_package.io")
+    with one_line_error("needs the lora package"):
+        adapter_loader()
+
+
+def test_load_with_an_adapter_from_a_checkout(adapter, base, tmp_path):
+    """gemma.load(adapter=) needs no installed package metadata: a fresh interpreter that imports the checkout (the
+    repo root on PYTHONPATH, ahead of any install) and whose entry points are all gone loads the adapter."""
+    script = ("import importlib.metadata, sys\n"
+              "importlib.metadata.entry_points = lambda **kw: importlib.metadata.EntryPoints(())\n"
+              "import gemma\n"
+              "model, _ = gemma.load(sys.argv[1], adapter=sys.argv[2])\n"
+              "layers = sum(type(m).__name__ == 'LoRALinear' for m in model.modules())\n"
+              "print(gemma.__file__, layers, model.lora_config is not None)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", script, str(base("gemma1-mha")), str(adapter)], cwd=tmp_path,
+                         env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    file, layers, configured = run.stdout.split()
+    assert Path(file).is_relative_to(ROOT) and int(layers) == 7 * 2 and configured == "True"

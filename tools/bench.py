@@ -226,42 +226,27 @@ def table(results: dict) -> str:
 
 
 @main_guard
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.worker is not None:
-        run_worker(json.loads(args.worker))
-        return 0
-    import bench_workloads as workloads
-
-    # The output is tried, and kept off every input, before the (long) run.
-    inputs = {"--model": None if args.size else args.model}
-    if args.quantize:
-        inputs["the agreement prompts"] = EXAMPLES
-    refuse_overwriting_inputs({"--out": args.out}, inputs)
-    check_writable(args.out, "--out")
-    if not args.size:
-        check_source_file(args.model)
-    started = time.time()
-    source = f"random:{args.size}" if args.size else args.model
-    print(f"[preparing {source} ...]", file=sys.stderr, flush=True)
-    folder = workloads.model_folder(source)
-    base = {"folder": str(folder), "device": args.device, "dtype": args.dtype, "runs": args.runs,
-            "new_tokens": args.new_tokens, "prompt_len": args.prompt_len, "sft_batch": args.sft_batch,
-            "sft_len": args.sft_len, "sft_steps": args.sft_steps}
-    # (key, kind, variant): the int8 and compiled rows compare a variant of ours with transformers' plain model.
+def plan_rows(args) -> list[tuple[str, str, dict]]:
+    """(key, kind, variant) of each row: the int8 and compiled rows compare a variant of ours with transformers'
+    plain model."""
     plan = [(w, w, {}) for w in args.only]
     if args.quantize:
         plan += [(f"{args.quantize}-{w}", w, {"quantize": args.quantize}) for w in args.only if w.startswith("decode")]
     if args.compile and "prefill" in args.only:
         plan += [("compiled-prefill", "prefill", {"compile": True})]
-    # Speed: both implementations in one process, taking turns, `reps` processes per row.
+    return plan
+
+
+def measure(plan: list[tuple[str, str, dict]], base: dict, reps: int) -> dict:
+    """Every row's figures: speed from both implementations in one process, taking turns, `reps` processes per
+    row; peak memory (and decoding's bandwidth bound) from each implementation alone in a process, once per row."""
     pairs: dict = {key: [] for key, _, _ in plan}
-    for rep in range(args.reps):
+    for rep in range(reps):
         for key, kind, variant in plan:
-            print(f"[{rep + 1}/{args.reps}] {LABELS[key]}: ours and transformers in turn ...", file=sys.stderr,
+            print(f"[{rep + 1}/{reps}] {LABELS[key]}: ours and transformers in turn ...", file=sys.stderr,
                   flush=True)
             pairs[key].append(spawn({**base, "kind": kind, "pair": True, **variant}))
-    # Peak memory (and decoding's bandwidth bound): each implementation alone in a process, once per row.
+
     def alone_spec(kind: str, impl: str, variant: dict) -> dict:
         return {**base, "runs": 1, "kind": kind, "impl": impl, **(variant if impl == "ours" else {})}
 
@@ -287,16 +272,11 @@ def main(argv=None) -> int:
         # The speed ratio: the median over every round of every process of ours' rate over the reference's in that
         # round (the two ran back to back, so a drift of the machine's speed cancels out).
         row["speed"] = median([o / r for pair in pairs[key] for o, r in zip(pair["ours"], pair["reference"])])
-    agree = None
-    if args.quantize and (folder / "tokenizer.model").exists():
-        print("[int8 agreement ...]", file=sys.stderr, flush=True)
-        agree = spawn({**base, "kind": "agreement", "impl": "ours", "quantize": args.quantize,
-                       "prompts": agreement_prompts(folder, args.agree_prompts)})
-    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "source": source,
-              "folder": str(folder), "machine": machine(args.device), "settings": {**base, "reps": args.reps},
-              "results": results, "agreement": agree, "seconds": round(time.time() - started, 1)}
-    out = Path(args.out)
-    write_atomically(out, json.dumps(finite_json(report), indent=2, allow_nan=False) + "\n")
+    return results
+
+
+def print_report(args, source: str, report: dict) -> None:
+    results, agree = report["results"], report["agreement"]
     print(f"{source} on {args.device} ({args.dtype}), {args.reps} processes per workload, ours and transformers "
           f"taking turns in each (decode {2 * args.runs}, prefill {3 * args.runs}, SFT {args.sft_steps} turns); "
           f"{report['machine']['cpu']}, torch {report['machine']['torch']}, "
@@ -311,6 +291,43 @@ def main(argv=None) -> int:
               f"positions given the same context (fp32 vs {args.dtype}: {agree['teacher_forced_fp32']:.1%}); "
               f"free-running, {agree['identical_prefix']:.1%} of tokens before the first difference, "
               f"{agree['identical_replies']:.0%} of replies identical")
+
+
+@main_guard
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker is not None:
+        run_worker(json.loads(args.worker))
+        return 0
+    import bench_workloads as workloads
+
+    # The output is tried, and kept off every input, before the (long) run.
+    inputs = {"--model": None if args.size else args.model}
+    if args.quantize:
+        inputs["the agreement prompts"] = EXAMPLES
+    refuse_overwriting_inputs({"--out": args.out}, inputs)
+    check_writable(args.out, "--out")
+    if not args.size:
+        check_source_file(args.model)
+    started = time.time()
+    source = f"random:{args.size}" if args.size else args.model
+    print(f"[preparing {source} ...]", file=sys.stderr, flush=True)
+    folder = workloads.model_folder(source)
+    base = {"folder": str(folder), "device": args.device, "dtype": args.dtype, "runs": args.runs,
+            "new_tokens": args.new_tokens, "prompt_len": args.prompt_len, "sft_batch": args.sft_batch,
+            "sft_len": args.sft_len, "sft_steps": args.sft_steps}
+    results = measure(plan_rows(args), base, args.reps)
+    agree = None
+    if args.quantize and (folder / "tokenizer.model").exists():
+        print("[int8 agreement ...]", file=sys.stderr, flush=True)
+        agree = spawn({**base, "kind": "agreement", "impl": "ours", "quantize": args.quantize,
+                       "prompts": agreement_prompts(folder, args.agree_prompts)})
+    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "source": source,
+              "folder": str(folder), "machine": machine(args.device), "settings": {**base, "reps": args.reps},
+              "results": results, "agreement": agree, "seconds": round(time.time() - started, 1)}
+    out = Path(args.out)
+    write_atomically(out, json.dumps(finite_json(report), indent=2, allow_nan=False) + "\n")
+    print_report(args, source, report)
     print(f"[wrote {out} in {report['seconds']:.0f}s]", file=sys.stderr)
     return 0
 

@@ -90,6 +90,7 @@ def random_folder(size: str, seed: int = 0) -> Path:
     """An HF folder holding `size`'s architecture with seeded random bf16 weights (no tokenizer: the benchmarks
     feed token ids)."""
     from gemma.formats.checkpoint import atomic_dir, hf_names, save_safetensors
+    from gemma.formats.hf_config import to_hf_config
     from gemma.model import Gemma
 
     cfg = preset(size)
@@ -113,7 +114,7 @@ def random_folder(size: str, seed: int = 0) -> Path:
     state = {names[k]: v.contiguous() for k, v in model.state_dict().items()}
     with atomic_dir(folder, force=True) as tmp:
         save_safetensors(state, tmp / "model.safetensors")
-        (tmp / "config.json").write_text(json.dumps(cfg.to_hf_config(), indent=2))
+        (tmp / "config.json").write_text(json.dumps(to_hf_config(cfg), indent=2))
     return folder
 
 

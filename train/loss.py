@@ -110,7 +110,7 @@ def chunked_cross_entropy(model, hidden: torch.Tensor, targets: torch.Tensor,
     n = int(t.numel())
     if n == 0:
         return hidden.new_zeros((), dtype=torch.float32) + 0.0 * hidden.sum(), 0  # keeps the graph connected
-    if not hasattr(model.embed, "weight"):  # a quantized head (gemma.model.quantize, inference only): the model's own
+    if model.quantized:  # a quantized head (gemma.model.quantize, inference only): the model's own
         return sum(_chunk_loss(model, h[i:i + chunk], t[i:i + chunk]) for i in range(0, n, chunk)), n
     if not (torch.is_grad_enabled() and h.requires_grad):
         return head_loss(model, h, t, chunk, need_grad=False)[0], n

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from gemma.tokenizer import Tokenizer
-from train.evaluate import split_prompt
+from train.evaluate import reply_text, split_prompt
 from train.metrics import is_exact_match
 
 __all__ = ["exact_match", "generate_replies", "plot_losses", "split_prompt"]
@@ -17,7 +17,9 @@ __all__ = ["exact_match", "generate_replies", "plot_losses", "split_prompt"]
 @torch.no_grad()
 def generate_replies(model, tokenizer: Tokenizer, conversations: list[list[dict]], max_new_tokens: int = 32,
                      batch_size: int = 16) -> list[str]:
-    """Greedy replies to each conversation (which ends with a user turn)."""
+    """Greedy replies to each conversation (which ends with a user turn), as text as tools/evaluate.py reads its
+    answers (train.evaluate.reply_text). `gemma.generate` rather than the engine, which tools/evaluate.py runs:
+    the same greedy tokens (tests/test_engine.py checks it), without a thread per call during training."""
     from gemma import generate
 
     was_training = model.training
@@ -26,7 +28,7 @@ def generate_replies(model, tokenizer: Tokenizer, conversations: list[list[dict]
     for i in range(0, len(conversations), batch_size):
         prompts = [tokenizer.apply_chat(c) for c in conversations[i:i + batch_size]]
         for ids in generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0):
-            replies.append(tokenizer.decode(ids).strip())
+            replies.append(reply_text(tokenizer, ids))
     model.train(was_training)
     return replies
 

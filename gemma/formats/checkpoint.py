@@ -19,10 +19,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from gemma.model.config import HF_FIELDS, GemmaConfig, read_json, shown
+from gemma.model.config import GemmaConfig, shown
+from gemma.formats.hf_config import HF_FIELDS, from_hf_config, to_hf_config
 from gemma.errors import GemmaError
-from gemma.files import regular_file
+from gemma.files import read_json, regular_file
 from gemma.writing import clean_leftovers, install, remove_path, sync_tree, temporary_path
+from gemma.formats.names import NameTable, match_tensors
 from gemma.model import Gemma
 
 # ---- the name table ------------------------------------------------------------------------------------------------
@@ -59,16 +61,12 @@ _NOT_OURS = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "
 _TIED_HEAD = ("lm_head.weight", "language_model.lm_head.weight")
 
 
+HF_TABLE = NameTable(_TOP, _LAYER, _QK_NORM, _SANDWICH_NORMS, _PLAIN_NORMS)
+
+
 def hf_names(cfg: GemmaConfig) -> dict[str, str]:
     """native name -> HF name, for every tensor of a model with this config."""
-    layer = dict(_LAYER)
-    if cfg.use_qk_norm:
-        layer.update(_QK_NORM)
-    layer.update(_SANDWICH_NORMS if cfg.sandwich_norms else _PLAIN_NORMS)
-    names = dict(_TOP)
-    for i in range(cfg.num_layers):
-        names.update({k.format(i): v.format(i) for k, v in layer.items()})
-    return names
+    return HF_TABLE.names(cfg)
 
 
 def expected_shapes(cfg: GemmaConfig) -> dict[str, tuple[int, ...]]:
@@ -191,21 +189,13 @@ def read_state_dict(files: list[Path], cfg: GemmaConfig, to_native: Callable[[st
                 check_embedding(cfg, shape, key, where, fields, str(path))
 
     shapes = expected_shapes(cfg)
+    found = match_tensors(((str(path), key, shape) for (path, key), shape in headers.items()), to_native, shapes,
+                          str(files[0].parent), show)
+    wanted = {(place, key) for place, key in found.values()}
     out: dict[str, torch.Tensor] = {}
     for path, key, load in _iter_tensors(files):
-        try:
-            name = to_native(key)
-        except KeyError:
-            raise GemmaError(f"{path}: unexpected tensor {key!r} (not part of this model's config)") from None
-        if name is None:
-            continue
-        if name not in shapes:
-            raise GemmaError(f"{path}: unexpected tensor {key!r} (not part of this model's config)")
-        if name in out:
-            raise GemmaError(f"{path}: tensor {key!r} appears twice")
-        if headers[path, key] != shapes[name]:
-            raise GemmaError(f"{path}: tensor {key!r} has shape {headers[path, key]}, "
-                             f"the config needs {shapes[name]}")
+        if (str(path), key) not in wanted:
+            continue  # not ours (a vision tower, a stored copy of the tied head)
         try:
             tensor = load()
         except (SafetensorError, OSError, RuntimeError) as exc:
@@ -214,11 +204,7 @@ def read_state_dict(files: list[Path], cfg: GemmaConfig, to_native: Callable[[st
             raise GemmaError(f"{path}: tensor {key!r} has non-float dtype {tensor.dtype}")
         # Always a fresh copy, one tensor at a time (never two full copies): safetensors hands out tensors backed
         # by the file's memory map, which a decoding step reads about 2x slower than ordinary memory here.
-        out[name] = tensor.to(dtype or tensor.dtype, copy=True)
-    missing = [n for n in shapes if n not in out]
-    if missing:
-        raise GemmaError(f"{files[0].parent}: missing tensor {show(missing[0])!r}"
-                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        out[to_native(key)] = tensor.to(dtype or tensor.dtype, copy=True)
     return out
 
 
@@ -234,7 +220,7 @@ def load_hf_folder(folder: Path,
                    dtype: torch.dtype | None = torch.float32) -> tuple[GemmaConfig, dict[str, torch.Tensor]]:
     """(config, native state dict) from an HF checkpoint folder."""
     config = folder / "config.json"
-    cfg = GemmaConfig.from_hf_config(read_json(config, "config file"), str(config))
+    cfg = from_hf_config(read_json(config, "config file"), str(config))
     to_native = {v: k for k, v in hf_names(cfg).items()}
 
     def native(key: str) -> str | None:
@@ -362,7 +348,7 @@ def save_hf(folder: Path, cfg: GemmaConfig, state: dict[str, torch.Tensor], toke
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             write_json(tmp / "model.safetensors.index.json",
                        {"metadata": {"total_size": total}, "weight_map": weight_map})
-        hf_cfg = cfg.to_hf_config(**{k: token_ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+        hf_cfg = to_hf_config(cfg, **{k: token_ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
         hf_cfg["torch_dtype"] = str(torch_dtype).removeprefix("torch.")
         write_json(tmp / "config.json", hf_cfg)
         write_json(tmp / "generation_config.json", {

@@ -35,7 +35,7 @@ def write_model(dst: str | Path, to: str, cfg: GemmaConfig, state: dict[str, tor
 
 
 def merge_adapter(cfg: GemmaConfig, state: dict[str, torch.Tensor], adapter: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict with a PEFT adapter merged in (through the registered adapter loader; the base tensors are
+    """The state dict with a PEFT adapter merged in (through lora/'s loader, `adapter_loader`; the base tensors are
     updated in place). The merge is computed in float32 and rounded once to each weight's dtype."""
     model = build_model(cfg, state)  # holds the tensors of `state`, no copy
     merged = adapter_loader()(model, adapter, merge=True).state_dict()

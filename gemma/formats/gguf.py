@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import gc
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from gemma.model.config import (FULL, MAX_HEADS, MAX_LAYERS, SLIDING, ConfigFiel
                           pattern_layers, shown)
 from gemma.errors import GemmaError
 from gemma.files import regular_file
+from gemma.formats.names import NameTable, match_tensors
 from gemma.tokenizer import Tokenizer
 
 ARCHITECTURES = ("gemma", "gemma2", "gemma3")
@@ -58,17 +59,12 @@ _SANDWICH_NORMS = {
 _TIED_HEAD = "output.weight"
 
 
+GGUF_TABLE = NameTable(_TOP, _LAYER, _QK_NORM, _SANDWICH_NORMS)
+
+
 def gguf_names(cfg: GemmaConfig) -> dict[str, str]:
     """native name -> GGUF name, for every tensor of a model with this config."""
-    layer = dict(_LAYER)
-    if cfg.use_qk_norm:
-        layer.update(_QK_NORM)
-    if cfg.sandwich_norms:
-        layer.update(_SANDWICH_NORMS)
-    names = dict(_TOP)
-    for i in range(cfg.num_layers):
-        names.update({k.format(i): v.format(i) for k, v in layer.items()})
-    return names
+    return GGUF_TABLE.names(cfg)
 
 
 def _is_norm(native_name: str) -> bool:
@@ -209,46 +205,9 @@ def _gguf_config(reader, meta: _Meta, arch: str, where: str, vocab_size: int | N
         raise GemmaError(f"{where}: RoPE on {rope_dims} of {head_dim} head dimensions is not supported")
 
     if vocab_size is None:
-        tokens = reader.fields.get("tokenizer.ggml.tokens")
-        if tokens is not None:
-            vocab_size = len(tokens.data)
-        else:
-            embed = next((t for t in reader.tensors if t.name == _TOP["embed.weight"]), None)
-            if embed is None:
-                raise GemmaError(f"{where}: neither a token list nor {_TOP['embed.weight']!r}; cannot tell the "
-                                 "vocabulary size")
-            vocab_size = int(embed.shape[-1])
-
-    # RoPE: freq_base is the global layers' base (llama.cpp's default 10000 when absent).
-    theta = meta.number(key("rope.freq_base"), 10_000.0)
-    local_theta = meta.number(key("rope.freq_base_swa"), _GEMMA3_LOCAL_THETA if arch == "gemma3" else theta)
-    # llama.cpp reads a missing scaling type as "linear" and a missing (or zero) factor as 1.
-    scaling_type = meta.string(key("rope.scaling.type"), "linear")
-    factor = meta.number(key("rope.scaling.factor"), 0.0) or 1.0
-    if scaling_type == "none":
-        factor = 1.0
-    elif scaling_type != "linear":
-        raise GemmaError(f"{where}: RoPE scaling {scaling_type!r} is not supported (supported: none, linear)")
-
-    # Which layers slide. An explicit pattern wins: an integer p (every p-th layer global) or one bool per layer
-    # (true = sliding). Otherwise llama.cpp's fixed patterns: Gemma 2 alternates starting with a local layer,
-    # Gemma 3 makes every 6th layer global; a Gemma 3 file without a window has only global layers.
-    default_window = _GEMMA2_DEFAULTS["sliding_window"] if arch == "gemma2" else None
-    window = meta.integer(key("attention.sliding_window"), default_window)
-    pattern = meta.get(key("attention.sliding_window_pattern"), None)
-    if arch == "gemma" or window is None:
-        layer_types = (FULL,) * n_layers
-    elif isinstance(pattern, list):
-        if len(pattern) != n_layers or not all(isinstance(p, bool) for p in pattern):
-            raise GemmaError(f"{where}: sliding_window_pattern should hold one bool per layer ({n_layers})")
-        layer_types = tuple(SLIDING if p else FULL for p in pattern)
-    else:
-        period = meta.integer(key("attention.sliding_window_pattern"), 2 if arch == "gemma2" else 6)
-        if period <= 0:
-            raise GemmaError(f"{where}: sliding_window_pattern must be positive, got {period}")
-        layer_types = pattern_layers(n_layers, period)
-    if SLIDING not in layer_types:
-        window = None
+        vocab_size = _gguf_vocab_size(reader, where)
+    theta, local_theta, factor = _gguf_rope(meta, key, arch, where)
+    layer_types, window = _gguf_layer_types(meta, key, arch, n_layers, where)
     if factor != 1.0 and arch != "gemma3" and SLIDING in layer_types:
         # llama.cpp scales every layer here; our config scales global layers only (Gemma 3's rule).
         raise GemmaError(f"{where}: RoPE scaling on sliding-window layers is not supported")
@@ -279,6 +238,57 @@ def _gguf_config(reader, meta: _Meta, arch: str, where: str, vocab_size: int | N
         layer_types=layer_types,
         max_seq_len=meta.integer(key("context_length")),
     )
+
+
+def _gguf_vocab_size(reader, where: str) -> int:
+    """The vocabulary's size: the token list's length, else the embedding's rows."""
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is not None:
+        return len(tokens.data)
+    embed = next((t for t in reader.tensors if t.name == _TOP["embed.weight"]), None)
+    if embed is None:
+        raise GemmaError(f"{where}: neither a token list nor {_TOP['embed.weight']!r}; cannot tell the "
+                         "vocabulary size")
+    return int(embed.shape[-1])
+
+
+def _gguf_rope(meta: _Meta, key: Callable[[str], str], arch: str, where: str) -> tuple[float, float, float]:
+    """(global base, local base, linear scaling factor) of RoPE."""
+    # freq_base is the global layers' base (llama.cpp's default 10000 when absent).
+    theta = meta.number(key("rope.freq_base"), 10_000.0)
+    local_theta = meta.number(key("rope.freq_base_swa"), _GEMMA3_LOCAL_THETA if arch == "gemma3" else theta)
+    # llama.cpp reads a missing scaling type as "linear" and a missing (or zero) factor as 1.
+    scaling_type = meta.string(key("rope.scaling.type"), "linear")
+    factor = meta.number(key("rope.scaling.factor"), 0.0) or 1.0
+    if scaling_type == "none":
+        factor = 1.0
+    elif scaling_type != "linear":
+        raise GemmaError(f"{where}: RoPE scaling {scaling_type!r} is not supported (supported: none, linear)")
+    return theta, local_theta, factor
+
+
+def _gguf_layer_types(meta: _Meta, key: Callable[[str], str], arch: str, n_layers: int,
+                      where: str) -> tuple[tuple[str, ...], int | None]:
+    """(each layer's kind, the sliding window or None when no layer slides).
+
+    An explicit pattern wins: an integer p (every p-th layer global) or one bool per layer (true = sliding).
+    Otherwise llama.cpp's fixed patterns: Gemma 2 alternates starting with a local layer, Gemma 3 makes every 6th
+    layer global; a Gemma 3 file without a window has only global layers."""
+    default_window = _GEMMA2_DEFAULTS["sliding_window"] if arch == "gemma2" else None
+    window = meta.integer(key("attention.sliding_window"), default_window)
+    pattern = meta.get(key("attention.sliding_window_pattern"), None)
+    if arch == "gemma" or window is None:
+        layer_types = (FULL,) * n_layers
+    elif isinstance(pattern, list):
+        if len(pattern) != n_layers or not all(isinstance(p, bool) for p in pattern):
+            raise GemmaError(f"{where}: sliding_window_pattern should hold one bool per layer ({n_layers})")
+        layer_types = tuple(SLIDING if p else FULL for p in pattern)
+    else:
+        period = meta.integer(key("attention.sliding_window_pattern"), 2 if arch == "gemma2" else 6)
+        if period <= 0:
+            raise GemmaError(f"{where}: sliding_window_pattern must be positive, got {period}")
+        layer_types = pattern_layers(n_layers, period)
+    return layer_types, (window if SLIDING in layer_types else None)
 
 
 # ---- weights ------------------------------------------------------------------------------------------------------
@@ -327,21 +337,11 @@ def read_gguf_weights(reader, cfg: GemmaConfig, where: str = "GGUF file",
     shapes = expected_shapes(cfg)
     assert set(shapes) == set(names), "gguf_names and the model disagree"
 
-    found = {}
-    for t in reader.tensors:
-        if t.name == _TIED_HEAD:
-            continue
-        native = to_native.get(t.name)
-        if native is None:
-            raise GemmaError(f"{where}: unexpected tensor {t.name!r} (not part of this model's config)")
-        shape = _shape(t)
-        if shape != shapes[native]:
-            raise GemmaError(f"{where}: tensor {t.name!r} has shape {shape}, the config needs {shapes[native]}")
-        found[native] = t
-    missing = [names[n] for n in shapes if n not in found]
-    if missing:
-        raise GemmaError(f"{where}: missing tensor {missing[0]!r}"
-                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    def native_name(name: str) -> str | None:
+        return None if name == _TIED_HEAD else to_native[name]  # KeyError: unexpected
+
+    match_tensors(((where, t.name, _shape(t)) for t in reader.tensors), native_name, shapes, where, names.get)
+    found = {to_native[t.name]: t for t in reader.tensors if t.name != _TIED_HEAD}
 
     state: dict[str, torch.Tensor] = {}
     for native in shapes:  # the model's order

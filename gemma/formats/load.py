@@ -6,6 +6,7 @@ Sources: an HF checkpoint folder, a native folder, a `.gguf` file, an HF repo id
 from __future__ import annotations
 
 import contextlib
+import importlib
 import re
 from pathlib import Path
 from typing import Callable
@@ -13,7 +14,8 @@ from typing import Callable
 import torch
 
 from gemma.formats import checkpoint
-from gemma.model.config import NATIVE_FORMAT, PRESETS, GemmaConfig, preset, read_json
+from gemma.files import read_json
+from gemma.model.config import NATIVE_FORMAT, PRESETS, GemmaConfig, preset
 from gemma.errors import GemmaError
 from gemma.files import regular_file
 from gemma.model import Gemma
@@ -135,21 +137,22 @@ def load_weights(source: str | Path, dtype: torch.dtype | None = torch.float32
     return cfg, state, tokenizer
 
 
-# Adapter loading lives in the LoRA package, which declares itself as a Python entry point in this group
-# (pyproject.toml), so that gemma imports nothing from lora. A loader is `(model, folder, merge=False) -> model`.
-ADAPTER_GROUP = "gemma_sft.adapters"
-ADAPTER_FORMAT = "peft"
+# Adapter loading lives in the LoRA package, which gemma/ never imports statically (lora/ builds on gemma/). Loading
+# an adapter imports it at call time, by this one name; tests/test_layering.py names this as the only import of
+# lora/ that gemma/ makes. Its loader is `apply_adapter(model, folder, merge=False) -> model`.
+ADAPTER_MODULE = "lora.io"
 
 
 def adapter_loader() -> Callable[..., Gemma]:
-    """The registered loader of PEFT adapters."""
-    from importlib.metadata import entry_points
-
-    found = list(entry_points(group=ADAPTER_GROUP, name=ADAPTER_FORMAT))
-    if not found:
-        raise GemmaError("loading an adapter needs the lora package of gemma-sft, registered by installing the "
-                         "project (pip install -e .)")
-    return found[0].load()
+    """The loader of PEFT adapters: lora.io.apply_adapter, imported now (see ADAPTER_MODULE)."""
+    try:
+        module = importlib.import_module(ADAPTER_MODULE)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not (exc.name == ADAPTER_MODULE or ADAPTER_MODULE.startswith(exc.name + ".")):
+            raise  # lora/ is there, but something it imports is not: that error says what
+        raise GemmaError("loading an adapter needs the lora package of gemma-sft, which is not importable here") \
+            from None
+    return module.apply_adapter
 
 
 def check_adapter_folder(adapter: str | Path) -> None:

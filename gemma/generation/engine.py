@@ -3,20 +3,20 @@
 One background thread owns the model. Requests wait in a queue; each turn of the thread's loop
   1. retires the rows of cancelled requests,
   2. admits waiting requests into free rows: their prompts are prefilled together in a cache of their own and copied
-     into the shared cache (`KVCache.load_row`),
+     into the shared cache (`RowCache.load_row`, gemma.generation.rows),
   3. feeds every active row its latest token in one forward pass over the rows in use, and samples each row's next
      token with that request's own settings and RNG,
   4. hands each request its new text (as whole characters) and retires the rows that finished.
 So a request that arrives while others generate joins the batch at the next step, and one that ends leaves it.
 
-The shared cache. Its columns advance together for all rows (see kv_cache.py). Each row's tokens sit in consecutive
-columns that end at the cursor (`cache.length`): the token at position p at column offset + p, with the row's own
-offset. That keeps the sliding layers' ring buffers right: the slot a new column overwrites holds the token that just
-left that row's window. A prompt of P tokens is placed to end at the cursor (offset = cursor - P); when a new prompt
-is longer than what the cursor has behind it, or rows have left, `KVCache.shift` moves the columns so that the cursor
-sits right after the longest row. Every row's past is shorter than the context and its future at most the context,
-so a cache of twice the context in columns never runs out, and the global layers attend over the longest row only.
-Positions, which RoPE sees, stay within the context; only columns go past it.
+The shared cache (a RowCache, rows.py). Its columns advance together for all rows (see kv_cache.py). Each row's
+tokens sit in consecutive columns that end at the cursor (`cache.length`): the token at position p at column offset
++ p, with the row's own offset. That keeps the sliding layers' ring buffers right: the slot a new column overwrites
+holds the token that just left that row's window. A prompt of P tokens is placed to end at the cursor (offset =
+cursor - P); when a new prompt is longer than what the cursor has behind it, or rows have left, `RowCache.shift`
+moves the columns so that the cursor sits right after the longest row. Every row's past is shorter than the context
+and its future at most the context, so a cache of twice the context in columns never runs out, and the global layers
+attend over the longest row only. Positions, which RoPE sees, stay within the context; only columns go past it.
 
 Greedy decoding gives what `gemma.generate` gives for the prompt alone, token for token, and seeded sampling draws
 the same tokens (each request has its own RNG, used in the same order), when the model computes in fp32. In bf16 or
@@ -27,7 +27,6 @@ tokens' logits nearly tie the pick can go either way with the batch's compositio
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import queue
@@ -39,10 +38,10 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from gemma.errors import GemmaError
-from gemma.model.kv_cache import KVCache
 from gemma.generation.sampling import SamplingParams, sample, sampling_params, seen_mask
 from gemma.generation.text import TextStream
 from gemma.generation.batch import check_prompt, left_pad
+from gemma.generation.rows import RowCache
 from gemma.generation.steps import decode_one_token, new_generator, prefill
 
 log = logging.getLogger("gemma.generation.engine")
@@ -192,8 +191,7 @@ class Engine:
         self.context = min(cfg.max_seq_len, max_len or cfg.max_seq_len)  # tokens one request may span
         self.max_batch, self.max_waiting, self.threads = max_batch, max_waiting, threads
         # Columns are not positions: the cache may hold twice the context in columns (see the module docstring).
-        self.cache = KVCache(dataclasses.replace(cfg, max_seq_len=2 * self.context), max_batch, 2 * self.context,
-                             model.dtype, model.device)
+        self.cache = RowCache(cfg, max_batch, 2 * self.context, model.dtype, model.device)
         self.vocab_limit = tokenizer.vocab_size  # ids past it have no piece and are never sampled
         self.stats = EngineStats()
         self._rows: dict[int, _Row] = {}

@@ -34,7 +34,7 @@ def attention_mask(positions: torch.Tensor, window: int | None,
 class Attention(nn.Module):
     def __init__(self, cfg: GemmaConfig, layer: int):
         super().__init__()
-        self.layer, self.sliding = layer, cfg.is_sliding(layer)
+        self.layer, self.kind = layer, cfg.layer_types[layer]  # SLIDING or FULL
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.scale = cfg.attn_scale
         self.softcap = cfg.attn_softcap
@@ -62,7 +62,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.kernels.rope(q, cos[:, T - Tq:], sin[:, T - Tq:]), self.kernels.rope(k, cos, sin)
         if cache is not None:
-            k, v, mask = cache.update(self.layer, self.sliding, k, v)  # (B, KV, S, hd), mask (B, 1, T, S)
+            k, v, mask = cache.update(self.layer, self.kind, k, v)  # (B, KV, S, hd), mask (B, 1, T, S)
         if mask is not None and Tq < T:
             mask = mask[:, :, T - Tq:]
         out = attend(q, k, v, mask, self.scale, self.softcap)  # (B, H, Tq, hd)

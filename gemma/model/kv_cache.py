@@ -4,6 +4,11 @@ Columns ("slots") are shared by the whole batch: the t-th token fed to the model
 Each row keeps the RoPE position held in each slot (-1 for empty or padding), so rows of different lengths
 (left padding) share one cache and one forward pass. Global layers keep every slot up to `max_len`; sliding-window
 layers keep only the last `window` slots in a ring buffer, so their memory grows with the window, not the context.
+Per-kind tables are keyed by the layer kind, `SLIDING` or `FULL` (gemma.model.config).
+
+A plain object, not an nn.Module: its tensors live in lists and dicts, which a module would neither register nor
+move, and it has no parameters; it is made on its device, in its dtype. The engine's row operations (rows joining
+and leaving a shared cache) are in gemma.generation.rows.
 """
 
 from __future__ import annotations
@@ -11,9 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from gemma.model.config import GemmaConfig
+from gemma.model.config import SLIDING, GemmaConfig
 from gemma.errors import GemmaError
 
 
@@ -30,22 +34,25 @@ class Step:
     mask: torch.Tensor | None  # (B, 1, T, S) True where a query may attend to a key; None: plain causal, T == S
 
 
-class KVCache(nn.Module):
+class KVCache:
+    """Keys and values of `batch` rows over `max_len` columns, for the layers `cfg` describes.
+
+    `max_len` counts columns, not positions: a cache for one sequence needs no more than the model's context
+    (`Gemma.new_cache` holds it to that), but a cache whose rows come and go may span more columns than any row's
+    positions (gemma.generation.rows)."""
+
     def __init__(self, cfg: GemmaConfig, batch: int, max_len: int, dtype: torch.dtype, device=None):
-        super().__init__()
-        if max_len > cfg.max_seq_len:
-            raise GemmaError(f"a cache of {max_len} tokens exceeds the model's context of {cfg.max_seq_len}")
         self.batch, self.max_len, self.window = batch, max_len, cfg.sliding_window
-        self.kinds = sorted(set(cfg.is_sliding(i) for i in range(cfg.num_layers)))
-        self.layer_kinds = [cfg.is_sliding(i) for i in range(cfg.num_layers)]  # each layer's kind (True: sliding)
-        self.sizes = {s: (min(self.window, max_len) if s else max_len) for s in self.kinds}
+        self.kinds = sorted(set(cfg.layer_types))  # the layer kinds present: SLIDING and/or FULL
+        self.layer_kinds = list(cfg.layer_types)  # each layer's kind
+        self.sizes = {s: (min(self.window, max_len) if s == SLIDING else max_len) for s in self.kinds}
         shape = lambda s: (batch, cfg.num_kv_heads, self.sizes[s], cfg.head_dim)  # noqa: E731
-        self.k = [torch.zeros(shape(cfg.is_sliding(i)), dtype=dtype, device=device) for i in range(cfg.num_layers)]
+        self.k = [torch.zeros(shape(kind), dtype=dtype, device=device) for kind in self.layer_kinds]
         self.v = [torch.zeros_like(k) for k in self.k]
         self.slot_pos = {s: torch.full((batch, self.sizes[s]), -1, dtype=torch.long, device=device)
                          for s in self.kinds}
         self.length = 0  # columns fed so far
-        self.steps: dict[bool, Step] = {}
+        self.steps: dict[str, Step] = {}
 
     def reset(self) -> None:
         for table in self.slot_pos.values():
@@ -78,7 +85,7 @@ class KVCache(nn.Module):
         self.steps = {}
         for s in self.kinds:
             size, old = self.sizes[s], self.slot_pos[s]
-            ring_prefill = s and T > 1 and size < self.max_len
+            ring_prefill = s == SLIDING and T > 1 and size < self.max_len
             if new_only:
                 key_pos, query_slot, keys = positions, torch.arange(T, device=positions.device), "new"
                 used = T
@@ -91,7 +98,7 @@ class KVCache(nn.Module):
                 key_pos = old.clone()
                 key_pos[:, cols % size] = positions
                 query_slot = cols % size
-                used = size if s and size < self.max_len else self.length + T
+                used = size if s == SLIDING and size < self.max_len else self.length + T
                 key_pos, keys = key_pos[:, :used], "buffer"
             keep_from = max(0, T - size)
             mask = None if causal else self._mask(positions, key_pos, query_slot, s)
@@ -100,19 +107,19 @@ class KVCache(nn.Module):
             self.slot_pos[s][:, self.steps[s].write] = positions[:, self.steps[s].keep_from:]
         self.length += T
 
-    def _mask(self, q_pos, k_pos, q_slot, sliding: bool) -> torch.Tensor:
+    def _mask(self, q_pos, k_pos, q_slot, kind: str) -> torch.Tensor:
         q, k = q_pos[:, :, None], k_pos[:, None, :]  # (B, T, 1), (B, 1, S)
         ok = (k >= 0) & (k <= q)
-        if sliding:
+        if kind == SLIDING:
             ok &= (q - k) < self.window
         # Each column also sees its own slot, so a padding query (position -1) never has an empty softmax row.
         own = q_slot[:, None] == torch.arange(k_pos.shape[1], device=k_pos.device)[None, :]  # (T, S)
         return (ok | own[None])[:, None]  # (B, 1, T, S)
 
-    def update(self, layer: int, sliding: bool, k: torch.Tensor, v: torch.Tensor):
-        """Store the new k, v (B, KV, T, hd) of `layer`; return the keys, values and mask to attend over (None:
-        plain causal attention over the new columns)."""
-        step = self.steps[sliding]
+    def update(self, layer: int, kind: str, k: torch.Tensor, v: torch.Tensor):
+        """Store the new k, v (B, KV, T, hd) of `layer`, of kind `kind` (SLIDING or FULL); return the keys, values
+        and mask to attend over (None: plain causal attention over the new columns)."""
+        step = self.steps[kind]
         kb, vb = self.k[layer], self.v[layer]
         if step.keys == "concat":
             keys, values = torch.cat([kb, k], dim=2), torch.cat([vb, v], dim=2)
@@ -123,92 +130,3 @@ class KVCache(nn.Module):
         if step.keys == "buffer":
             keys, values = kb[:, :, :step.used], vb[:, :, :step.used]
         return keys, values, step.mask
-
-    # ---- rows that come and go: a batch whose requests join and leave at different times (the engine) ----
-    #
-    # Every row's tokens sit in consecutive columns ending at the shared cursor (`length`), at column offset + p for
-    # the token at position p. Sliding layers then stay correct: the slot a new column overwrites holds the token
-    # that just left the window. These methods keep that layout while rows are emptied, filled or moved.
-
-    def reset_row(self, row: int) -> None:
-        """Forget everything row `row` holds; the other rows are untouched."""
-        for table in self.slot_pos.values():
-            table[row] = -1
-
-    def load_row(self, row: int, src: "KVCache", src_row: int, offset: int) -> None:
-        """Replace row `row` with what row `src_row` of `src` holds (e.g. a prompt prefilled in a cache of its own),
-        placed so that the token at position p sits at column `offset` + p.
-
-        The tokens must end before the cursor: offset + (last position) < length. A sliding layer keeps the latest
-        window of them, as if they had been fed here.
-        """
-        if src.layer_kinds != self.layer_kinds:
-            raise ValueError("caches of different models")
-        self.reset_row(row)
-        for s in self.kinds:
-            size, pos = self.sizes[s], src.slot_pos[s][src_row]  # (S_src,)
-            keep = pos >= 0
-            if not keep.any():
-                continue
-            keep &= pos > pos.max() - size  # what this buffer can hold: the latest `size` positions
-            src_slots = keep.nonzero().squeeze(1)
-            p = pos[src_slots]
-            cols = offset + p
-            if int(cols.min()) < 0 or int(cols.max()) >= self.length:
-                raise ValueError(f"positions {int(p.min())}..{int(p.max())} at offset {offset} do not fit before "
-                                 f"the cursor ({self.length})")
-            dst = cols % size
-            self.slot_pos[s][row, dst] = p
-            for layer, kind in enumerate(self.layer_kinds):
-                if kind == s:
-                    self.k[layer][row][:, dst] = src.k[layer][src_row][:, src_slots]  # (KV, n, hd)
-                    self.v[layer][row][:, dst] = src.v[layer][src_row][:, src_slots]
-
-    def shift(self, d: int) -> None:
-        """Move every row's tokens d columns to the left (to the right for d < 0), and the cursor with them.
-
-        Only the columns in use are moved in the full-length buffers; ring buffers are rotated, so that each token's
-        slot stays its column modulo the ring's size. Columns moved out must be empty.
-        """
-        if d == 0:
-            return
-        if not 0 <= self.length - d <= self.max_len:
-            raise ValueError(f"cannot shift the cursor from {self.length} by {-d}")
-        for s in self.kinds:
-            size, table = self.sizes[s], self.slot_pos[s]
-            layers = [i for i, kind in enumerate(self.layer_kinds) if kind == s]
-            if size == self.max_len:  # slot = column
-                n = self.length  # columns in use: [0, length)
-                if d > 0:
-                    if (table[:, :d] >= 0).any():
-                        raise ValueError(f"shifting by {d} would drop cached tokens")
-                    src, dst, vacated = slice(d, n), slice(0, n - d), slice(n - d, n)
-                else:
-                    src, dst, vacated = slice(0, n), slice(-d, n - d), slice(0, -d)
-                table[:, dst] = table[:, src].clone()
-                table[:, vacated] = -1
-                for i in layers:
-                    self.k[i][:, :, dst] = self.k[i][:, :, src].clone()
-                    self.v[i][:, :, dst] = self.v[i][:, :, src].clone()
-            elif d % size:  # a ring: rotate, so that slot = column % size still holds
-                table.copy_(table.roll(-d, dims=1))
-                for i in layers:
-                    self.k[i].copy_(self.k[i].roll(-d, dims=2))
-                    self.v[i].copy_(self.v[i].roll(-d, dims=2))
-        self.length -= d
-
-    def first_rows(self, n: int) -> "KVCache":
-        """A cache over rows [0, n) that shares this one's buffers: a forward pass over only the rows in use writes
-        here. It keeps its own `length`; copy it back (`cache.length = view.length`) after the pass."""
-        if not 1 <= n <= self.batch:
-            raise ValueError(f"rows 0..{n - 1} are not in a cache of {self.batch}")
-        if n == self.batch:
-            return self
-        view = KVCache.__new__(KVCache)
-        nn.Module.__init__(view)
-        view.batch, view.max_len, view.window = n, self.max_len, self.window
-        view.kinds, view.layer_kinds, view.sizes = self.kinds, self.layer_kinds, self.sizes
-        view.k, view.v = [k[:n] for k in self.k], [v[:n] for v in self.v]
-        view.slot_pos = {s: table[:n] for s, table in self.slot_pos.items()}
-        view.length, view.steps = self.length, {}
-        return view

@@ -30,6 +30,16 @@ class Linear(nn.Linear):
         return linear(x, self.weight)
 
 
+class AdaptedLinear(nn.Module):
+    """The base of a bias-free linear layer that carries an adapter over its frozen `weight` (out, in): declared
+    here so that the model's code (gemma.model.quantize) recognises one without importing lora/, whose
+    `LoRALinear` derives from it. `merged` is True while the adapter's update is folded into `weight`, which then
+    is the whole layer."""
+
+    weight: nn.Parameter
+    merged: bool = False
+
+
 class Embedding(nn.Embedding):
     """The token embedding, whose table is also the output head (Gemma ties them): `project(h)` = h @ table.T."""
 

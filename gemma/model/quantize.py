@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemma.errors import GemmaError
-from gemma.model.layers import Linear
+from gemma.model.layers import AdaptedLinear, Linear
+from gemma.model.transformer import Gemma
 
 MODES = ("int8",)
 
@@ -85,20 +86,20 @@ class Int8Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8"
 
 
-def quantize_model(model: nn.Module, mode: str = "int8") -> nn.Module:
+def quantize_model(model: Gemma, mode: str = "int8") -> Gemma:
     """Replace, in place, every projection and the tied embedding of a Gemma by their int8 forms; returns it.
 
     Inference only: the int8 weights are buffers, not parameters. A LoRA adapter must be merged first; its merged
     weights are what gets quantized."""
     if mode not in MODES:
         raise GemmaError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
-    if getattr(model, "quantized", None):
+    if model.quantized:
         raise GemmaError(f"the model is already quantized ({model.quantized})")
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, Linear) or getattr(child, "merged", False):  # a plain or a merged LoRA projection
+            if isinstance(child, Linear) or isinstance(child, AdaptedLinear) and child.merged:  # plain or merged
                 setattr(module, name, Int8Linear(child.weight))
-            elif hasattr(child, "merged"):
+            elif isinstance(child, AdaptedLinear):
                 raise GemmaError("merge the LoRA adapter before quantizing (its update would be lost)")
     model.embed = Int8Embedding(model.embed.weight)
     model.quantized = mode

@@ -8,8 +8,9 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from gemma.errors import GemmaError
 from gemma.model.attention import Attention, attention_mask
-from gemma.model.config import GemmaConfig
+from gemma.model.config import FULL, SLIDING, GemmaConfig
 from gemma.model.kv_cache import KVCache
 from gemma.model.layers import Embedding, GeGLU, RMSNorm, rope_cos_sin, rope_inv_freq
 
@@ -54,6 +55,11 @@ class Gemma(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         # Recompute each block's activations in the backward pass instead of keeping them (training only).
         self.grad_checkpointing = False
+        # The LoRA settings (a lora.config.LoraConfig) once lora.inject has added adapter layers; typed loosely
+        # because gemma/ imports nothing from lora/.
+        self.lora_config: object | None = None
+        # The weights' storage once gemma.model.quantize has replaced them ("int8"); None: plain parameters.
+        self.quantized: str | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -63,16 +69,17 @@ class Gemma(nn.Module):
     def device(self) -> torch.device:
         return self.norm.weight.device
 
-    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[bool, tuple[torch.Tensor, ...]]:
-        """(cos, sin) per layer kind: {is_sliding: (cos, sin)}; local and global layers use different bases."""
+    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, ...]]:
+        """(cos, sin) per layer kind present: {SLIDING or FULL: (cos, sin)}; local (sliding) and global (full)
+        layers use different bases."""
         cfg = self.config
         out = {}
-        for sliding in set(cfg.is_sliding(i) for i in range(cfg.num_layers)):
-            if sliding:
+        for kind in set(cfg.layer_types):
+            if kind == SLIDING:
                 inv = rope_inv_freq(cfg.head_dim, cfg.rope_local_theta, 1.0, positions.device)
             else:
                 inv = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, positions.device)
-            out[sliding] = rope_cos_sin(positions, inv, dtype)
+            out[kind] = rope_cos_sin(positions, inv, dtype)
         return out
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -104,21 +111,21 @@ class Gemma(nn.Module):
             if segment_ids is not None:
                 raise ValueError("segment_ids are not supported with a KV cache")
             cache.plan(positions)
-            masks = {False: None, True: None}  # the cache supplies them
+            masks = {FULL: None, SLIDING: None}  # the cache supplies them
         else:
             masks = {
-                False: attention_mask(positions, None, segment_ids),
-                True: attention_mask(positions, cfg.sliding_window, segment_ids),
+                FULL: attention_mask(positions, None, segment_ids),
+                SLIDING: attention_mask(positions, cfg.sliding_window, segment_ids),
             }
         checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         last = len(self.layers) - 1
         for i, block in enumerate(self.layers):
-            sliding = cfg.is_sliding(i)
+            kind = cfg.layer_types[i]
             if checkpointing:
-                x = torch.utils.checkpoint.checkpoint(block, x, *rope[sliding], masks[sliding], cache,
+                x = torch.utils.checkpoint.checkpoint(block, x, *rope[kind], masks[kind], cache,
                                                       last_only and i == last, use_reentrant=False)
             else:
-                x = block(x, *rope[sliding], masks[sliding], cache, last_only and i == last)
+                x = block(x, *rope[kind], masks[kind], cache, last_only and i == last)
         if last_only and not self.layers:
             x = x[:, -1:]
         return self.norm(x)
@@ -136,5 +143,8 @@ class Gemma(nn.Module):
         return self.logits(self.hidden_states(tokens, positions, segment_ids, cache))
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
-        """A KV cache for `batch` rows of up to `max_len` tokens, in the model's dtype and device."""
+        """A KV cache for `batch` rows of up to `max_len` tokens (at most the model's context), in the model's dtype
+        and device."""
+        if max_len > self.config.max_seq_len:
+            raise GemmaError(f"a cache of {max_len} tokens exceeds the model's context of {self.config.max_seq_len}")
         return KVCache(self.config, batch, max_len, dtype or self.dtype, self.device)
