@@ -9,6 +9,7 @@ from torch import nn
 from gemma.model.config import GemmaConfig
 from gemma.model.kv_cache import KVCache
 from gemma.model.layers import EAGER, Linear, RMSNorm
+from gemma.model.layers import softcap as softcap_
 
 
 def attention_mask(positions: torch.Tensor, window: int | None,
@@ -88,7 +89,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         k = k.repeat_interleave(groups, dim=1)  # (B, H, S, hd)
         v = v.repeat_interleave(groups, dim=1)
     scores = torch.matmul(q, k.transpose(2, 3)) * scale  # (B, H, T, S)
-    scores = torch.tanh(scores / softcap) * softcap
+    scores = softcap_(scores, softcap)
     if mask is None:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)

@@ -40,6 +40,12 @@ class AdaptedLinear(nn.Module):
     merged: bool = False
 
 
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """Gemma 2's logit softcap, tanh(x / cap) * cap: the attention scores' and the output logits'. train/loss.py's
+    fused head loss spells the same arithmetic out into its own buffers (its gradient needs the tanh)."""
+    return torch.tanh(x / cap) * cap
+
+
 class Embedding(nn.Embedding):
     """The token embedding, whose table is also the output head (Gemma ties them): `project(h)` = h @ table.T."""
 

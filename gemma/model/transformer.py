@@ -12,7 +12,7 @@ from gemma.errors import GemmaError
 from gemma.model.attention import Attention, attention_mask
 from gemma.model.config import FULL, SLIDING, GemmaConfig
 from gemma.model.kv_cache import KVCache
-from gemma.model.layers import Embedding, GeGLU, RMSNorm, rope_cos_sin, rope_inv_freq
+from gemma.model.layers import Embedding, GeGLU, RMSNorm, rope_cos_sin, rope_inv_freq, softcap
 
 
 class Block(nn.Module):
@@ -134,8 +134,7 @@ class Gemma(nn.Module):
         """The tied output head, then the final softcap, in float32."""
         logits = self.embed.project(h).float()
         if self.config.final_softcap is not None:
-            cap = self.config.final_softcap
-            logits = torch.tanh(logits / cap) * cap
+            logits = softcap(logits, self.config.final_softcap)
         return logits
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
