@@ -84,95 +84,202 @@ ZH_TEMPLATES = {
 
 # Hand-written general instructions: short answers, both languages, messages and sharegpt shapes mixed.
 GENERAL = [
-    {"messages": [{"role": "user", "content": "What is the capital of France?"},
-                  {"role": "assistant", "content": "Paris."}]},
+    {
+        "messages": [
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "Paris."},
+        ]
+    },
     {"messages": [{"role": "user", "content": "中国的首都是哪里？"}, {"role": "assistant", "content": "北京。"}]},
-    {"conversations": [{"from": "human", "value": "Translate into Chinese: Good morning."},
-                       {"from": "gpt", "value": "早上好。"}]},
-    {"conversations": [{"from": "human", "value": "把这句话翻译成英文：我喜欢读书。"},
-                       {"from": "gpt", "value": "I like reading books."}]},
-    {"messages": [{"role": "system", "content": "Answer in one word."},
-                  {"role": "user", "content": "What color is the sky on a clear day?"},
-                  {"role": "assistant", "content": "Blue."}]},
-    {"messages": [{"role": "system", "content": "请用一句话回答。"},
-                  {"role": "user", "content": "太阳从哪个方向升起？"},
-                  {"role": "assistant", "content": "太阳从东方升起。"}]},
-    {"conversations": [{"from": "human", "value": "Give me a synonym for \"happy\"."},
-                       {"from": "gpt", "value": "Joyful."}]},
+    {
+        "conversations": [
+            {"from": "human", "value": "Translate into Chinese: Good morning."},
+            {"from": "gpt", "value": "早上好。"},
+        ]
+    },
+    {
+        "conversations": [
+            {"from": "human", "value": "把这句话翻译成英文：我喜欢读书。"},
+            {"from": "gpt", "value": "I like reading books."},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "system", "content": "Answer in one word."},
+            {"role": "user", "content": "What color is the sky on a clear day?"},
+            {"role": "assistant", "content": "Blue."},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "system", "content": "请用一句话回答。"},
+            {"role": "user", "content": "太阳从哪个方向升起？"},
+            {"role": "assistant", "content": "太阳从东方升起。"},
+        ]
+    },
+    {
+        "conversations": [
+            {"from": "human", "value": 'Give me a synonym for "happy".'},
+            {"from": "gpt", "value": "Joyful."},
+        ]
+    },
     {"conversations": [{"from": "human", "value": "“高兴”的反义词是什么？"}, {"from": "gpt", "value": "难过。"}]},
-    {"messages": [{"role": "user", "content": "How many days are in a week?"},
-                  {"role": "assistant", "content": "Seven."}]},
+    {
+        "messages": [
+            {"role": "user", "content": "How many days are in a week?"},
+            {"role": "assistant", "content": "Seven."},
+        ]
+    },
     {"messages": [{"role": "user", "content": "一年有几个月？"}, {"role": "assistant", "content": "一年有十二个月。"}]},
-    {"conversations": [{"from": "human", "value": "Does ice float on water? Answer yes or no."},
-                       {"from": "gpt", "value": "Yes."}]},
+    {
+        "conversations": [
+            {"from": "human", "value": "Does ice float on water? Answer yes or no."},
+            {"from": "gpt", "value": "Yes."},
+        ]
+    },
     {"conversations": [{"from": "human", "value": "水在多少摄氏度结冰？"}, {"from": "gpt", "value": "0摄氏度。"}]},
-    {"messages": [{"role": "user", "content": "Write a Python expression that adds 2 and 3."},
-                  {"role": "assistant", "content": "2 + 3"}]},
-    {"messages": [{"role": "user", "content": "用Python打印“你好”。"},
-                  {"role": "assistant", "content": "print(\"你好\")"}]},
-    {"conversations": [{"from": "system", "value": "You are a friendly assistant."},
-                       {"from": "human", "value": "Hello!"},
-                       {"from": "gpt", "value": "Hello! How can I help you today?"}]},
-    {"conversations": [{"from": "system", "value": "你是一个友好的助手。"},
-                       {"from": "human", "value": "你好！"},
-                       {"from": "gpt", "value": "你好！有什么可以帮你的吗？"}]},
-    {"messages": [{"role": "user", "content": "Name a fruit that is yellow."},
-                  {"role": "assistant", "content": "A banana."}]},
+    {
+        "messages": [
+            {"role": "user", "content": "Write a Python expression that adds 2 and 3."},
+            {"role": "assistant", "content": "2 + 3"},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "用Python打印“你好”。"},
+            {"role": "assistant", "content": 'print("你好")'},
+        ]
+    },
+    {
+        "conversations": [
+            {"from": "system", "value": "You are a friendly assistant."},
+            {"from": "human", "value": "Hello!"},
+            {"from": "gpt", "value": "Hello! How can I help you today?"},
+        ]
+    },
+    {
+        "conversations": [
+            {"from": "system", "value": "你是一个友好的助手。"},
+            {"from": "human", "value": "你好！"},
+            {"from": "gpt", "value": "你好！有什么可以帮你的吗？"},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "Name a fruit that is yellow."},
+            {"role": "assistant", "content": "A banana."},
+        ]
+    },
     {"messages": [{"role": "user", "content": "说出一种红色的水果。"}, {"role": "assistant", "content": "苹果。"}]},
-    {"conversations": [{"from": "human", "value": "What is the opposite of \"cold\"?"},
-                       {"from": "gpt", "value": "Hot."}]},
+    {
+        "conversations": [
+            {"from": "human", "value": 'What is the opposite of "cold"?'},
+            {"from": "gpt", "value": "Hot."},
+        ]
+    },
     {"conversations": [{"from": "human", "value": "“大”的反义词是什么？"}, {"from": "gpt", "value": "小。"}]},
-    {"messages": [{"role": "user", "content": "Which planet do we live on?"},
-                  {"role": "assistant", "content": "Earth."}]},
-    {"messages": [{"role": "user", "content": "地球上最大的海洋是什么？"},
-                  {"role": "assistant", "content": "太平洋。"}]},
-    {"conversations": [{"from": "human", "value": "Spell the word \"cat\" backwards."},
-                       {"from": "gpt", "value": "tac"}]},
-    {"conversations": [{"from": "human", "value": "“春眠不觉晓”的下一句是什么？"},
-                       {"from": "gpt", "value": "处处闻啼鸟。"}]},
-    {"messages": [{"role": "user", "content": "Summarize in three words: The cat slept all day in the sun."},
-                  {"role": "assistant", "content": "Cat sunbathed lazily."}]},
+    {
+        "messages": [
+            {"role": "user", "content": "Which planet do we live on?"},
+            {"role": "assistant", "content": "Earth."},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "地球上最大的海洋是什么？"},
+            {"role": "assistant", "content": "太平洋。"},
+        ]
+    },
+    {"conversations": [{"from": "human", "value": 'Spell the word "cat" backwards.'}, {"from": "gpt", "value": "tac"}]},
+    {
+        "conversations": [
+            {"from": "human", "value": "“春眠不觉晓”的下一句是什么？"},
+            {"from": "gpt", "value": "处处闻啼鸟。"},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "Summarize in three words: The cat slept all day in the sun."},
+            {"role": "assistant", "content": "Cat sunbathed lazily."},
+        ]
+    },
     {"messages": [{"role": "user", "content": "用四个字形容春天。"}, {"role": "assistant", "content": "春暖花开。"}]},
-    {"conversations": [{"from": "human", "value": "How many legs does a spider have?"},
-                       {"from": "gpt", "value": "Eight."}]},
+    {
+        "conversations": [
+            {"from": "human", "value": "How many legs does a spider have?"},
+            {"from": "gpt", "value": "Eight."},
+        ]
+    },
     {"conversations": [{"from": "human", "value": "熊猫主要吃什么？"}, {"from": "gpt", "value": "竹子。"}]},
-    {"messages": [{"role": "user", "content": "Is 17 a prime number?"},
-                  {"role": "assistant", "content": "Yes, 17 is prime."}]},
+    {
+        "messages": [
+            {"role": "user", "content": "Is 17 a prime number?"},
+            {"role": "assistant", "content": "Yes, 17 is prime."},
+        ]
+    },
     {"messages": [{"role": "user", "content": "10是奇数还是偶数？"}, {"role": "assistant", "content": "偶数。"}]},
-    {"conversations": [{"from": "human", "value": "Put these in alphabetical order: pear, apple, mango."},
-                       {"from": "gpt", "value": "apple, mango, pear"}]},
+    {
+        "conversations": [
+            {"from": "human", "value": "Put these in alphabetical order: pear, apple, mango."},
+            {"from": "gpt", "value": "apple, mango, pear"},
+        ]
+    },
     {"conversations": [{"from": "human", "value": "请把“hello”翻译成中文。"}, {"from": "gpt", "value": "你好。"}]},
     {"messages": [{"role": "user", "content": "What do bees make?"}, {"role": "assistant", "content": "Honey."}]},
     {"messages": [{"role": "user", "content": "彩虹有几种颜色？"}, {"role": "assistant", "content": "七种。"}]},
     # Multi-turn.
-    {"messages": [{"role": "user", "content": "My name is Anna."},
-                  {"role": "assistant", "content": "Nice to meet you, Anna!"},
-                  {"role": "user", "content": "What is my name?"},
-                  {"role": "assistant", "content": "Your name is Anna."}]},
-    {"messages": [{"role": "user", "content": "我叫小明。"},
-                  {"role": "assistant", "content": "你好，小明！"},
-                  {"role": "user", "content": "我叫什么名字？"},
-                  {"role": "assistant", "content": "你叫小明。"}]},
-    {"conversations": [{"from": "human", "value": "Think of a number: 5."},
-                       {"from": "gpt", "value": "OK, 5."},
-                       {"from": "human", "value": "Double it."},
-                       {"from": "gpt", "value": "10."},
-                       {"from": "human", "value": "Now add 1."},
-                       {"from": "gpt", "value": "11."}]},
-    {"conversations": [{"from": "system", "value": "用中文回答。"},
-                       {"from": "human", "value": "What is the largest animal?"},
-                       {"from": "gpt", "value": "蓝鲸。"},
-                       {"from": "human", "value": "它生活在哪里？"},
-                       {"from": "gpt", "value": "海洋里。"}]},
-    {"messages": [{"role": "system", "content": "Reply in English."},
-                  {"role": "user", "content": "一加一等于几？"},
-                  {"role": "assistant", "content": "Two."},
-                  {"role": "user", "content": "二加二呢？"},
-                  {"role": "assistant", "content": "Four."}]},
-    {"conversations": [{"from": "human", "value": "Say hi in Chinese."},
-                       {"from": "gpt", "value": "你好。"},
-                       {"from": "human", "value": "And in English?"},
-                       {"from": "gpt", "value": "Hi."}]},
+    {
+        "messages": [
+            {"role": "user", "content": "My name is Anna."},
+            {"role": "assistant", "content": "Nice to meet you, Anna!"},
+            {"role": "user", "content": "What is my name?"},
+            {"role": "assistant", "content": "Your name is Anna."},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "我叫小明。"},
+            {"role": "assistant", "content": "你好，小明！"},
+            {"role": "user", "content": "我叫什么名字？"},
+            {"role": "assistant", "content": "你叫小明。"},
+        ]
+    },
+    {
+        "conversations": [
+            {"from": "human", "value": "Think of a number: 5."},
+            {"from": "gpt", "value": "OK, 5."},
+            {"from": "human", "value": "Double it."},
+            {"from": "gpt", "value": "10."},
+            {"from": "human", "value": "Now add 1."},
+            {"from": "gpt", "value": "11."},
+        ]
+    },
+    {
+        "conversations": [
+            {"from": "system", "value": "用中文回答。"},
+            {"from": "human", "value": "What is the largest animal?"},
+            {"from": "gpt", "value": "蓝鲸。"},
+            {"from": "human", "value": "它生活在哪里？"},
+            {"from": "gpt", "value": "海洋里。"},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "system", "content": "Reply in English."},
+            {"role": "user", "content": "一加一等于几？"},
+            {"role": "assistant", "content": "Two."},
+            {"role": "user", "content": "二加二呢？"},
+            {"role": "assistant", "content": "Four."},
+        ]
+    },
+    {
+        "conversations": [
+            {"from": "human", "value": "Say hi in Chinese."},
+            {"from": "gpt", "value": "你好。"},
+            {"from": "human", "value": "And in English?"},
+            {"from": "gpt", "value": "Hi."},
+        ]
+    },
 ]
 
 
@@ -183,8 +290,9 @@ def problem(rng: random.Random, op: str, a: int, b: int) -> dict:
         text = rng.choice(EN_TEMPLATES[op]).format(name=rng.choice(EN_NAMES), item=item, item2=item2, a=a, b=b)
     else:
         (item, unit), (item2, unit2) = rng.sample(ZH_ITEMS, 2)
-        text = rng.choice(ZH_TEMPLATES[op]).format(name=rng.choice(ZH_NAMES), item=item, unit=unit, item2=item2,
-                                                   unit2=unit2, a=a, b=b)
+        text = rng.choice(ZH_TEMPLATES[op]).format(
+            name=rng.choice(ZH_NAMES), item=item, unit=unit, item2=item2, unit2=unit2, a=a, b=b
+        )
     return {"instruction": text, "output": str(ANSWER[op](a, b))}
 
 
@@ -194,8 +302,8 @@ def arithmetic(seed: int) -> tuple[list[dict], list[dict]]:
     train, held_out = [], []
     for op in ("add", "sub", "mul", "pick"):
         pairs = rng.sample(PAIRS[op], EVAL_PER_OP[op] + TRAIN_PER_OP[op])
-        held_out += [problem(rng, op, a, b) for a, b in pairs[:EVAL_PER_OP[op]]]
-        train += [problem(rng, op, a, b) for a, b in pairs[EVAL_PER_OP[op]:]]
+        held_out += [problem(rng, op, a, b) for a, b in pairs[: EVAL_PER_OP[op]]]
+        train += [problem(rng, op, a, b) for a, b in pairs[EVAL_PER_OP[op] :]]
     rng.shuffle(train)
     rng.shuffle(held_out)
     return train, held_out
@@ -217,8 +325,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     train, held_out = arithmetic(args.seed)
-    for name, records in (("arith_train.jsonl", train), ("arith_eval.jsonl", held_out),
-                          ("general_zh_en.jsonl", GENERAL)):
+    for name, records in (
+        ("arith_train.jsonl", train),
+        ("arith_eval.jsonl", held_out),
+        ("general_zh_en.jsonl", GENERAL),
+    ):
         write_jsonl(os.path.join(args.out, name), records)
         print(f"{os.path.join(args.out, name)}: {len(records)} records")
 

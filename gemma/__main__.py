@@ -20,7 +20,7 @@ def first_non_finite(state) -> str | None:
 
     for name, tensor in state.items():
         flat = tensor.reshape(-1)
-        if any(not torch.isfinite(flat[i:i + _CHUNK]).all() for i in range(0, flat.numel(), _CHUNK)):
+        if any(not torch.isfinite(flat[i : i + _CHUNK]).all() for i in range(0, flat.numel(), _CHUNK)):
             return name
     return None
 
@@ -53,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     if bad is not None:
         # In fp16 a finite weight beyond its range (65504) becomes infinite: say which precision was checked.
         read_as = "" if args.dtype == "fp32" else f" (read as {args.dtype})"
-        raise GemmaError(f"{path}: tensor {file_names(path, cfg).get(bad, bad)!r} holds NaN or infinite "
-                         f"values{read_as}")
+        raise GemmaError(
+            f"{path}: tensor {file_names(path, cfg).get(bad, bad)!r} holds NaN or infinite values{read_as}"
+        )
     summary = {
         "parameters": sum(t.numel() for t in state.values()),
         "tokenizer_vocab": tokenizer.vocab_size,

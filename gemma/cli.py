@@ -26,18 +26,28 @@ def parse_dtype(name: str):
 
 def add_model_args(parser) -> None:
     """The model flags every tool shares: --model, --size, --adapter, --dtype, --device, --quantize, --compile."""
-    parser.add_argument("--model", default="3-270m",
-                        help="HF folder, native folder, .gguf file, HF repo id or preset name (default: 3-270m)")
+    parser.add_argument(
+        "--model",
+        default="3-270m",
+        help="HF folder, native folder, .gguf file, HF repo id or preset name (default: 3-270m)",
+    )
     parser.add_argument("--size", metavar="NAME", default=None, help="a preset name, instead of --model")
     parser.add_argument("--adapter", metavar="DIR", default=None, help="a PEFT LoRA adapter folder to apply")
     parser.add_argument("--dtype", choices=DTYPES, default="bf16", help="compute dtype (default bf16)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--quantize", choices=("int8",), default=None,
-                        help="store the weights in int8 (per-row scales; activations stay in --dtype): half the "
-                             "bytes read per token, faster decoding on CPU, slightly different outputs")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the elementwise work of prompt processing: ~1.1x faster prefill on "
-                             "CPU after a one-time compile (5-15 s), outputs equal up to rounding")
+    parser.add_argument(
+        "--quantize",
+        choices=("int8",),
+        default=None,
+        help="store the weights in int8 (per-row scales; activations stay in --dtype): half the "
+        "bytes read per token, faster decoding on CPU, slightly different outputs",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the elementwise work of prompt processing: ~1.1x faster prefill on "
+        "CPU after a one-time compile (5-15 s), outputs equal up to rounding",
+    )
 
 
 def pick_device(name: str | None):
@@ -69,14 +79,19 @@ def load_model(args):
     cuda when there is one), and `what` as the tools report it: 'loaded SOURCE (bf16, cpu) in 1.2s'."""
     import time
 
-
     import gemma
 
     device = str(pick_device(args.device))
     source = args.size or args.model
     start = time.perf_counter()
-    model, tokenizer = gemma.load(source, adapter=args.adapter, dtype=parse_dtype(args.dtype), device=device,
-                                  quantize=args.quantize, compile=args.compile)
+    model, tokenizer = gemma.load(
+        source,
+        adapter=args.adapter,
+        dtype=parse_dtype(args.dtype),
+        device=device,
+        quantize=args.quantize,
+        compile=args.compile,
+    )
     model.eval()
     seconds = time.perf_counter() - start
     return model, tokenizer, f"loaded {source} ({precision_label(args)}, {device}) in {seconds:.1f}s"
@@ -110,9 +125,24 @@ def keep_freed_memory() -> bool:
 
 # OSErrors that come from the user's environment rather than from a bug: a full disk, a read-only or unwritable
 # output, a path that is not what the command needs. `main_guard` reports them as one line.
-USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.EISDIR,
-                  errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.EFBIG, errno.ELOOP, errno.ENXIO,
-                  errno.ENOTEMPTY, errno.EXDEV, errno.EMFILE}
+USER_OS_ERRORS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOENT,
+    errno.EISDIR,
+    errno.ENOTDIR,
+    errno.EEXIST,
+    errno.ENAMETOOLONG,
+    errno.EFBIG,
+    errno.ELOOP,
+    errno.ENXIO,
+    errno.ENOTEMPTY,
+    errno.EXDEV,
+    errno.EMFILE,
+}
 
 
 def os_error_line(exc: OSError) -> str:

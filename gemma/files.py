@@ -131,8 +131,9 @@ def _lineage(path: Path) -> list[tuple[int, int]]:
     return [i for i in ids if i is not None]
 
 
-def refuse_overwriting_inputs(outputs: dict[str, str | os.PathLike | None],
-                              inputs: dict[str, str | os.PathLike | None]) -> None:
+def refuse_overwriting_inputs(
+    outputs: dict[str, str | os.PathLike | None], inputs: dict[str, str | os.PathLike | None]
+) -> None:
     """A GemmaError if writing any output could replace or delete one of the inputs.
 
     `outputs` and `inputs` map a flag (as the user typed it, e.g. "--out") to a path; None entries are skipped, and
@@ -157,8 +158,9 @@ def refuse_overwriting_inputs(outputs: dict[str, str | os.PathLike | None],
             if out_id in _lineage(src_path):
                 raise GemmaError(f"{out}: {out_flag} would overwrite the input {in_flag} {src}; choose another path")
             if src_path.is_dir() and src_id in out_lineage:
-                raise GemmaError(f"{out}: {out_flag} would overwrite a file of the input {in_flag} {src}; "
-                                 "choose another path")
+                raise GemmaError(
+                    f"{out}: {out_flag} would overwrite a file of the input {in_flag} {src}; choose another path"
+                )
 
 
 def check_source_file(source: str | os.PathLike | None, what: str = "model file") -> None:
@@ -177,8 +179,15 @@ def check_source_file(source: str | os.PathLike | None, what: str = "model file"
 
 def describe_mode(mode: int) -> str:
     """What a file mode that is not a regular file names: 'a FIFO', 'a device', 'a socket'."""
-    return ("a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-            else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+    return (
+        "a FIFO"
+        if stat.S_ISFIFO(mode)
+        else "a device"
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "not a regular file"
+    )
 
 
 def read_json(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:

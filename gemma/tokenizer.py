@@ -140,8 +140,9 @@ class Tokenizer:
             lone = next((ch for ch in text if 0xD800 <= ord(ch) <= 0xDFFF), None)
             if lone is None:
                 raise
-            raise GemmaError(f"text holds a lone surrogate (U+{ord(lone):04X}), which is not valid Unicode and "
-                             "cannot be tokenized") from None
+            raise GemmaError(
+                f"text holds a lone surrogate (U+{ord(lone):04X}), which is not valid Unicode and cannot be tokenized"
+            ) from None
 
     def decode(self, ids) -> str:
         """Text of `ids` (a list, tuple or tensor of ints). Control pieces such as <bos> decode to nothing."""
@@ -155,8 +156,10 @@ class Tokenizer:
 
     def render_chat(self, messages, add_generation_prompt: bool = True) -> str:
         """The chat template as text, as transformers renders Gemma 3's template (for debugging and tests)."""
-        return "".join(p if isinstance(p, str) else self._sp.id_to_piece(p)
-                       for p in self._chat_parts(messages, add_generation_prompt))
+        return "".join(
+            p if isinstance(p, str) else self._sp.id_to_piece(p)
+            for p in self._chat_parts(messages, add_generation_prompt)
+        )
 
     def apply_chat(self, messages, add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the chat template; message content is text and never yields a marker id."""
@@ -183,8 +186,9 @@ class Tokenizer:
             if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
                 raise GemmaError(f"chat: message {i} must be a dict with 'role' and 'content'")
             if m["role"] not in _ROLES:
-                raise GemmaError(f"chat: message {i} has unknown role {m['role']!r} "
-                                 f"(expected one of {', '.join(_ROLES)})")
+                raise GemmaError(
+                    f"chat: message {i} has unknown role {m['role']!r} (expected one of {', '.join(_ROLES)})"
+                )
             if not isinstance(m["content"], str):
                 raise GemmaError(f"chat: message {i} content must be a string, got {type(m['content']).__name__}")
 
@@ -200,8 +204,10 @@ class Tokenizer:
             role = "model" if m["role"] == "assistant" else m["role"]
             expected = "user" if n % 2 == 0 else "model"
             if role != expected:
-                raise GemmaError(f"chat: message {first + n} has role {m['role']!r}, expected {expected!r} "
-                                 "(roles alternate user/model, starting with user, after an optional system message)")
+                raise GemmaError(
+                    f"chat: message {first + n} has role {m['role']!r}, expected {expected!r} "
+                    "(roles alternate user/model, starting with user, after an optional system message)"
+                )
             text = (prefix if n == 0 else "") + m["content"].strip()
             # One span from the role to the end of the content: transformers tokenizes the rendered string, which
             # splits only at marker pieces, so the role, newline and content are encoded together.
@@ -222,7 +228,7 @@ class Tokenizer:
             return self._encode(text)
         ids, pos = [], 0
         for match in self._guard.finditer(text):
-            ids += self._encode(text[pos:match.start()])
+            ids += self._encode(text[pos : match.start()])
             literal = match.group()
             ids += self._encode(literal[0]) + self.encode_content(literal[1:])
             pos = match.end()

@@ -92,6 +92,7 @@ def clean_leftovers(dst: Path) -> None:
             stale[m["kind"]].append(Path(entry.path))
     olds = stale["old"]
     if olds and not os.path.lexists(dst):
+
         def changed(p: Path) -> float:
             try:
                 return p.lstat().st_mtime
@@ -235,8 +236,9 @@ def _refuse_special(path: Path) -> None:
     except (OSError, ValueError):
         return
     if not stat.S_ISREG(mode):
-        raise GemmaError(f"{path}: is {'a folder' if stat.S_ISDIR(mode) else describe_mode(mode)}, not a file; "
-                         "not replaced")
+        raise GemmaError(
+            f"{path}: is {'a folder' if stat.S_ISDIR(mode) else describe_mode(mode)}, not a file; not replaced"
+        )
 
 
 def check_writable(path: str | os.PathLike, flag: str) -> Path:

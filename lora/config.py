@@ -35,11 +35,18 @@ class LoraConfig:
         self.targets = tuple(t for t in ALL_TARGETS if t in targets)
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise GemmaError(f"LoRA: rank r must be a positive integer, got {self.r!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) \
-                or self.alpha <= 0:
+        if (
+            isinstance(self.alpha, bool)
+            or not isinstance(self.alpha, (int, float))
+            or not math.isfinite(self.alpha)
+            or self.alpha <= 0
+        ):
             raise GemmaError(f"LoRA: alpha must be a positive number, got {self.alpha!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
-                or not 0.0 <= self.dropout < 1.0:
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not 0.0 <= self.dropout < 1.0
+        ):
             raise GemmaError(f"LoRA: dropout must be in [0, 1), got {self.dropout!r}")
 
     @property

@@ -43,8 +43,11 @@ def inject(model: Gemma, cfg: LoraConfig) -> Gemma:
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter parameters by native name (`layers.0.attn.q.lora_A`, ...), detached."""
-    return {f"{path}.{name}": p.detach()
-            for path, layer in lora_layers(model).items() for name, p in layer.adapter_parameters().items()}
+    return {
+        f"{path}.{name}": p.detach()
+        for path, layer in lora_layers(model).items()
+        for name, p in layer.adapter_parameters().items()
+    }
 
 
 def merge(model: nn.Module) -> nn.Module:

@@ -43,12 +43,33 @@ _FROM_PEFT_SUFFIX = {**{v: k for k, v in _PEFT_SUFFIX.items()}, "lora_magnitude_
 
 # adapter_config.json keys, by how we treat them. Any other key must hold a neutral value (null, false, {}, [],
 # "none"): a set option we do not know changes what the adapter means, so it is refused.
-_USED = {"peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora",
-         "bias", "init_lora_weights", "base_model_name_or_path"}
-_INFORMATIONAL = {"revision", "inference_mode", "peft_version", "auto_mapping", "megatron_core", "runtime_config",
-                  "qalora_group_size",  # only read with use_qalora
-                  "ensure_weight_tying",  # only acts on modules_to_save / trainable tokens
-                  "loftq_config", "eva_config", "corda_config", "lora_ga_config"}  # initialisation-time settings
+_USED = {
+    "peft_type",
+    "task_type",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "use_rslora",
+    "use_dora",
+    "bias",
+    "init_lora_weights",
+    "base_model_name_or_path",
+}
+_INFORMATIONAL = {
+    "revision",
+    "inference_mode",
+    "peft_version",
+    "auto_mapping",
+    "megatron_core",
+    "runtime_config",
+    "qalora_group_size",  # only read with use_qalora
+    "ensure_weight_tying",  # only acts on modules_to_save / trainable tokens
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+}  # initialisation-time settings
 # Initialisations after which the adapter is a plain LoRA on the unchanged base weights. The others (pissa, olora,
 # corda, loftq, lora_ga) rewrite the base weights, and mica is a LoRA variant.
 _PLAIN_INITS = {True, False, "gaussian", "eva", "orthogonal"}
@@ -65,6 +86,7 @@ MAX_REGEX_LENGTH = 1000
 
 # ---- names -------------------------------------------------------------------------------------------------------
 
+
 def _hf_module(names: dict[str, str], layer: int, target: str) -> str:
     """`model.layers.0.self_attn.q_proj` for (0, "q"), from the base checkpoint's name table."""
     return names[f"{module_path(layer, target)}.weight"].removesuffix(".weight")
@@ -80,8 +102,12 @@ def peft_names(model_cfg: GemmaConfig, cfg: LoraConfig) -> dict[str, str]:
     """native adapter name (`layers.0.attn.q.lora_A`) -> peft key, for every tensor the adapter holds."""
     names = hf_names(model_cfg)
     kinds = ("lora_A", "lora_B", "magnitude") if cfg.dora else ("lora_A", "lora_B")
-    return {f"{module_path(i, t)}.{kind}": f"{PEFT_PREFIX}{_hf_module(names, i, t)}.{_PEFT_SUFFIX[kind]}"
-            for i in range(model_cfg.num_layers) for t in cfg.targets for kind in kinds}
+    return {
+        f"{module_path(i, t)}.{kind}": f"{PEFT_PREFIX}{_hf_module(names, i, t)}.{_PEFT_SUFFIX[kind]}"
+        for i in range(model_cfg.num_layers)
+        for t in cfg.targets
+        for kind in kinds
+    }
 
 
 def _spellings(hf_module: str) -> tuple[str, ...]:
@@ -92,8 +118,8 @@ def _spellings(hf_module: str) -> tuple[str, ...]:
 
 # ---- writing -----------------------------------------------------------------------------------------------------
 
-def peft_config(model_cfg: GemmaConfig, cfg: LoraConfig, base_model_name_or_path: str | None = None
-                ) -> dict[str, Any]:
+
+def peft_config(model_cfg: GemmaConfig, cfg: LoraConfig, base_model_name_or_path: str | None = None) -> dict[str, Any]:
     """The adapter_config.json peft reads: only keys that every peft version since rsLoRA and DoRA knows."""
     hf = hf_target_names(model_cfg)
     alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
@@ -120,9 +146,15 @@ def peft_config(model_cfg: GemmaConfig, cfg: LoraConfig, base_model_name_or_path
     }
 
 
-def write_adapter(folder: str | Path, model_cfg: GemmaConfig, cfg: LoraConfig, tensors: dict[str, torch.Tensor],
-                  base_model_name_or_path: str | None = None, dtype: torch.dtype | None = None,
-                  force: bool = False) -> Path:
+def write_adapter(
+    folder: str | Path,
+    model_cfg: GemmaConfig,
+    cfg: LoraConfig,
+    tensors: dict[str, torch.Tensor],
+    base_model_name_or_path: str | None = None,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+) -> Path:
     """Write adapter tensors by native name (as `load_adapter` returns them) as a PEFT folder, atomically.
 
     The one writer of adapter folders: `save_adapter` passes a model's own tensors, FSDP training the whole tensors
@@ -143,24 +175,28 @@ def write_adapter(folder: str | Path, model_cfg: GemmaConfig, cfg: LoraConfig, t
     return folder
 
 
-def save_adapter(model: Gemma, folder: str | Path, base_model_name_or_path: str | None = None,
-                 dtype: torch.dtype | None = None, force: bool = False) -> Path:
+def save_adapter(
+    model: Gemma,
+    folder: str | Path,
+    base_model_name_or_path: str | None = None,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+) -> Path:
     """Write the model's adapter as a PEFT folder, atomically (a merged model saves the same adapter)."""
     cfg = model.lora_config
     if cfg is None or not lora_layers(model):
         raise GemmaError("the model has no LoRA layers to save")
-    return write_adapter(folder, model.config, cfg, adapter_state_dict(model), base_model_name_or_path, dtype,
-                         force)
+    return write_adapter(folder, model.config, cfg, adapter_state_dict(model), base_model_name_or_path, dtype, force)
 
 
 # ---- reading -----------------------------------------------------------------------------------------------------
+
 
 def _targets(spec: Any, model_cfg: GemmaConfig, where: str) -> tuple[str, ...]:
     """Our targets from peft's target_modules (a list of names or name suffixes, a regex, or "all-linear"), which
     must select the same projections in every layer."""
     names = hf_names(model_cfg)
-    modules = {(i, t): _spellings(_hf_module(names, i, t))
-               for i in range(model_cfg.num_layers) for t in ALL_TARGETS}
+    modules = {(i, t): _spellings(_hf_module(names, i, t)) for i in range(model_cfg.num_layers) for t in ALL_TARGETS}
     if spec == "all-linear":  # peft: every linear layer but the output head, i.e. the seven projections
         return ALL_TARGETS
     if isinstance(spec, str):  # peft matches a string as a regex over the whole module path
@@ -181,16 +217,19 @@ def _targets(spec: Any, model_cfg: GemmaConfig, where: str) -> tuple[str, ...]:
             hits = by_tail.get(entry)
             if not hits:
                 supported = ", ".join(hf_target_names(model_cfg).values())
-                raise GemmaError(f"{where}: target module {shown(entry)} is not in the model "
-                                 f"(LoRA applies to {supported})")
+                raise GemmaError(
+                    f"{where}: target module {shown(entry)} is not in the model (LoRA applies to {supported})"
+                )
             chosen |= hits
     else:
         raise GemmaError(f"{where}: target_modules must be a list of module names or a regex, got {shown(spec)}")
     targets = tuple(t for t in ALL_TARGETS if any(key[1] == t for key in chosen))
     every_layer = {(i, t) for i in range(model_cfg.num_layers) for t in targets}
     if chosen != every_layer:
-        raise GemmaError(f"{where}: target_modules {shown(spec)} selects a projection in some layers only "
-                         f"(per-layer targets are not supported)")
+        raise GemmaError(
+            f"{where}: target_modules {shown(spec)} selects a projection in some layers only "
+            f"(per-layer targets are not supported)"
+        )
     return targets
 
 
@@ -199,8 +238,10 @@ def _regex_targets(spec: str, modules: dict[tuple[int, str], tuple[str, ...]], w
     import regex
 
     if len(spec) > MAX_REGEX_LENGTH:
-        raise GemmaError(f"{where}: target_modules is a regex of {len(spec)} characters (at most "
-                         f"{MAX_REGEX_LENGTH}); list the module names instead")
+        raise GemmaError(
+            f"{where}: target_modules is a regex of {len(spec)} characters (at most "
+            f"{MAX_REGEX_LENGTH}); list the module names instead"
+        )
     try:
         re.compile(spec)
         pattern = regex.compile(spec)
@@ -215,9 +256,11 @@ def _regex_targets(spec: str, modules: dict[tuple[int, str], tuple[str, ...]], w
                     chosen.add(key)
                     break
     except TimeoutError:
-        raise GemmaError(f"{where}: target_modules {shown(spec)} takes longer than {REGEX_SECONDS:g} s to match "
-                         "the model's module names (nested repetition such as '(a+)+'?); list the module names "
-                         "instead") from None
+        raise GemmaError(
+            f"{where}: target_modules {shown(spec)} takes longer than {REGEX_SECONDS:g} s to match "
+            "the model's module names (nested repetition such as '(a+)+'?); list the module names "
+            "instead"
+        ) from None
     return chosen
 
 
@@ -235,18 +278,27 @@ def read_peft_config(path: Path, model_cfg: GemmaConfig) -> tuple[LoraConfig, st
         raise GemmaError(f"{where}: bias={data['bias']!r} (bias training) is not supported")
     init = data.get("init_lora_weights", True)
     if not isinstance(init, (bool, str)) or init not in _PLAIN_INITS:
-        raise GemmaError(f"{where}: init_lora_weights={init!r} is not supported (it changes the base weights or "
-                         f"is a LoRA variant; convert the adapter to a plain LoRA with peft first)")
+        raise GemmaError(
+            f"{where}: init_lora_weights={init!r} is not supported (it changes the base weights or "
+            f"is a LoRA variant; convert the adapter to a plain LoRA with peft first)"
+        )
     for key, value in data.items():
         if key in _USED or key in _INFORMATIONAL:
             continue
         if not any(value is v or (type(value) is type(v) and value == v) for v in _NEUTRAL):
-            raise GemmaError(f"{where}: {key}={shown(value)} is not supported "
-                             f"(only LoRA on the {','.join(ALL_TARGETS)} projections of every layer)")
+            raise GemmaError(
+                f"{where}: {key}={shown(value)} is not supported "
+                f"(only LoRA on the {','.join(ALL_TARGETS)} projections of every layer)"
+            )
     try:
-        cfg = LoraConfig(r=data.get("r", 8), alpha=data.get("lora_alpha", 8), dropout=data.get("lora_dropout", 0.0),
-                         targets=_targets(data.get("target_modules"), model_cfg, where),
-                         rslora=bool(data.get("use_rslora", False)), dora=bool(data.get("use_dora", False)))
+        cfg = LoraConfig(
+            r=data.get("r", 8),
+            alpha=data.get("lora_alpha", 8),
+            dropout=data.get("lora_dropout", 0.0),
+            targets=_targets(data.get("target_modules"), model_cfg, where),
+            rslora=bool(data.get("use_rslora", False)),
+            dora=bool(data.get("use_dora", False)),
+        )
     except GemmaError as exc:
         raise GemmaError(f"{where}: {exc}") from None
     return cfg, data.get("base_model_name_or_path")
@@ -293,12 +345,12 @@ def _native_key(key: str, to_native: dict[str, str]) -> str | None:
     KeyError for anything that is not a LoRA weight of one of our projections."""
     if not key.startswith(PEFT_PREFIX):
         raise KeyError(key)
-    plain = hf_text_key(key[len(PEFT_PREFIX):])
+    plain = hf_text_key(key[len(PEFT_PREFIX) :])
     if plain is None:
         return None
     for suffix, kind in _FROM_PEFT_SUFFIX.items():
         if plain.endswith("." + suffix):
-            return f"{to_native[plain[:-len(suffix) - 1]]}.{kind}"
+            return f"{to_native[plain[: -len(suffix) - 1]]}.{kind}"
     raise KeyError(key)
 
 
@@ -313,8 +365,7 @@ def load_adapter(folder: str | Path, model_cfg: GemmaConfig) -> tuple[LoraConfig
     path = _weights_file(folder)
 
     names = hf_names(model_cfg)
-    to_native = {_hf_module(names, i, t): module_path(i, t)
-                 for i in range(model_cfg.num_layers) for t in ALL_TARGETS}
+    to_native = {_hf_module(names, i, t): module_path(i, t) for i in range(model_cfg.num_layers) for t in ALL_TARGETS}
     wanted = peft_names(model_cfg, cfg)  # native -> peft key
     base = expected_shapes(model_cfg)
     hf_short = hf_target_names(model_cfg)
@@ -325,15 +376,17 @@ def load_adapter(folder: str | Path, model_cfg: GemmaConfig) -> tuple[LoraConfig
         try:
             name = _native_key(key, to_native)
         except KeyError:
-            raise GemmaError(f"{file}: unexpected tensor {key!r} (not a LoRA weight of a "
-                             f"{','.join(hf_short.values())} projection)") from None
+            raise GemmaError(
+                f"{file}: unexpected tensor {key!r} (not a LoRA weight of a {','.join(hf_short.values())} projection)"
+            ) from None
         if name is None:
             continue  # a vision-tower adapter weight: it does not touch the text model
         module, _, kind = name.rpartition(".")
         target = module.rpartition(".")[2]
         if target not in cfg.targets:
-            raise GemmaError(f"{file}: tensor {key!r} is for {hf_short[target]}, which target_modules in "
-                             f"{CONFIG_FILE} does not list")
+            raise GemmaError(
+                f"{file}: tensor {key!r} is for {hf_short[target]}, which target_modules in {CONFIG_FILE} does not list"
+            )
         if kind == "magnitude" and not cfg.dora:
             raise GemmaError(f"{file}: tensor {key!r} is a DoRA magnitude but use_dora is false in {CONFIG_FILE}")
         if name in tensors:
@@ -345,8 +398,10 @@ def load_adapter(folder: str | Path, model_cfg: GemmaConfig) -> tuple[LoraConfig
         out_f, in_f = base[f"{module}.weight"]
         shape = {"lora_A": (cfg.r, in_f), "lora_B": (out_f, cfg.r), "magnitude": (out_f,)}[kind]
         if tuple(tensor.shape) != shape:
-            raise GemmaError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {shape} "
-                             f"(r={cfg.r} in {CONFIG_FILE}; the model's {hf_short[target]} is {out_f}x{in_f})")
+            raise GemmaError(
+                f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {shape} "
+                f"(r={cfg.r} in {CONFIG_FILE}; the model's {hf_short[target]} is {out_f}x{in_f})"
+            )
         if not tensor.is_floating_point():
             raise GemmaError(f"{file}: tensor {key!r} has non-float dtype {tensor.dtype}")
         if not torch.isfinite(tensor).all():  # it would turn every output (or merged weight) into NaN
@@ -354,8 +409,9 @@ def load_adapter(folder: str | Path, model_cfg: GemmaConfig) -> tuple[LoraConfig
         tensors[name] = tensor
     missing = [wanted[n] for n in wanted if n not in tensors]
     if missing:
-        raise GemmaError(f"{path}: missing tensor {missing[0]!r}"
-                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise GemmaError(
+            f"{path}: missing tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     return cfg, tensors
 
 
@@ -371,15 +427,15 @@ def apply_adapter(model: Gemma, folder: str | Path, merge: bool = False) -> Gemm
             params[name].copy_(tensor)  # cast to the model's dtype and device
     if merge:
         merge_layers(model)
-        bad = next((path for path, layer in lora_layers(model).items() if not torch.isfinite(layer.weight).all()),
-                   None)
+        bad = next((path for path, layer in lora_layers(model).items() if not torch.isfinite(layer.weight).all()), None)
         if bad is not None:  # finite parts can still overflow (a huge lora_alpha, a bf16 base)
             raise GemmaError(f"{folder}: merging the adapter into {bad} gives NaN or infinite weights")
     return model
 
 
-def merged_state_dict(base_state: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor],
-                      cfg: LoraConfig) -> dict[str, torch.Tensor]:
+def merged_state_dict(
+    base_state: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor], cfg: LoraConfig
+) -> dict[str, torch.Tensor]:
     """A new native state dict with the adapter (native names, as `load_adapter` returns) merged in. Pure: the
     inputs are not modified, and tensors without an adapter are shared, not copied."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
@@ -395,8 +451,7 @@ def merged_state_dict(base_state: dict[str, torch.Tensor], adapter: dict[str, to
         key = f"{module}.weight"
         if key not in base_state:
             raise GemmaError(f"adapter: module {module!r} is not in the base state dict")
-        out[key], _ = merge_weight(base_state[key], parts["lora_A"], parts["lora_B"], cfg.scale,
-                                   parts.get("magnitude"))
+        out[key], _ = merge_weight(base_state[key], parts["lora_A"], parts["lora_B"], cfg.scale, parts.get("magnitude"))
         if not torch.isfinite(out[key]).all():  # finite parts can still overflow (a huge lora_alpha, a bf16 base)
             raise GemmaError(f"adapter: merging module {module!r} gives NaN or infinite weights")
     return out

@@ -26,8 +26,13 @@ def dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, 
     return torch.linalg.norm(weight + scale * (lora_B @ lora_A), dim=1)
 
 
-def merge_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
-                 magnitude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def merge_weight(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    magnitude: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(merged weight in weight's dtype, DoRA row norm in float32 or None). Pure.
 
     The arithmetic runs in float32 and is rounded to the weight's dtype once, so a bf16 merge loses no more than
@@ -41,8 +46,14 @@ def merge_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tenso
     return ((magnitude.float() / norm)[:, None] * (w + delta)).to(weight.dtype), norm
 
 
-def unmerge_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
-                   magnitude: torch.Tensor | None = None, norm: torch.Tensor | None = None) -> torch.Tensor:
+def unmerge_weight(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    magnitude: torch.Tensor | None = None,
+    norm: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The inverse of `merge_weight` (DoRA needs the norm that merge returned). Pure."""
     w = weight.float()
     delta = scale * (lora_B.float() @ lora_A.float())
@@ -126,8 +137,9 @@ class LoRALinear(AdaptedLinear):
         self.reset_lora_parameters()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, r: int, scale: float, dropout: float = 0.0,
-                    dora: bool = False) -> "LoRALinear":
+    def from_linear(
+        cls, linear: nn.Linear, r: int, scale: float, dropout: float = 0.0, dora: bool = False
+    ) -> "LoRALinear":
         """Wrap an existing bias-free nn.Linear, sharing (not copying) its weight."""
         if linear.bias is not None:
             raise ValueError("LoRALinear wraps bias-free linear layers only")
@@ -188,10 +200,13 @@ class LoRALinear(AdaptedLinear):
         """Take the update back out of `weight`; a call on an unmerged layer does nothing."""
         if not self.merged:
             return
-        self.weight.copy_(unmerge_weight(self.weight, self.lora_A, self.lora_B, self.scale, self.magnitude,
-                                         self._merged_norm))
+        self.weight.copy_(
+            unmerge_weight(self.weight, self.lora_A, self.lora_B, self.scale, self.magnitude, self._merged_norm)
+        )
         self.merged, self._merged_norm = False, None
 
     def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}, "
-                f"dropout={self.dropout:g}, dora={self.magnitude is not None}, merged={self.merged}")
+        return (
+            f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}, "
+            f"dropout={self.dropout:g}, dora={self.magnitude is not None}, merged={self.merged}"
+        )

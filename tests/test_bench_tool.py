@@ -17,6 +17,8 @@ from gemma.model.quantize import quantize_model
 from tiny_models import save_hf_model
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
     return save_hf_model("gemma3", tmp_path_factory.mktemp("bench") / "hf")
@@ -71,8 +73,14 @@ def test_ours_and_reference_decode_the_same_tokens(hf_folder):
         steps.decode_steps = real
     ours_tokens = torch.tensor(seen).T  # (B, 6)
     with torch.no_grad():
-        theirs_tokens = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
-                                        min_new_tokens=6, do_sample=False, pad_token_id=0)[:, 8:]
+        theirs_tokens = theirs.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=6,
+            min_new_tokens=6,
+            do_sample=False,
+            pad_token_id=0,
+        )[:, 8:]
     assert torch.equal(ours_tokens, theirs_tokens)
 
 
@@ -80,18 +88,39 @@ def test_agreement_of_a_model_with_itself_in_fp32(hf_folder, tiny_tokenizer_path
     import shutil
 
     shutil.copy(tiny_tokenizer_path, hf_folder / "tokenizer.model")
-    r = agreement(hf_folder, [[2, 5, 6, 7], [2, 9, 10]], new_tokens=4, dtype=torch.float32,
-                  device=torch.device("cpu"))
+    r = agreement(hf_folder, [[2, 5, 6, 7], [2, 9, 10]], new_tokens=4, dtype=torch.float32, device=torch.device("cpu"))
     assert r["tokens"] == 8 and r["teacher_forced_fp32"] == 1.0
     assert 0.0 <= r["teacher_forced"] <= 1.0 and 0.0 <= r["identical_prefix"] <= 1.0
 
 
 def test_bench_cli_prints_the_table_and_writes_json(hf_folder, tmp_path):
     out = tmp_path / "b.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--model", str(hf_folder),
-                           "--only", "decode1,prefill", "--quantize", "int8", "--compile", "--reps", "2", "--runs", "1",
-                           "--new-tokens", "4", "--prompt-len", "16", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "bench.py"),
+            "--model",
+            str(hf_folder),
+            "--only",
+            "decode1,prefill",
+            "--quantize",
+            "int8",
+            "--compile",
+            "--reps",
+            "2",
+            "--runs",
+            "1",
+            "--new-tokens",
+            "4",
+            "--prompt-len",
+            "16",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "greedy decode, batch 1" in proc.stdout and "int8 decode, batch 1" in proc.stdout
     report = json.loads(out.read_text())
@@ -100,10 +129,15 @@ def test_bench_cli_prints_the_table_and_writes_json(hf_folder, tmp_path):
     assert row["ours"]["median"] > 0 and row["reference"]["median"] > 0 and row["ours"]["bound_tokens_per_s"] > 0
     # Speed from 2 processes where both took turns; the ratio is the median of the per-turn ratios.
     assert len(row["ours"]["processes"]) == 2 and all(len(p) == 2 for p in row["ours"]["processes"])  # 2 x --runs
-    ratios = sorted(o / r for os_, rs in zip(row["ours"]["processes"], row["reference"]["processes"])
-                    for o, r in zip(os_, rs))
+    ratios = sorted(
+        o / r for os_, rs in zip(row["ours"]["processes"], row["reference"]["processes"]) for o, r in zip(os_, rs)
+    )
     assert abs(row["speed"] - (ratios[1] + ratios[2]) / 2) < 1e-9
     assert report["results"]["compiled-prefill"]["ours"]["first_s"] > 0 and "prefill, --compile" in proc.stdout
-    bad = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--only", "decode3"],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench.py"), "--only", "decode3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "unknown workload" in bad.stderr

@@ -78,7 +78,7 @@ def test_second_turn_prefills_only_its_new_tokens(model, tok):
     second = "".join(pieces)
     # The reply continues the reused cache exactly as a fresh generation over the whole conversation would.
     ids = generate(model, tok, [prompt2], max_new_tokens=12)[0]
-    assert s.tokens[len(prompt2):] == ids and second == decode_text(tok, ids)
+    assert s.tokens[len(prompt2) :] == ids and second == decode_text(tok, ids)
 
 
 def test_every_turn_equals_a_fresh_generation(model, tok):
@@ -103,8 +103,10 @@ def test_a_session_takes_its_settings_as_one_object(model, tok):
 
     settings = dict(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=5, repetition_penalty=1.2)
     runs = []
-    for s in (ChatSession(model, tok, max_len=256, **settings),
-              ChatSession(model, tok, max_len=256, params=SamplingParams(**settings))):
+    for s in (
+        ChatSession(model, tok, max_len=256, **settings),
+        ChatSession(model, tok, max_len=256, params=SamplingParams(**settings)),
+    ):
         runs.append([reply_of(s, t)[1] for t in ("Hi", "And then?")])
     assert runs[0] == runs[1]
     with pytest.raises(GemmaError, match="^max_new_tokens must be a positive integer, got 0$"):
@@ -202,14 +204,19 @@ def folder(tok, tmp_path_factory):
 
 def run_chat(*args, stdin: str = "", timeout: int = 120, threads: int = 1):
     env = dict(os.environ, PYTHONIOENCODING="utf-8", OMP_NUM_THREADS=str(threads))
-    return subprocess.run([sys.executable, str(CHAT), *map(str, args)], input=stdin.encode(), capture_output=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(CHAT), *map(str, args)],
+        input=stdin.encode(),
+        capture_output=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
 
 
 def test_prompt_prints_exactly_the_generated_text(folder):
     model, tok = gemma.load(folder, dtype=torch.bfloat16)  # the tool's default dtype
-    flags = dict(max_new_tokens=20, temperature=0.9, top_k=100, top_p=0.95, min_p=0.01, repetition_penalty=1.1,
-                 seed=3)
+    flags = dict(max_new_tokens=20, temperature=0.9, top_k=100, top_p=0.95, min_p=0.01, repetition_penalty=1.1, seed=3)
     argv = [a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", v)]
     done = run_chat("--model", folder, "--prompt", "Hello, how are you?", "--system", "Be brief.", *argv)
     assert done.returncode == 0, done.stderr.decode()
@@ -221,8 +228,23 @@ def test_prompt_prints_exactly_the_generated_text(folder):
 def test_prompt_raw_fp32_with_stats(folder, capsys):
     model, tok = gemma.load(folder)
     chat = load_chat_tool()
-    assert chat.main(["--model", str(folder), "--prompt", "今天天气", "--raw", "--dtype", "fp32",
-                      "--max-new-tokens", "16", "--stats"]) == 0
+    assert (
+        chat.main(
+            [
+                "--model",
+                str(folder),
+                "--prompt",
+                "今天天气",
+                "--raw",
+                "--dtype",
+                "fp32",
+                "--max-new-tokens",
+                "16",
+                "--stats",
+            ]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     ids = generate(model, tok, [tok.encode("今天天气")], max_new_tokens=16)[0]
     assert out == decode_text(tok, ids) + "\n"
@@ -231,8 +253,16 @@ def test_prompt_raw_fp32_with_stats(folder, capsys):
 
 def test_piped_conversation_exits_0_and_matches_a_session(folder):
     model, tok = gemma.load(folder, dtype=torch.bfloat16)
-    done = run_chat("--model", folder, "--max-new-tokens", 12, "--system", "Be brief.", "--stats",
-                    stdin="Hello there\nWhat is the capital of France?\n/exit\nnot read\n")
+    done = run_chat(
+        "--model",
+        folder,
+        "--max-new-tokens",
+        12,
+        "--system",
+        "Be brief.",
+        "--stats",
+        stdin="Hello there\nWhat is the capital of France?\n/exit\nnot read\n",
+    )
     assert done.returncode == 0, done.stderr.decode()
     s = ChatSession(model, tok, max_new_tokens=12, system="Be brief.")
     want = "".join(reply_of(s, t)[1] + "\n" for t in ("Hello there", "What is the capital of France?"))
@@ -242,8 +272,16 @@ def test_piped_conversation_exits_0_and_matches_a_session(folder):
 
 
 def test_commands_overflow_and_end_of_input(folder, capsys, monkeypatch):
-    lines = ["/help", "Hello there", "/reset", "How are you today?", "/bogus", "What is the capital of France?",
-             "Please write a short poem about the sea and the moon.", "Thank you."]
+    lines = [
+        "/help",
+        "Hello there",
+        "/reset",
+        "How are you today?",
+        "/bogus",
+        "What is the capital of France?",
+        "Please write a short poem about the sea and the moon.",
+        "Thank you.",
+    ]
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines)))  # ends without /exit
     chat = load_chat_tool()
     assert chat.main(["--model", str(folder), "--max-new-tokens", "8", "--max-len", "64"]) == 0
@@ -253,11 +291,16 @@ def test_commands_overflow_and_end_of_input(folder, capsys, monkeypatch):
     assert "dropped the oldest" in err
 
 
-@pytest.mark.parametrize("args, where", [(["--temperature", "-1"], "--temperature"),
-                                         (["--top-p", "1.5"], "--top-p"),
-                                         (["--max-new-tokens", "0"], "--max-new-tokens"),
-                                         (["--max-len", "100000"], "context"),
-                                         (["--model", "no/such/folder"], "no/such/folder")])
+@pytest.mark.parametrize(
+    "args, where",
+    [
+        (["--temperature", "-1"], "--temperature"),
+        (["--top-p", "1.5"], "--top-p"),
+        (["--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--max-len", "100000"], "context"),
+        (["--model", "no/such/folder"], "no/such/folder"),
+    ],
+)
 def test_bad_flags_are_one_line_errors(args, where, folder, capsys):
     chat = load_chat_tool()
     argv = ["--model", str(folder), *args]
@@ -281,8 +324,23 @@ def test_adapter_is_applied(folder, tmp_path, capsys):
     ids = generate(tuned, tok, [prompt], max_new_tokens=12)[0]
     assert ids != generate(base, tok, [prompt], max_new_tokens=12)[0]
     chat = load_chat_tool()
-    assert chat.main(["--model", str(folder), "--adapter", str(tmp_path / "adapter"), "--dtype", "fp32",
-                      "--prompt", "Hello there", "--max-new-tokens", "12"]) == 0
+    assert (
+        chat.main(
+            [
+                "--model",
+                str(folder),
+                "--adapter",
+                str(tmp_path / "adapter"),
+                "--dtype",
+                "fp32",
+                "--prompt",
+                "Hello there",
+                "--max-new-tokens",
+                "12",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out == decode_text(tok, ids) + "\n"
 
 
@@ -318,8 +376,18 @@ def test_ctrl_c_stops_the_reply_not_the_program(model, tok, monkeypatch):
 def test_real_270m_prompt_prints_exactly_the_generated_text():
     model, tok = real_270m()
     question = "What is the capital of France? Answer in one sentence."
-    done = run_chat("--model", "3-270m", "--prompt", question, "--dtype", "fp32", "--max-new-tokens", 24,
-                    threads=torch.get_num_threads(), timeout=300)
+    done = run_chat(
+        "--model",
+        "3-270m",
+        "--prompt",
+        question,
+        "--dtype",
+        "fp32",
+        "--max-new-tokens",
+        24,
+        threads=torch.get_num_threads(),
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr.decode()
     ids = generate(model, tok, [tok.apply_chat([user(question)])], max_new_tokens=24)[0]
     assert done.stdout.decode("utf-8") == decode_text(tok, ids) + "\n"
@@ -330,8 +398,16 @@ def test_real_270m_piped_conversation_exits_0(tmp_path):
     model, tok = real_270m()
     # A native bf16 copy loads in a second, where the GGUF takes tens.
     save_native(tmp_path / "270m", model.config, model.state_dict(), tok.model_proto, dtype=torch.bfloat16)
-    done = run_chat("--model", tmp_path / "270m", "--max-new-tokens", 16, "--stats",
-                    stdin="Hi! Who are you?\nWhat is 2 + 2?\n/exit\n", threads=torch.get_num_threads(), timeout=300)
+    done = run_chat(
+        "--model",
+        tmp_path / "270m",
+        "--max-new-tokens",
+        16,
+        "--stats",
+        stdin="Hi! Who are you?\nWhat is 2 + 2?\n/exit\n",
+        threads=torch.get_num_threads(),
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr.decode()
     assert done.stdout.decode("utf-8").count("\n") >= 2
     assert done.stderr.decode().count("[prefill") == 2

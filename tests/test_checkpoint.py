@@ -66,14 +66,22 @@ def test_sharded_hf_folder(tmp_path, tiny_tokenizer_path):
 def test_multimodal_gemma3_checkpoint_loads_its_text_tower(tmp_path, tiny_tokenizer_path, prefix):
     ref = hf_model("gemma3")
     text_cfg = ref.config.to_dict()
-    state = {prefix + k.removeprefix("model."): v.contiguous() for k, v in ref.state_dict().items()
-             if k != "lm_head.weight"}
+    state = {
+        prefix + k.removeprefix("model."): v.contiguous() for k, v in ref.state_dict().items() if k != "lm_head.weight"
+    }
     state["vision_tower.vision_model.embeddings.patch_embedding.weight"] = torch.zeros(4, 3, 2, 2)
     state["multi_modal_projector.mm_input_projection_weight"] = torch.zeros(8, 64)
     save_file(state, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"], "text_config": text_cfg,
-        "vision_config": {"model_type": "siglip_vision_model"}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "gemma3",
+                "architectures": ["Gemma3ForConditionalGeneration"],
+                "text_config": text_cfg,
+                "vision_config": {"model_type": "siglip_vision_model"},
+            }
+        )
+    )
     shutil.copy(tiny_tokenizer_path, tmp_path / "tokenizer.model")
     model, _ = gemma.load(tmp_path)
     x = tokens()
@@ -107,6 +115,7 @@ def test_interrupted_save_leaves_nothing(hf_folder, tmp_path):
 
 
 # ---- bad input: one line that names the problem -------------------------------------------------------------------
+
 
 def _error(source) -> str:
     with pytest.raises(GemmaError) as info:
@@ -191,7 +200,8 @@ def test_command_line_error_is_one_line_with_status_2(hf_folder):
 
 def test_command_line_summary(hf_folder):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-m", "gemma", str(hf_folder[0])], capture_output=True, text=True,
-                         env=env, check=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "gemma", str(hf_folder[0])], capture_output=True, text=True, env=env, check=True
+    )
     summary = json.loads(run.stdout)
     assert summary["layer_types"] == "LLG" and summary["config"]["use_qk_norm"] is True

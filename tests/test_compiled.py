@@ -45,6 +45,7 @@ def test_a_failed_compile_runs_eagerly_and_says_so_once(model, monkeypatch, caps
     def broken(fn, **kw):
         def run(*args):
             raise RuntimeError("no C++ compiler found\nmore detail")
+
         return run
 
     monkeypatch.setattr(gemma.model.compiled.torch, "compile", broken)

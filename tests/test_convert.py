@@ -83,8 +83,14 @@ def test_transformers_loads_our_hf_output(case, tmp_path, tiny_tokenizer_path):
 def test_sharded_export_loads_back(tmp_path, tiny_tokenizer_path):
     src = make_hf("gemma2", tmp_path / "src", tiny_tokenizer_path)
     model, tok = gemma.load(src)
-    save_hf(tmp_path / "out", model.config, model.state_dict(), tok.model_proto,
-            {"bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}, shard_bytes=100_000)
+    save_hf(
+        tmp_path / "out",
+        model.config,
+        model.state_dict(),
+        tok.model_proto,
+        {"bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0},
+        shard_bytes=100_000,
+    )
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     again, _ = gemma.load(tmp_path / "out")
@@ -93,8 +99,9 @@ def test_sharded_export_loads_back(tmp_path, tiny_tokenizer_path):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "convert.py"), *map(str, args)],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "convert.py"), *map(str, args)], capture_output=True, text=True
+    )
 
 
 def test_cli_converts_and_refuses_existing_dst(tmp_path, tiny_tokenizer_path):

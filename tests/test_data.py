@@ -10,8 +10,19 @@ import pytest
 import torch
 
 from gemma.errors import GemmaError
-from train.data import (IGNORE, DataStats, Example, collate, encode_messages, load_dataset, pack, plan_epoch,
-                        read_records, record_messages, shard)
+from train.data import (
+    IGNORE,
+    DataStats,
+    Example,
+    collate,
+    encode_messages,
+    load_dataset,
+    pack,
+    plan_epoch,
+    read_records,
+    record_messages,
+    shard,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,46 +71,73 @@ def shifted(ids, trained):
 
 # ---- shapes ----
 
+
 def test_alpaca_shapes():
     assert record_messages({"instruction": "Say hi.", "output": "Hi."}, "f:1") == [user("Say hi."), model("Hi.")]
     assert record_messages({"instruction": "Translate.", "input": "你好", "output": "Hello."}, "f:1") == [
-        user("Translate.\n\n你好"), model("Hello.")]
+        user("Translate.\n\n你好"),
+        model("Hello."),
+    ]
     # An empty input and an empty system are absent.
     assert record_messages({"instruction": "Q", "input": "", "output": "A", "system": ""}, "f:1") == [
-        user("Q"), model("A")]
+        user("Q"),
+        model("A"),
+    ]
     assert record_messages({"instruction": "Q", "output": "A", "system": "Be brief."}, "f:1") == [
-        {"role": "system", "content": "Be brief."}, user("Q"), model("A")]
+        {"role": "system", "content": "Be brief."},
+        user("Q"),
+        model("A"),
+    ]
 
 
 def test_sharegpt_shapes():
-    record = {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Q1"},
-                                {"from": "gpt", "value": "A1"}, {"from": "human", "value": "Q2"},
-                                {"from": "gpt", "value": "A2"}]}
-    assert record_messages(record, "f:1") == [{"role": "system", "content": "S"}, user("Q1"), model("A1"),
-                                              user("Q2"), model("A2")]
+    record = {
+        "conversations": [
+            {"from": "system", "value": "S"},
+            {"from": "human", "value": "Q1"},
+            {"from": "gpt", "value": "A1"},
+            {"from": "human", "value": "Q2"},
+            {"from": "gpt", "value": "A2"},
+        ]
+    }
+    assert record_messages(record, "f:1") == [
+        {"role": "system", "content": "S"},
+        user("Q1"),
+        model("A1"),
+        user("Q2"),
+        model("A2"),
+    ]
     # A top-level system, as some sharegpt files have it.
     record = {"system": "S", "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}
     assert record_messages(record, "f:1") == [{"role": "system", "content": "S"}, user("Q"), model("A")]
 
 
 def test_messages_shape():
-    record = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
-                           {"role": "assistant", "content": "A"}]}
+    record = {
+        "messages": [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "Q"},
+            {"role": "assistant", "content": "A"},
+        ]
+    }
     assert record_messages(record, "f:1") == [{"role": "system", "content": "S"}, user("Q"), model("A")]
 
 
-@pytest.mark.parametrize("record, words", [
-    ({"prompt": "Q", "completion": "A"}, "unknown record shape"),
-    ({"messages": [{"role": "user", "content": "Q"}, {"role": "user", "content": "Q"}]}, "message 2 is 'user'"),
-    ({"messages": [{"role": "model", "content": "A"}]}, "message 1 is 'model'"),
-    ({"messages": [{"role": "user", "content": "Q"}, {"role": "system", "content": "S"}]}, "message 2"),
-    ({"messages": [{"role": "bot", "content": "A"}]}, "unknown role 'bot'"),
-    ({"messages": [{"role": "user", "content": 3}]}, "must be a string"),
-    ({"messages": "hi"}, "must be a list"),
-    ({"conversations": [{"from": "alien", "value": "Q"}]}, "unknown from 'alien'"),
-    ({"instruction": "Q"}, "no 'output'"),
-    ({"instruction": "Q", "output": 19}, "'output' must be a string"),
-])
+@pytest.mark.parametrize(
+    "record, words",
+    [
+        ({"prompt": "Q", "completion": "A"}, "unknown record shape"),
+        ({"messages": [{"role": "user", "content": "Q"}, {"role": "user", "content": "Q"}]}, "message 2 is 'user'"),
+        ({"messages": [{"role": "model", "content": "A"}]}, "message 1 is 'model'"),
+        ({"messages": [{"role": "user", "content": "Q"}, {"role": "system", "content": "S"}]}, "message 2"),
+        ({"messages": [{"role": "bot", "content": "A"}]}, "unknown role 'bot'"),
+        ({"messages": [{"role": "user", "content": 3}]}, "must be a string"),
+        ({"messages": "hi"}, "must be a list"),
+        ({"conversations": [{"from": "alien", "value": "Q"}]}, "unknown from 'alien'"),
+        ({"instruction": "Q"}, "no 'output'"),
+        ({"instruction": "Q", "output": 19}, "'output' must be a string"),
+    ],
+)
 def test_bad_records_name_where(record, words):
     with pytest.raises(GemmaError) as err:
         record_messages(record, "data.jsonl:7")
@@ -109,10 +147,13 @@ def test_bad_records_name_where(record, words):
 
 # ---- files ----
 
+
 def test_json_list_and_jsonl_read_the_same(tmp_path):
-    records = [{"instruction": "Q1", "output": "A1"},
-               {"conversations": [{"from": "human", "value": "Q2"}, {"from": "gpt", "value": "A2"}]},
-               {"messages": [user("Q3"), {"role": "assistant", "content": "A3"}]}]
+    records = [
+        {"instruction": "Q1", "output": "A1"},
+        {"conversations": [{"from": "human", "value": "Q2"}, {"from": "gpt", "value": "A2"}]},
+        {"messages": [user("Q3"), {"role": "assistant", "content": "A3"}]},
+    ]
     as_list = write(tmp_path / "a.json", json.dumps(records, indent=2))
     as_lines = write(tmp_path / "a.jsonl", "\n" + "\n\n".join(json.dumps(r) for r in records) + "\n")
     assert read_records(as_list) == read_records(as_lines) == records
@@ -166,6 +207,7 @@ def test_missing_file_and_other_file_errors(tmp_path):
 
 # ---- template and loss mask ----
 
+
 def test_single_turn_ids_and_mask(tok):
     messages = [user("  What is the capital of France? "), {"role": "assistant", "content": "Paris.\n"}]
     example, truncated = encode_messages(messages, tok, 512)
@@ -182,12 +224,18 @@ def test_single_turn_ids_and_mask(tok):
 
     # The prompt part is exactly what generation sees.
     prompt = tok.apply_chat(messages[:1], add_generation_prompt=True)
-    assert example.input_ids[:len(prompt)] == prompt and len(prompt) == first
+    assert example.input_ids[: len(prompt)] == prompt and len(prompt) == first
 
 
 def test_multi_turn_mask_with_system(tok):
-    messages = [{"role": "system", "content": "Be brief."}, user("Hello!"), model("Hi."), user("你好"),
-                model("你好！"), user("a trailing question gets no answer")]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        user("Hello!"),
+        model("Hi."),
+        user("你好"),
+        model("你好！"),
+        user("a trailing question gets no answer"),
+    ]
     example, truncated = encode_messages(messages, tok, 512)
     ids, trained = expected(tok, messages)
     assert not truncated and example.input_ids == ids and example.targets == shifted(ids, trained)
@@ -196,7 +244,7 @@ def test_multi_turn_mask_with_system(tok):
     assert [t for t in example.targets if t != IGNORE] == answers
     # The second prompt, rendered by apply_chat, is a prefix of the example.
     prompt = tok.apply_chat(messages[:4], add_generation_prompt=True)
-    assert example.input_ids[:len(prompt)] == prompt
+    assert example.input_ids[: len(prompt)] == prompt
 
 
 def test_marker_literal_in_content_stays_text(tok):
@@ -219,17 +267,18 @@ def test_roles_checked_in_encode(tok):
 
 # ---- truncation ----
 
+
 def check_template(tok, example, n_pairs):
     """The template tokens of n_pairs turn pairs are all there, in order."""
     ids, start, end = example.input_ids, tok.start_of_turn_id, tok.end_of_turn_id
     nl, header = tok.encode("\n", bos=False), tok.encode("model\n", bos=False)
     assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
     assert ids.count(start) == ids.count(end) == 2 * n_pairs
-    assert ids[-1 - len(nl):] == [end] + nl
+    assert ids[-1 - len(nl) :] == [end] + nl
     starts = [i for i, t in enumerate(ids) if t == start]
     for k, i in enumerate(starts):
         if k % 2:
-            assert ids[i + 1:i + 1 + len(header)] == header
+            assert ids[i + 1 : i + 1 + len(header)] == header
     return starts
 
 
@@ -253,7 +302,7 @@ def test_truncation_never_cuts_template_tokens(tok):
         # The answer is a prefix of the original, cut between characters; the <end_of_turn> of a cut answer takes
         # no loss (the model must not learn to stop mid-answer).
         nl = tok.encode("\n", bos=False)
-        body = example.input_ids[starts[1] + 1 + len(tok.encode("model\n", bos=False)):-1 - len(nl)]
+        body = example.input_ids[starts[1] + 1 + len(tok.encode("model\n", bos=False)) : -1 - len(nl)]
         text = tok.decode(body)
         assert body and answer.strip().startswith(text)
         end_target = example.targets[-2 - len(nl)]
@@ -273,7 +322,7 @@ def test_truncation_drops_later_pairs(tok):
     example, truncated = encode_messages(messages, tok, len(first.input_ids) + empty + 4)
     assert truncated and len(example.input_ids) <= len(first.input_ids) + empty + 4
     check_template(tok, example, 2)
-    assert example.input_ids[:len(first.input_ids)] == first.input_ids
+    assert example.input_ids[: len(first.input_ids)] == first.input_ids
     # Too little room for any content of the second pair: it is dropped, the first kept whole.
     example, truncated = encode_messages(messages, tok, len(first.input_ids) + 3)
     assert truncated and example.input_ids == first.input_ids and example.targets == first.targets
@@ -289,8 +338,13 @@ def test_load_dataset_counts(tmp_path, tok):
     ]
     path = jsonl(tmp_path / "d.jsonl", records)
     examples, stats = load_dataset(path, tok, 48)
-    assert (stats.records, stats.examples, stats.truncated, stats.dropped_no_model_turn,
-            stats.dropped_too_long) == (5, 2, 1, 3, 0)
+    assert (stats.records, stats.examples, stats.truncated, stats.dropped_no_model_turn, stats.dropped_too_long) == (
+        5,
+        2,
+        1,
+        3,
+        0,
+    )
     assert stats.tokens == sum(len(e.input_ids) for e in examples)
     assert stats.target_tokens == sum(t != IGNORE for e in examples for t in e.targets)
     assert "\n" not in stats.summary() and "5 records -> 2 examples" in stats.summary()
@@ -298,7 +352,7 @@ def test_load_dataset_counts(tmp_path, tok):
     # Room for the template and one token of content: an answer whose first character takes several tokens
     # (byte fallback) cannot keep anything, so its record is dropped.
     empty = len(encode_messages([user(""), model("")], tok, 10_000)[0].input_ids)
-    path = jsonl(tmp_path / "e.jsonl", [records[0], {"instruction": "Q", "output": "\U0001F600 yes"}])
+    path = jsonl(tmp_path / "e.jsonl", [records[0], {"instruction": "Q", "output": "\U0001f600 yes"}])
     examples, stats = load_dataset(path, tok, empty + 1)
     assert (stats.examples, stats.truncated, stats.dropped_too_long) == (1, 1, 1)
     kept = [t for t in examples[0].targets if t != IGNORE]  # one token of the answer; its <end_of_turn> untrained
@@ -308,6 +362,7 @@ def test_load_dataset_counts(tmp_path, tok):
 
 
 # ---- packing, planning, sharding, collation ----
+
 
 def make_examples(lengths):
     out = []
@@ -352,8 +407,14 @@ def test_plan_epoch():
         assert [lengths[i] for i in group] == sorted((lengths[i] for i in group), reverse=True)
     # The same in another process with another hash seed: a resumed run replays the epoch exactly.
     code = "import sys; from train.data import plan_epoch; print(plan_epoch(list(range(103)), 8, 1, 0))"
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONHASHSEED": "12345"})
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "12345"},
+    )
     assert run.stdout == str(plan_epoch(list(range(103)), 8, seed=1, epoch=0)) + "\n"
 
 
@@ -399,9 +460,13 @@ def test_collate_packed():
 
 # ---- the shipped examples ----
 
+
 def test_examples_regenerate_and_load(tmp_path, tok):
-    subprocess.run([sys.executable, os.path.join(ROOT, "examples", "make_data.py"), "--out", str(tmp_path)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "make_data.py"), "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
     names = ["arith_train.jsonl", "arith_eval.jsonl", "general_zh_en.jsonl"]
     for name in names:
         committed = os.path.join(ROOT, "examples", name)

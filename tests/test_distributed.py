@@ -22,8 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 ARITH = ROOT / "examples" / "arith_train.jsonl"
 GENERAL = ROOT / "examples" / "general_zh_en.jsonl"
 
-pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="torch.distributed with gloo is not available",
+)
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 # Every run of the comparisons: a tiny adapter in fp32 without dropout (each process draws its own dropout masks).
@@ -31,24 +33,52 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 # same micro-batches with the same padded shapes: the 1e-5 agreement needs that. Split otherwise (4 records on one
 # process against 2 + 2 on two), padding to other lengths rounds differently, and Adam's first, nearly sign-sized
 # updates turn that float noise into adapter differences of about the learning rate.
-COMMON = ["--batch-size", 1, "--lora-r", 4, "--lora-dropout", 0, "--precision", "fp32", "--lr", 1e-3, "--epochs", 2,
-          "--max-len", 96]
+COMMON = [
+    "--batch-size",
+    1,
+    "--lora-r",
+    4,
+    "--lora-dropout",
+    0,
+    "--precision",
+    "fp32",
+    "--lr",
+    1e-3,
+    "--epochs",
+    2,
+    "--max-len",
+    96,
+]
 
 
 def torchrun_cmd(*args, script: Path | None = None, nproc: int = 2) -> list[str]:
     target = [str(script)] if script else ["-m", "train.sft"]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target,
-            *map(str, args)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        *target,
+        *map(str, args),
+    ]
 
 
 def torchrun(*args, script: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(torchrun_cmd(*args, script=script), capture_output=True, text=True, env=ENV, cwd=ROOT,
-                          timeout=timeout)
+    return subprocess.run(
+        torchrun_cmd(*args, script=script), capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=timeout
+    )
 
 
 def sft(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "train.sft", *map(str, args)], capture_output=True, text=True,
-                          env=ENV, cwd=ROOT, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "train.sft", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+        timeout=300,
+    )
 
 
 def adapter(run: Path) -> dict[str, torch.Tensor]:
@@ -85,8 +115,9 @@ def one_process(tiny_folder, nine, tmp_path_factory):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_match_one_at_the_same_global_batch(tiny_folder, nine, one_process, tmp_path, mode):
     out = tmp_path / "run"
-    run = torchrun("--model", tiny_folder, "--data", nine, *COMMON, "--grad-accum", 2, "--distributed", mode,
-                   "--out", out)
+    run = torchrun(
+        "--model", tiny_folder, "--data", nine, *COMMON, "--grad-accum", 2, "--distributed", mode, "--out", out
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     a, b = adapter(one_process), adapter(out)
     assert a.keys() == b.keys()
@@ -116,8 +147,28 @@ def _interrupt_after(cmd: list[str], metrics_path: Path, lines: int) -> subproce
 
 
 def resume_args(tiny_folder, mode: str) -> list:
-    return ["--model", tiny_folder, "--data", ARITH, "--max-steps", 30, "--batch-size", 1, "--grad-accum", 2,
-            "--lora-dropout", 0.1, "--precision", "fp32", "--lora-r", 4, "--save-every", 10, "--distributed", mode]
+    return [
+        "--model",
+        tiny_folder,
+        "--data",
+        ARITH,
+        "--max-steps",
+        30,
+        "--batch-size",
+        1,
+        "--grad-accum",
+        2,
+        "--lora-dropout",
+        0.1,
+        "--precision",
+        "fp32",
+        "--lora-r",
+        4,
+        "--save-every",
+        10,
+        "--distributed",
+        mode,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -208,8 +259,22 @@ def test_an_error_on_one_process_ends_the_job(tiny_folder, nine, tmp_path):
     script = tmp_path / "fail_on_rank_1.py"
     script.write_text(FAIL_ON_RANK_1)
     start = time.time()
-    run = torchrun("--model", tiny_folder, "--data", nine, "--max-steps", 6, "--batch-size", 1, "--lora-r", 4,
-                   "--out", tmp_path / "run", script=script, timeout=240)
+    run = torchrun(
+        "--model",
+        tiny_folder,
+        "--data",
+        nine,
+        "--max-steps",
+        6,
+        "--batch-size",
+        1,
+        "--lora-r",
+        4,
+        "--out",
+        tmp_path / "run",
+        script=script,
+        timeout=240,
+    )
     assert run.returncode != 0
     assert time.time() - start < 120  # rank 0 waited in a collective: it must not hang there
     assert "RuntimeError: injected failure on rank 1" in run.stderr

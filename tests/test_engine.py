@@ -45,8 +45,9 @@ def gemma3(tok, tmp_path_factory):
 
 def random_prompts(tok, n, seed, longest=30):
     rng = random.Random(seed)
-    return [[tok.bos_id] + [rng.randrange(4, tok.vocab_size) for _ in range(rng.randrange(1, longest))]
-            for _ in range(n)]
+    return [
+        [tok.bos_id] + [rng.randrange(4, tok.vocab_size) for _ in range(rng.randrange(1, longest))] for _ in range(n)
+    ]
 
 
 def alone(model, tok, prompt, max_new, context=None, **kw):
@@ -107,8 +108,9 @@ def test_seeded_sampling_equals_generate(model, tok):
     prompts = random_prompts(tok, 6, seed=4)
     settings = dict(temperature=0.9, top_k=40, top_p=0.9, min_p=0.02, repetition_penalty=1.3)
     with Engine(model, tok, max_batch=4) as engine:
-        requests = [engine.submit(p, max_new_tokens=16, seed=10 + i, stop_ids=(), **settings)
-                    for i, p in enumerate(prompts)]
+        requests = [
+            engine.submit(p, max_new_tokens=16, seed=10 + i, stop_ids=(), **settings) for i, p in enumerate(prompts)
+        ]
         got = [list(r.result(60).token_ids) for r in requests]
     assert got == [alone(model, tok, p, 16, seed=10 + i, stop_ids=(), **settings) for i, p in enumerate(prompts)]
 
@@ -123,8 +125,9 @@ def test_settings_as_one_object_equal_the_keywords(gemma3, tok):
             engine.submit(prompts[0], seed=3, params=params)
     want = [generate(gemma3, tok, [p], params=params, stop_ids=())[0] for p in prompts]
     assert [one] + every == want[:1] + want
-    assert want[0] == alone(gemma3, tok, prompts[0], 12, temperature=0.9, top_k=40, repetition_penalty=1.3, seed=2,
-                            stop_ids=())
+    assert want[0] == alone(
+        gemma3, tok, prompts[0], 12, temperature=0.9, top_k=40, repetition_penalty=1.3, seed=2, stop_ids=()
+    )
 
 
 def test_events_are_whole_characters_that_join_to_the_text(gemma3, tok):
@@ -152,8 +155,9 @@ def test_cancel_stops_a_request_and_the_engine_goes_on(gemma3, tok):
         long.cancel()
         finish = long.result(30)
         assert finish.reason == "cancelled" and finish.completion_tokens < 200
-        assert engine.generate([prompts[1]], max_new_tokens=12, stop_ids=()) == \
-            [alone(gemma3, tok, prompts[1], 12, stop_ids=())]
+        assert engine.generate([prompts[1]], max_new_tokens=12, stop_ids=()) == [
+            alone(gemma3, tok, prompts[1], 12, stop_ids=())
+        ]
         assert engine.stats.cancelled == 1 and engine.active == 0
 
 
@@ -164,16 +168,27 @@ def test_generation_ends_at_the_context_end(gemma3, tok):
     assert finish.reason == "length" and finish.completion_tokens == 3
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=-1), dict(seed=1 << 64),
-                                 dict(stop_strings=[""]), dict(prompt=[]), dict(prompt=[10**6]),
-                                 dict(prompt=list(range(5, 300)))])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(temperature=-1),
+        dict(top_p=0),
+        dict(max_new_tokens=-1),
+        dict(seed=1 << 64),
+        dict(stop_strings=[""]),
+        dict(prompt=[]),
+        dict(prompt=[10**6]),
+        dict(prompt=list(range(5, 300))),
+    ],
+)
 def test_bad_requests_are_refused_at_submit(gemma3, tok, bad):
     settings = dict(prompt=[tok.bos_id, 10], max_new_tokens=4) | bad
     with Engine(gemma3, tok) as engine:
         with pytest.raises(GemmaError):
             engine.submit(settings.pop("prompt"), **settings)
-        assert engine.generate([[tok.bos_id, 10]], max_new_tokens=4, stop_ids=()) == \
-            [alone(gemma3, tok, [tok.bos_id, 10], 4, stop_ids=())]
+        assert engine.generate([[tok.bos_id, 10]], max_new_tokens=4, stop_ids=()) == [
+            alone(gemma3, tok, [tok.bos_id, 10], 4, stop_ids=())
+        ]
 
 
 def test_a_full_queue_says_busy(gemma3, tok):
@@ -201,8 +216,9 @@ def test_a_failed_step_fails_its_requests_and_the_next_ones_succeed(gemma3, tok,
     with Engine(gemma3, tok) as engine:
         finish = engine.submit(prompts[0], max_new_tokens=10, stop_ids=()).result(30)
         assert finish.reason == "error" and "simulated" in finish.error
-        assert engine.generate([prompts[1]], max_new_tokens=10, stop_ids=()) == \
-            [alone(gemma3, tok, prompts[1], 10, stop_ids=())]
+        assert engine.generate([prompts[1]], max_new_tokens=10, stop_ids=()) == [
+            alone(gemma3, tok, prompts[1], 10, stop_ids=())
+        ]
 
 
 def test_a_request_whose_sampling_fails_ends_alone(gemma3, tok, monkeypatch):

@@ -32,10 +32,15 @@ def run_evaluate(*args, block: str | None = None) -> subprocess.CompletedProcess
     a module that the command then cannot import, as if it were not installed."""
     cmd = [sys.executable, str(EVALUATE), *map(str, args)]
     if block is not None:
-        cmd[1:2] = ["-c", f"import runpy, sys; sys.modules[{block!r}] = None; sys.argv = sys.argv[1:]; "
-                          "runpy.run_path(sys.argv[0], run_name='__main__')", str(EVALUATE)]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          timeout=300)
+        cmd[1:2] = [
+            "-c",
+            f"import runpy, sys; sys.modules[{block!r}] = None; sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')",
+            str(EVALUATE),
+        ]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -49,23 +54,32 @@ def one_thread():
 # ---- tokenisation and scores ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text,tokens", [
-    ("The cat sat on the mat.", ["The", "cat", "sat", "on", "the", "mat", "."]),
-    ("我爱北京天安门", ["我", "爱", "北", "京", "天", "安", "门"]),
-    ("用Python写代码!", ["用", "Python", "写", "代", "码", "!"]),
-    ("Hello，世界！ 共42个苹果。", ["Hello", "，", "世", "界", "！", "共", "42", "个", "苹", "果", "。"]),
-    ("snake_case and it's", ["snake_case", "and", "it", "'", "s"]),
-    ("nai\u0308ve  café\n", ["nai\u0308ve", "café"]),  # a combining mark stays in its word
-    ("こんにちは世界", ["こ", "ん", "に", "ち", "は", "世", "界"]),
-    ("", []),
-])
+@pytest.mark.parametrize(
+    "text,tokens",
+    [
+        ("The cat sat on the mat.", ["The", "cat", "sat", "on", "the", "mat", "."]),
+        ("我爱北京天安门", ["我", "爱", "北", "京", "天", "安", "门"]),
+        ("用Python写代码!", ["用", "Python", "写", "代", "码", "!"]),
+        ("Hello，世界！ 共42个苹果。", ["Hello", "，", "世", "界", "！", "共", "42", "个", "苹", "果", "。"]),
+        ("snake_case and it's", ["snake_case", "and", "it", "'", "s"]),
+        ("nai\u0308ve  café\n", ["nai\u0308ve", "café"]),  # a combining mark stays in its word
+        ("こんにちは世界", ["こ", "ん", "に", "ち", "は", "世", "界"]),
+        ("", []),
+    ],
+)
 def test_chinese_by_characters_other_text_by_words(text, tokens):
     assert words(text) == tokens
 
 
-REFERENCES = ["Paris.", "北京。", "19", "The quick brown fox jumps over the lazy dog.",
-              "我喜欢学习机器学习和自然语言处理。",
-              "用Python写代码", ""]
+REFERENCES = [
+    "Paris.",
+    "北京。",
+    "19",
+    "The quick brown fox jumps over the lazy dog.",
+    "我喜欢学习机器学习和自然语言处理。",
+    "用Python写代码",
+    "",
+]
 
 
 def test_answers_equal_to_references_score_one():
@@ -111,9 +125,13 @@ def model(folder):
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}, {"role": "model", "content": "Paris."}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好！"},
-     {"role": "model", "content": "你好，我很好。"}, {"role": "user", "content": "再见"},
-     {"role": "model", "content": "再见！"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "你好！"},
+        {"role": "model", "content": "你好，我很好。"},
+        {"role": "user", "content": "再见"},
+        {"role": "model", "content": "再见！"},
+    ],
 ]
 
 
@@ -135,32 +153,66 @@ def reply(model, tok, messages, max_new):
 
 def test_answers_forced_equal_to_the_references_score_one(model, tok, folder, tmp_path):
     """The data file's references are the model's own greedy answers, in all three shapes: every score is 1.0."""
-    questions = ["What is the capital of France?", "今天天气很好。", "Please write a short poem.", "Numbers: 1 2 3",
-                 "你好！你今天过得怎么样？", "The quick brown fox"]
+    questions = [
+        "What is the capital of France?",
+        "今天天气很好。",
+        "Please write a short poem.",
+        "Numbers: 1 2 3",
+        "你好！你今天过得怎么样？",
+        "The quick brown fox",
+    ]
     max_new = 12
     answers = [reply(model, tok, [{"role": "user", "content": q}], max_new) for q in questions]
     earlier = [{"role": "user", "content": "earlier"}, {"role": "model", "content": "turn"}]
     answers[4] = reply(model, tok, earlier + [{"role": "user", "content": questions[4]}], max_new)
     system = "Be brief."
-    sys_answer = reply(model, tok, [{"role": "system", "content": system}, {"role": "user", "content": "Hi"}],
-                       max_new)
-    records = [{"instruction": questions[0], "output": answers[0]},
-               {"conversations": [{"from": "human", "value": questions[1]}, {"from": "gpt", "value": answers[1]}]},
-               {"messages": [{"role": "user", "content": questions[2]},
-                             {"role": "assistant", "content": answers[2]}]},
-               {"messages": [{"role": "user", "content": questions[3]}]},  # no answer: skipped
-               {"messages": [{"role": "user", "content": "earlier"}, {"role": "assistant", "content": "turn"},
-                             {"role": "user", "content": questions[4]}, {"role": "assistant", "content": answers[4]},
-                             {"role": "user", "content": "a trailing question"}]},
-               {"instruction": "The quick", "input": "brown fox", "output": reply(
-                   model, tok, [{"role": "user", "content": "The quick\n\nbrown fox"}], max_new)},
-               {"instruction": "Hi", "system": system, "output": sys_answer}]
+    sys_answer = reply(model, tok, [{"role": "system", "content": system}, {"role": "user", "content": "Hi"}], max_new)
+    records = [
+        {"instruction": questions[0], "output": answers[0]},
+        {"conversations": [{"from": "human", "value": questions[1]}, {"from": "gpt", "value": answers[1]}]},
+        {"messages": [{"role": "user", "content": questions[2]}, {"role": "assistant", "content": answers[2]}]},
+        {"messages": [{"role": "user", "content": questions[3]}]},  # no answer: skipped
+        {
+            "messages": [
+                {"role": "user", "content": "earlier"},
+                {"role": "assistant", "content": "turn"},
+                {"role": "user", "content": questions[4]},
+                {"role": "assistant", "content": answers[4]},
+                {"role": "user", "content": "a trailing question"},
+            ]
+        },
+        {
+            "instruction": "The quick",
+            "input": "brown fox",
+            "output": reply(model, tok, [{"role": "user", "content": "The quick\n\nbrown fox"}], max_new),
+        },
+        {"instruction": "Hi", "system": system, "output": sys_answer},
+    ]
     data = tmp_path / "eval.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     out = tmp_path / "results" / "eval.json"
-    r = subprocess.run([sys.executable, str(EVALUATE), "--model", str(folder), "--data", str(data), "--out", str(out),
-                        "--max-new-tokens", str(max_new), "--batch-size", "3", "--dtype", "fp32"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(EVALUATE),
+            "--model",
+            str(folder),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            str(max_new),
+            "--batch-size",
+            "3",
+            "--dtype",
+            "fp32",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     summary = json.loads(out.read_text(encoding="utf-8"))
     for key in ("exact_match", "rouge1", "rouge2", "rougeL", "bleu"):
@@ -175,15 +227,16 @@ def test_answers_forced_equal_to_the_references_score_one(model, tok, folder, tm
     total, count = 0.0, 0
     with torch.no_grad():
         for i, record in enumerate(scored):
-            example, _ = encode_messages(record_messages(record, f"record {i}")[:4 if i == 3 else None], tok, 256)
+            example, _ = encode_messages(record_messages(record, f"record {i}")[: 4 if i == 3 else None], tok, 256)
             logits = model(torch.tensor([example.input_ids]))[0]
-            total += float(F.cross_entropy(logits, torch.tensor(example.targets), ignore_index=IGNORE,
-                                           reduction="sum"))
+            total += float(F.cross_entropy(logits, torch.tensor(example.targets), ignore_index=IGNORE, reduction="sum"))
             count += sum(t != IGNORE for t in example.targets)
     assert summary["loss_tokens"] == count and summary["loss"] == pytest.approx(total / count, rel=1e-4)
 
-    lines = [json.loads(line) for line in (tmp_path / "results" / "eval.predictions.jsonl").read_text(
-        encoding="utf-8").splitlines()]
+    lines = [
+        json.loads(line)
+        for line in (tmp_path / "results" / "eval.predictions.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     assert [x["prediction"] for x in lines] == [x["reference"] for x in lines]
     assert [x["where"] for x in lines] == [f"{data}:{n}" for n in (1, 2, 3, 5, 6, 7)]
     assert lines[3]["prompt"] == questions[4]
@@ -206,13 +259,27 @@ def test_an_adapter_is_applied(model, tok, folder, tmp_path):
     adapted.eval()
     questions = ["Hello, world!", "今天天气很好。", "The quick brown fox"]
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"instruction": q, "output": reply(adapted, tok, [
-        {"role": "user", "content": q}], 10)}) + "\n" for q in questions))
+    data.write_text(
+        "".join(
+            json.dumps({"instruction": q, "output": reply(adapted, tok, [{"role": "user", "content": q}], 10)}) + "\n"
+            for q in questions
+        )
+    )
     scores = {}
     for adapter in (tmp_path / "adapter", None):
         out = tmp_path / f"{adapter is not None}.json"
-        args = ["--model", str(folder), "--data", str(data), "--out", str(out), "--max-new-tokens", "10",
-                "--dtype", "fp32"] + (["--adapter", str(adapter)] if adapter else [])
+        args = [
+            "--model",
+            str(folder),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "10",
+            "--dtype",
+            "fp32",
+        ] + (["--adapter", str(adapter)] if adapter else [])
         r = run_evaluate(*args)
         assert r.returncode == 0, r.stderr
         scores[adapter is not None] = json.loads(out.read_text())["exact_match"]
@@ -224,12 +291,15 @@ def test_predictions_go_beside_the_summary():
     assert predictions_path(Path("eval")) == Path("eval.predictions.jsonl")
 
 
-@pytest.mark.parametrize("content,message", [
-    (None, "no such data file"),
-    ('{"instruction": "a", "output": "b"}\n{"instruction": ', "bad.jsonl:2: malformed JSON"),
-    ('{"messages": [{"role": "user", "content": "a"}]}\n', "no record has a model turn"),
-    ('{"question": "a"}\n', "bad.jsonl:1: unknown record shape"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (None, "no such data file"),
+        ('{"instruction": "a", "output": "b"}\n{"instruction": ', "bad.jsonl:2: malformed JSON"),
+        ('{"messages": [{"role": "user", "content": "a"}]}\n', "no record has a model turn"),
+        ('{"question": "a"}\n', "bad.jsonl:1: unknown record shape"),
+    ],
+)
 def test_user_errors_exit_2_before_the_model_loads(tmp_path, content, message):
     data = tmp_path / "bad.jsonl"
     if content is not None:
@@ -250,8 +320,9 @@ def test_an_unwritable_output_is_an_error_and_leaves_nothing(folder, tmp_path):
     data.write_text('{"instruction": "Hi", "output": "Hello"}\n')
     blocker = tmp_path / "file"
     blocker.write_text("")
-    r = run_evaluate("--model", folder, "--data", data, "--out", blocker / "e.json", "--max-new-tokens", "2",
-                     "--dtype", "fp32")
+    r = run_evaluate(
+        "--model", folder, "--data", data, "--out", blocker / "e.json", "--max-new-tokens", "2", "--dtype", "fp32"
+    )
     code = r.returncode
     assert code == 2 and f"--out cannot be written there ({blocker} is a file" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "file"]
@@ -261,9 +332,26 @@ def test_an_unwritable_output_is_an_error_and_leaves_nothing(folder, tmp_path):
 def test_real_270m_evaluate_command(tmp_path):
     real_270m()  # fails here, with its own message, if the model package is missing
     out = tmp_path / "eval.json"
-    r = subprocess.run([sys.executable, str(EVALUATE), "--model", "3-270m", "--data",
-                        str(ROOT / "examples" / "general_zh_en.jsonl"), "--out", str(out), "--limit", "6",
-                        "--max-new-tokens", "16"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(EVALUATE),
+            "--model",
+            "3-270m",
+            "--data",
+            str(ROOT / "examples" / "general_zh_en.jsonl"),
+            "--out",
+            str(out),
+            "--limit",
+            "6",
+            "--max-new-tokens",
+            "16",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     summary = json.loads(out.read_text(encoding="utf-8"))
     assert summary["scored"] == 6 and 0 < summary["loss"] < 20

@@ -26,8 +26,16 @@ from tiny_gguf import ARCHS, CHAT_MARKERS, write_tiny_gguf
 
 Q = gguf.GGMLQuantizationType
 S, F = SLIDING, FULL
-MATRICES = ("token_embd.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
-            "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
+MATRICES = (
+    "token_embd.weight",
+    "attn_q.weight",
+    "attn_k.weight",
+    "attn_v.weight",
+    "attn_output.weight",
+    "ffn_gate.weight",
+    "ffn_up.weight",
+    "ffn_down.weight",
+)
 
 
 @pytest.fixture(scope="module")
@@ -54,17 +62,50 @@ def raises_one_line(fn, *needles) -> str:
 # ---- config ---------------------------------------------------------------------------------------------------------
 
 EXPECTED = {
-    "gemma": dict(num_layers=2, num_kv_heads=4, head_dim=32, query_pre_attn_scalar=None, attn_softcap=None,
-                  final_softcap=None, use_qk_norm=False, sandwich_norms=False, sliding_window=None,
-                  layer_types=(F, F), rope_theta=10_000.0, rope_local_theta=10_000.0),
+    "gemma": dict(
+        num_layers=2,
+        num_kv_heads=4,
+        head_dim=32,
+        query_pre_attn_scalar=None,
+        attn_softcap=None,
+        final_softcap=None,
+        use_qk_norm=False,
+        sandwich_norms=False,
+        sliding_window=None,
+        layer_types=(F, F),
+        rope_theta=10_000.0,
+        rope_local_theta=10_000.0,
+    ),
     # llama.cpp's Gemma 2: alternate starting with a local layer; query_pre_attn_scalar = head_dim below 27B.
-    "gemma2": dict(num_layers=3, num_kv_heads=2, head_dim=16, query_pre_attn_scalar=16.0, attn_softcap=50.0,
-                   final_softcap=30.0, use_qk_norm=False, sandwich_norms=True, sliding_window=32,
-                   layer_types=(S, F, S), rope_theta=10_000.0, rope_local_theta=10_000.0),
+    "gemma2": dict(
+        num_layers=3,
+        num_kv_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16.0,
+        attn_softcap=50.0,
+        final_softcap=30.0,
+        use_qk_norm=False,
+        sandwich_norms=True,
+        sliding_window=32,
+        layer_types=(S, F, S),
+        rope_theta=10_000.0,
+        rope_local_theta=10_000.0,
+    ),
     # Gemma 3: every 6th layer global; local layers keep RoPE base 10000 whatever freq_base says.
-    "gemma3": dict(num_layers=6, num_kv_heads=1, head_dim=16, query_pre_attn_scalar=16.0, attn_softcap=None,
-                   final_softcap=None, use_qk_norm=True, sandwich_norms=True, sliding_window=32,
-                   layer_types=(S, S, S, S, S, F), rope_theta=1_000_000.0, rope_local_theta=10_000.0),
+    "gemma3": dict(
+        num_layers=6,
+        num_kv_heads=1,
+        head_dim=16,
+        query_pre_attn_scalar=16.0,
+        attn_softcap=None,
+        final_softcap=None,
+        use_qk_norm=True,
+        sandwich_norms=True,
+        sliding_window=32,
+        layer_types=(S, S, S, S, S, F),
+        rope_theta=1_000_000.0,
+        rope_local_theta=10_000.0,
+    ),
 }
 
 
@@ -84,8 +125,9 @@ def _meta_only(tmp_path, arch="gemma3", **kw):
     return gguf_config(open_gguf(t.path), str(t.path))
 
 
-@pytest.mark.parametrize("arch, layers, scalar", [("gemma2", 46, 24.0), ("gemma3", 62, 24.0),
-                                                  ("gemma2", 42, 16.0), ("gemma3", 48, 16.0)])
+@pytest.mark.parametrize(
+    "arch, layers, scalar", [("gemma2", 46, 24.0), ("gemma3", 62, 24.0), ("gemma2", 42, 16.0), ("gemma3", 48, 16.0)]
+)
 def test_query_pre_attn_scalar_as_llama_cpp(tmp_path, arch, layers, scalar):
     # GGUF has no key for it; llama.cpp uses hidden / heads for the 27B models (known by their layer count) and
     # head_dim otherwise. hidden 96 / 4 heads = 24, head_dim 16.
@@ -94,9 +136,15 @@ def test_query_pre_attn_scalar_as_llama_cpp(tmp_path, arch, layers, scalar):
 
 
 def test_gemma2_defaults_as_llama_cpp(tmp_path):
-    cfg = _meta_only(tmp_path, "gemma2", drop_meta=("gemma2.attention.sliding_window",
-                                                    "gemma2.attn_logit_softcapping",
-                                                    "gemma2.final_logit_softcapping"))
+    cfg = _meta_only(
+        tmp_path,
+        "gemma2",
+        drop_meta=(
+            "gemma2.attention.sliding_window",
+            "gemma2.attn_logit_softcapping",
+            "gemma2.final_logit_softcapping",
+        ),
+    )
     assert (cfg.sliding_window, cfg.attn_softcap, cfg.final_softcap) == (4096, 50.0, 30.0)
 
 
@@ -128,6 +176,7 @@ def test_gguf_names_cover_the_model():
 
 
 # ---- weights --------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_f32_weights_are_the_source(tiny, arch):
@@ -192,8 +241,7 @@ def test_k_quant_weights(tmp_path, qtype):
 
 
 def test_conversion_in_slices_is_exact(tmp_path, monkeypatch):
-    t = write_tiny_gguf(tmp_path / "q.gguf", "gemma3", quant={"token_embd.weight": Q.Q8_0,
-                                                              "ffn_down.weight": Q.Q6_K})
+    t = write_tiny_gguf(tmp_path / "q.gguf", "gemma3", quant={"token_embd.weight": Q.Q8_0, "ffn_down.weight": Q.Q6_K})
     _, whole, _ = read_gguf(t.path)
     monkeypatch.setattr(gg, "_CHUNK_ELEMENTS", 100)  # one or two rows per slice
     _, sliced, _ = read_gguf(t.path)
@@ -213,8 +261,7 @@ def test_bf16_load(tiny):
 def test_tied_output_is_skipped(tmp_path):
     t = write_tiny_gguf(tmp_path / "tied.gguf", "gemma", extra={"output.weight": np.zeros((420, 64), np.float32)})
     _, state, _ = read_gguf(t.path)
-    assert "output.weight" not in state and np.array_equal(state["embed.weight"].numpy(),
-                                                           t.source["token_embd.weight"])
+    assert "output.weight" not in state and np.array_equal(state["embed.weight"].numpy(), t.source["token_embd.weight"])
 
 
 # ---- tokenizer ------------------------------------------------------------------------------------------------------
@@ -278,6 +325,7 @@ def test_tokenizer_refuses_other_models(tmp_path):
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def good_bytes(tmp_path_factory):
@@ -350,15 +398,19 @@ def test_without_packages(monkeypatch, tmp_path):
 
 # The longest whitespace pieces of Gemma 3's vocabulary: runs up to these lengths are one token everywhere.
 LONGEST_SPACES = 31
-_EN = ("the quick brown fox jumps over lazy dog while researchers at Google trained small open models that run "
-       "on a laptop and answer questions about history science cooking weather travel music programming").split()
-_ZH = ("今天天气很好我们去公园散步吧我喜欢学习机器学习和自然语言处理北京是中国的首都上海是最大的城市人工智能正在改变"
-       "世界模型会回答关于历史和科学的问题请把这句话翻译成英文")
+_EN = (
+    "the quick brown fox jumps over lazy dog while researchers at Google trained small open models that run "
+    "on a laptop and answer questions about history science cooking weather travel music programming"
+).split()
+_ZH = (
+    "今天天气很好我们去公园散步吧我喜欢学习机器学习和自然语言处理北京是中国的首都上海是最大的城市人工智能正在改变"
+    "世界模型会回答关于历史和科学的问题请把这句话翻译成英文"
+)
 _CODE = [
     "def fibonacci(n: int) -> int:\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
     "class Stack:\n    def __init__(self):\n        self.items = []\n\n"
     "    def push(self, x):\n        self.items.append(x)\n",
-    "for i, (key, value) in enumerate(sorted(d.items())):\n\tprint(f\"{i:>4}: {key!r} = {value}\")\n",
+    'for i, (key, value) in enumerate(sorted(d.items())):\n\tprint(f"{i:>4}: {key!r} = {value}")\n',
     "import numpy as np\nx = np.arange(10, dtype=np.float32).reshape(2, 5)  # (2, 5)\n",
     "    try:\n        result = json.loads(line)\n    except ValueError as exc:\n        raise SystemExit(str(exc))\n",
 ]
@@ -380,14 +432,29 @@ def mixed_text(n_chars: int, seed: int = 0) -> str:
         elif kind == "code":
             s = rng.choice(_CODE)
         elif kind == "space":
-            s = "".join(rng.choice([" " * rng.randint(1, LONGEST_SPACES), "\t" * rng.randint(1, 8),
-                                    "\n" * rng.randint(1, 40), " \n", "\r\n", "\t \n "])
-                        for _ in range(rng.randint(1, 4)))
+            s = "".join(
+                rng.choice(
+                    [
+                        " " * rng.randint(1, LONGEST_SPACES),
+                        "\t" * rng.randint(1, 8),
+                        "\n" * rng.randint(1, 40),
+                        " \n",
+                        "\r\n",
+                        "\t \n ",
+                    ]
+                )
+                for _ in range(rng.randint(1, 4))
+            )
         elif kind == "emoji":
             s = "".join(rng.choice(_EMOJI) for _ in range(rng.randint(1, 5)))
         elif kind == "digits":
-            s = rng.choice([str(rng.randint(0, 10 ** rng.randint(1, 20))), f"{rng.uniform(-1e6, 1e6):.4f}",
-                            f"2024-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"])
+            s = rng.choice(
+                [
+                    str(rng.randint(0, 10 ** rng.randint(1, 20))),
+                    f"{rng.uniform(-1e6, 1e6):.4f}",
+                    f"2024-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
+                ]
+            )
         elif kind == "tag":
             s = rng.choice(["<h1>", "</h1>", "<table>", "</div>", "<br>", "**", "```python\n", "```\n"])
         else:
@@ -422,8 +489,9 @@ def real(real_path):
 @pytest.fixture(scope="module")
 def hf_model(real_path):
     transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModelForCausalLM.from_pretrained(real_path.parent, gguf_file=real_path.name,
-                                                              dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        real_path.parent, gguf_file=real_path.name, dtype=torch.float32
+    )
     return model.eval()
 
 
@@ -439,10 +507,26 @@ def test_real_file(real):
     # The file holds every type the brief names except F16/BF16 (covered by the tiny files).
     assert {t.tensor_type.name for t in reader.tensors} == {"F32", "Q5_0", "Q8_0", "Q4_K", "Q6_K"}
     want = preset("3-270m")
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                 "head_dim", "rope_theta", "rope_local_theta", "rope_scaling", "query_pre_attn_scalar",
-                 "attn_softcap", "final_softcap", "use_qk_norm", "sandwich_norms", "sliding_window", "layer_types",
-                 "max_seq_len"):
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "rope_theta",
+        "rope_local_theta",
+        "rope_scaling",
+        "query_pre_attn_scalar",
+        "attn_softcap",
+        "final_softcap",
+        "use_qk_norm",
+        "sandwich_norms",
+        "sliding_window",
+        "layer_types",
+        "max_seq_len",
+    ):
         assert getattr(cfg, name) == getattr(want, name), name
     assert cfg.norm_eps == pytest.approx(want.norm_eps)
 
@@ -471,8 +555,10 @@ def test_real_logits_match_transformers(real, hf_model):
         assert got.shape == ref.shape
         diff = (got - ref).abs().max().item()
         scale = ref.abs().max().item()
-        print(f"{x.shape[1]:4d} tokens: max |diff| {diff:.3g}, / max |logit| {diff / scale:.3g}, "
-              f"/ std {diff / ref.std().item():.3g}")
+        print(
+            f"{x.shape[1]:4d} tokens: max |diff| {diff:.3g}, / max |logit| {diff / scale:.3g}, "
+            f"/ std {diff / ref.std().item():.3g}"
+        )
         assert diff <= 1e-3 * scale, text[:40]
         assert torch.equal(got[0, -1].argmax(), ref[0, -1].argmax())
 
@@ -508,13 +594,20 @@ def test_real_fp32_conversion_peak_memory(real_path):
     # In a fresh process: peak RSS of reading the 270M (Q4_K_M) into float32. The peak is read from VmHWM, which
     # belongs to the new process image; getrusage's ru_maxrss would carry over the high-water mark of this (large)
     # pytest process across fork and exec.
-    code = ("import json, re; from gemma.formats.gguf import read_gguf; "
-            f"cfg, state, tok = read_gguf({str(real_path)!r}); "
-            "n = sum(t.numel() for t in state.values()); "
-            "hwm = int(re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read()).group(1)); "
-            "print(json.dumps([n, hwm]))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1])
+    code = (
+        "import json, re; from gemma.formats.gguf import read_gguf; "
+        f"cfg, state, tok = read_gguf({str(real_path)!r}); "
+        "n = sum(t.numel() for t in state.values()); "
+        "hwm = int(re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read()).group(1)); "
+        "print(json.dumps([n, hwm]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     params, peak_kb = json.loads(out.stdout.strip().splitlines()[-1])
     peak_gb = peak_kb * 1024 / 1e9
     print(f"{params / 1e6:.0f}M parameters in float32 ({params * 4 / 1e9:.2f} GB): peak RSS {peak_gb:.2f} GB")

@@ -36,11 +36,33 @@ def hostile(folder, tmp_path_factory):  # noqa: F811 - the fixture imported abov
     env_key = {KEY_ENV: KEY}
     os.environ.update(env_key)  # the key through the variable, as the README advises (kept out of `ps`)
     try:
-        srv = Server(["--model", str(folder), "--dtype", "fp32", "--threads", "1", "--max-batch", "4",
-                      "--max-body-bytes", str(MAX_BODY), "--model-name", "tiny", "--log-level", "warning",
-                      "--header-timeout", str(TIMEOUT_S), "--body-timeout", str(TIMEOUT_S),
-                      "--allow-host", "example.test", "--allow-host", "ui.test:3000"],
-                     tmp_path_factory.mktemp("log") / "hostile.log")
+        srv = Server(
+            [
+                "--model",
+                str(folder),
+                "--dtype",
+                "fp32",
+                "--threads",
+                "1",
+                "--max-batch",
+                "4",
+                "--max-body-bytes",
+                str(MAX_BODY),
+                "--model-name",
+                "tiny",
+                "--log-level",
+                "warning",
+                "--header-timeout",
+                str(TIMEOUT_S),
+                "--body-timeout",
+                str(TIMEOUT_S),
+                "--allow-host",
+                "example.test",
+                "--allow-host",
+                "ui.test:3000",
+            ],
+            tmp_path_factory.mktemp("log") / "hostile.log",
+        )
     finally:
         os.environ.pop(KEY_ENV)
     yield srv
@@ -54,8 +76,11 @@ def address(server) -> tuple[str, int]:
 
 def call(server, method: str, path: str, body=None, headers: dict | None = None, key: str | None = KEY) -> Reply:
     """One request; the key goes as its UTF-8 bytes (http.client would encode a str header as latin-1)."""
-    sent = {"Content-Type": "application/json",
-            **({"Authorization": b"Bearer " + key.encode("utf-8")} if key else {}), **(headers or {})}
+    sent = {
+        "Content-Type": "application/json",
+        **({"Authorization": b"Bearer " + key.encode("utf-8")} if key else {}),
+        **(headers or {}),
+    }
     content = body if isinstance(body, (bytes, str)) or body is None else json.dumps(body)
     conn = http.client.HTTPConnection(*address(server), timeout=60)
     try:
@@ -102,11 +127,20 @@ def test_slow_clients_are_dropped_and_the_others_served(hostile):
     server used, which counted them: everyone got 503), and some that send nothing: a normal keyed request is
     answered while they are open, and each of them is answered 408 or closed once its deadline has passed."""
     host, port = address(hostile)
-    head = (f"POST {CHAT} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\nContent-Length: 100"
-            "\r\nAuthorization: Bearer ").encode() + KEY.encode() + b"\r\n\r\n{"
+    head = (
+        (
+            f"POST {CHAT} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\nContent-Length: 100"
+            "\r\nAuthorization: Bearer "
+        ).encode()
+        + KEY.encode()
+        + b"\r\n\r\n{"
+    )
     groups = {"headers": [], "body": [], "silent": []}
-    for group, count, first in (("headers", 150, b"POST /v1/models HTTP/1.1\r\nX-Slow: "), ("body", 150, head),
-                                ("silent", 20, b"")):
+    for group, count, first in (
+        ("headers", 150, b"POST /v1/models HTTP/1.1\r\nX-Slow: "),
+        ("body", 150, head),
+        ("silent", 20, b""),
+    ):
         for _ in range(count):
             s = socket.create_connection((host, port), timeout=30)
             s.sendall(first)
@@ -170,8 +204,17 @@ def test_a_kept_alive_connection_gets_a_header_deadline_for_its_next_request(hos
 # ---- what a browser page could send (2, 3) -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("label", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; b=x",
-                                   "application/json; charset=latin-1", "application/jsonx", None])
+@pytest.mark.parametrize(
+    "label",
+    [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; b=x",
+        "application/json; charset=latin-1",
+        "application/jsonx",
+        None,
+    ],
+)
 def test_only_json_bodies_are_taken(hostile, label):
     headers = {"Content-Type": label} if label else {}
     r = call(hostile, "POST", CHAT, GOOD, headers) if label else _without_content_type(hostile)
@@ -192,19 +235,32 @@ def _without_content_type(server) -> Reply:
         conn.close()
 
 
-@pytest.mark.parametrize("label", ["application/json", "application/json; charset=utf-8", 'Application/JSON; '
-                                   'charset="UTF-8"'])
+@pytest.mark.parametrize(
+    "label", ["application/json", "application/json; charset=utf-8", 'Application/JSON; charset="UTF-8"']
+)
 def test_json_labels_are_accepted(hostile, label):
     r = call(hostile, "POST", CHAT, GOOD, {"Content-Type": label})
     assert r.status_code == 200, r.text
 
 
-@pytest.mark.parametrize("host,status", [
-    ("evil.test:{port}", 421), ("127.0.0.1:1", 421), ("localhost.evil.test:{port}", 421), ("ui.test:3001", 421),
-    ("", 421), ("a:b:c", 421),
-    ("127.0.0.1:{port}", 200), ("localhost:{port}", 200), ("LOCALHOST.:{port}", 200), ("[::1]:{port}", 200),
-    ("example.test", 200), ("example.test:9999", 200), ("ui.test:3000", 200),
-])
+@pytest.mark.parametrize(
+    "host,status",
+    [
+        ("evil.test:{port}", 421),
+        ("127.0.0.1:1", 421),
+        ("localhost.evil.test:{port}", 421),
+        ("ui.test:3001", 421),
+        ("", 421),
+        ("a:b:c", 421),
+        ("127.0.0.1:{port}", 200),
+        ("localhost:{port}", 200),
+        ("LOCALHOST.:{port}", 200),
+        ("[::1]:{port}", 200),
+        ("example.test", 200),
+        ("example.test:9999", 200),
+        ("ui.test:3000", 200),
+    ],
+)
 def test_host_must_name_this_server(hostile, host, status):
     """DNS rebinding: a page on evil.test whose name resolves to 127.0.0.1 sends Host: evil.test. Refused before
     the key is looked at (no key is sent)."""
@@ -215,11 +271,20 @@ def test_host_must_name_this_server(hostile, host, status):
         assert_refused(r, status, code="host_not_allowed")
 
 
-@pytest.mark.parametrize("origin,allowed", [
-    ("http://evil.test", False), ("null", False), ("https://127.0.0.1", False), ("http://localhost:3001", False),
-    ("file://", False), ("http://127.0.0.1:{port}", True), ("http://localhost:{port}", True),
-    ("http://ui.test:3000", True), ("https://example.test", True),
-])
+@pytest.mark.parametrize(
+    "origin,allowed",
+    [
+        ("http://evil.test", False),
+        ("null", False),
+        ("https://127.0.0.1", False),
+        ("http://localhost:3001", False),
+        ("file://", False),
+        ("http://127.0.0.1:{port}", True),
+        ("http://localhost:{port}", True),
+        ("http://ui.test:3000", True),
+        ("https://example.test", True),
+    ],
+)
 def test_origin_must_be_allowed(hostile, origin, allowed):
     r = call(hostile, "POST", CHAT, GOOD, {"Origin": origin.format(port=address(hostile)[1])})
     if allowed:
@@ -238,8 +303,12 @@ def test_declared_oversized_body_gets_413_before_it_is_sent(hostile, with_key):
     host, port = address(hostile)
     auth = b"Authorization: Bearer " + KEY.encode() + b"\r\n" if with_key else b""
     with socket.create_connection((host, port), timeout=30) as s:
-        s.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-                  "Content-Length: 1000000000\r\n".encode() + auth + b"\r\n")
+        s.sendall(
+            f"POST {CHAT} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            "Content-Length: 1000000000\r\n".encode()
+            + auth
+            + b"\r\n"
+        )
         answer = read_until_closed(s)
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413 ") and b"connection: close" in head.lower(), answer
@@ -253,8 +322,13 @@ def test_oversized_bodies_sent_anyway_get_a_readable_413(hostile):
     assert_refused(call(hostile, "POST", CHAT, big), 413, code="request_too_large")
     conn = http.client.HTTPConnection(*address(hostile), timeout=60)
     try:
-        conn.request("POST", CHAT, body=iter([b"x" * 16384] * (2 * MAX_BODY // 16384)), encode_chunked=True,
-                     headers={"Content-Type": "application/json", "Authorization": b"Bearer " + KEY.encode()})
+        conn.request(
+            "POST",
+            CHAT,
+            body=iter([b"x" * 16384] * (2 * MAX_BODY // 16384)),
+            encode_chunked=True,
+            headers={"Content-Type": "application/json", "Authorization": b"Bearer " + KEY.encode()},
+        )
         r = conn.getresponse()
         assert_refused(Reply(r.status, r.headers, r.read()), 413, code="request_too_large")
     finally:
@@ -269,13 +343,19 @@ def _chat(**fields) -> str:
     return json.dumps({**GOOD, **fields})
 
 
-@pytest.mark.parametrize("body,param,where", [
-    (r'{"messages": [{"role": "user", "content": "a\ud800b"}], "max_tokens": 3}', "messages", "messages.0.content"),
-    (r'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]}', "messages",
-     "messages.0.content.0.text"),
-    (r'{"messages": [{"role": "user", "content": "Hi"}], "stop": ["\ud83d"]}', "stop", "stop.0"),
-    (r'{"messages": [{"role": "user", "content": "Hi"}], "user": "\udc00\ud800"}', "user", "user"),
-])
+@pytest.mark.parametrize(
+    "body,param,where",
+    [
+        (r'{"messages": [{"role": "user", "content": "a\ud800b"}], "max_tokens": 3}', "messages", "messages.0.content"),
+        (
+            r'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]}',
+            "messages",
+            "messages.0.content.0.text",
+        ),
+        (r'{"messages": [{"role": "user", "content": "Hi"}], "stop": ["\ud83d"]}', "stop", "stop.0"),
+        (r'{"messages": [{"role": "user", "content": "Hi"}], "user": "\udc00\ud800"}', "user", "user"),
+    ],
+)
 def test_lone_surrogates_are_a_400_naming_the_field(hostile, body, param, where):
     error = assert_refused(call(hostile, "POST", CHAT, body), 400, param=param)
     assert error["message"].startswith(f"{where}: ") and "surrogate" in error["message"]
@@ -308,13 +388,31 @@ def test_bodies_that_python_would_choke_on_are_a_400(hostile, what, body):
 
 
 EDGES = [
-    ("temperature", "1e-45"), ("temperature", "-1"), ("temperature", "1e6"), ("temperature", "NaN"),
-    ("temperature", "Infinity"), ("temperature", "1e999"), ("temperature", "-0.5"),
-    ("top_p", "-0.5"), ("top_p", "0"), ("top_p", "1.5"), ("top_p", "NaN"), ("top_p", "1e-400"),
-    ("top_k", "-2"), ("top_k", "1.5"), ("min_p", "-0.1"), ("min_p", "2"), ("min_p", "Infinity"),
-    ("repetition_penalty", "0"), ("repetition_penalty", "-1"), ("repetition_penalty", "1e-45"),
-    ("repetition_penalty", "1e9"), ("repetition_penalty", "NaN"),
-    ("seed", str(1 << 64)), ("seed", str(-(1 << 63) - 1)), ("presence_penalty", "NaN"),
+    ("temperature", "1e-45"),
+    ("temperature", "-1"),
+    ("temperature", "1e6"),
+    ("temperature", "NaN"),
+    ("temperature", "Infinity"),
+    ("temperature", "1e999"),
+    ("temperature", "-0.5"),
+    ("top_p", "-0.5"),
+    ("top_p", "0"),
+    ("top_p", "1.5"),
+    ("top_p", "NaN"),
+    ("top_p", "1e-400"),
+    ("top_k", "-2"),
+    ("top_k", "1.5"),
+    ("min_p", "-0.1"),
+    ("min_p", "2"),
+    ("min_p", "Infinity"),
+    ("repetition_penalty", "0"),
+    ("repetition_penalty", "-1"),
+    ("repetition_penalty", "1e-45"),
+    ("repetition_penalty", "1e9"),
+    ("repetition_penalty", "NaN"),
+    ("seed", str(1 << 64)),
+    ("seed", str(-(1 << 63) - 1)),
+    ("presence_penalty", "NaN"),
 ]
 
 
@@ -322,20 +420,38 @@ EDGES = [
 def test_sampling_edges_are_a_400_naming_the_parameter(hostile, field, value):
     body = _chat()[:-1] + f', "{field}": {value}}}'
     assert_refused(call(hostile, "POST", CHAT, body), 400, param=field)
-    assert_refused(call(hostile, "POST", "/v1/completions", json.dumps({"prompt": "Hi", "max_tokens": 3})[:-1]
-                        + f', "{field}": {value}}}'), 400, param=field)
+    assert_refused(
+        call(
+            hostile,
+            "POST",
+            "/v1/completions",
+            json.dumps({"prompt": "Hi", "max_tokens": 3})[:-1] + f', "{field}": {value}}}',
+        ),
+        400,
+        param=field,
+    )
 
 
-@pytest.mark.parametrize("field,value", [("temperature", "1e-45"), ("temperature", "NaN"), ("top_p", "-1"),
-                                         ("top_p", "2"), ("top_k", "-7")])
+@pytest.mark.parametrize(
+    "field,value", [("temperature", "1e-45"), ("temperature", "NaN"), ("top_p", "-1"), ("top_p", "2"), ("top_k", "-7")]
+)
 def test_sampling_edges_on_the_older_route(hostile, field, value):
     body = f'{{"text": "hi", "max_new_tokens": 3, "{field}": {value}}}'
     assert_refused(call(hostile, "POST", "/nlg/text_generate", body), 400, param=field)
 
 
-@pytest.mark.parametrize("fields", [{"temperature": 100}, {"temperature": 1e-6, "seed": 1}, {"top_k": 10**12},
-                                    {"top_k": -1, "top_p": 1e-9, "min_p": 1.0}, {"repetition_penalty": 0.01},
-                                    {"seed": -(1 << 63)}, {"temperature": 0, "top_p": 1}])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"temperature": 100},
+        {"temperature": 1e-6, "seed": 1},
+        {"top_k": 10**12},
+        {"top_k": -1, "top_p": 1e-9, "min_p": 1.0},
+        {"repetition_penalty": 0.01},
+        {"seed": -(1 << 63)},
+        {"temperature": 0, "top_p": 1},
+    ],
+)
 def test_sampling_edges_that_are_fine(hostile, fields):
     r = call(hostile, "POST", CHAT, _chat(**fields))
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3, r.text
@@ -372,9 +488,14 @@ CLI_BAD = [
 def test_bad_settings_stop_the_server_at_start(tmp_path, what, args, env, says):
     """One error line and exit status 2, before the model is looked for (it is missing here)."""
     base = {k: v for k, v in os.environ.items() if k != KEY_ENV}
-    r = subprocess.run([sys.executable, str(SERVE), "--model", str(tmp_path / "missing"), "--port", "0", *args],
-                       capture_output=True, text=True, cwd=ROOT, env={**base, **env, "PYTHONUNBUFFERED": "1"},
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, str(SERVE), "--model", str(tmp_path / "missing"), "--port", "0", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**base, **env, "PYTHONUNBUFFERED": "1"},
+        timeout=120,
+    )
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], r.stderr
     assert "Traceback" not in r.stderr
@@ -387,9 +508,27 @@ def test_keyless_server_refuses_forms_caps_connections_and_ends_streams_on_sigte
     """Keyless, one row, '*' hosts, 8 connections at most, no shutdown grace: a text/plain POST (what any web page
     may send without asking) is 415; '*' admits any Host; the 9th open connection gets 503; and SIGTERM with three
     streams open (one generating, two queued) ends every one of them with a final chunk and [DONE]."""
-    srv = Server(["--model", str(folder), "--dtype", "fp32", "--threads", "1", "--max-batch", "1",
-                  "--shutdown-grace", "0", "--allow-host", "*", "--max-connections", "8", "--log-level", "warning"],
-                 tmp_path / "keyless.log")
+    srv = Server(
+        [
+            "--model",
+            str(folder),
+            "--dtype",
+            "fp32",
+            "--threads",
+            "1",
+            "--max-batch",
+            "1",
+            "--shutdown-grace",
+            "0",
+            "--allow-host",
+            "*",
+            "--max-connections",
+            "8",
+            "--log-level",
+            "warning",
+        ],
+        tmp_path / "keyless.log",
+    )
     try:
         assert_refused(call(srv, "POST", CHAT, GOOD, {"Content-Type": "text/plain"}, key=None), 415)
         assert call(srv, "GET", "/health", headers={"Host": "rebound.evil.test"}, key=None).status_code == 200
@@ -409,15 +548,29 @@ def test_keyless_server_refuses_forms_caps_connections_and_ends_streams_on_sigte
         streams = []
         for i in range(3):
             conn = http.client.HTTPConnection(*address(srv), timeout=60)
-            conn.request("POST", CHAT, headers={"Content-Type": "application/json"},
-                         body=json.dumps({"messages": [{"role": "user", "content": f"Tell me {i}"}],
-                                          "max_tokens": 200, "temperature": 0, "stream": True}))
+            conn.request(
+                "POST",
+                CHAT,
+                headers={"Content-Type": "application/json"},
+                body=json.dumps(
+                    {
+                        "messages": [{"role": "user", "content": f"Tell me {i}"}],
+                        "max_tokens": 200,
+                        "temperature": 0,
+                        "stream": True,
+                    }
+                ),
+            )
             r = conn.getresponse()
             assert r.status == 200 and r.readline().startswith(b"data: ")  # the role chunk: the stream is open
             streams.append((conn, r))
         waiting = http.client.HTTPConnection(*address(srv), timeout=60)  # not streamed, queued behind the streams
-        waiting.request("POST", CHAT, headers={"Content-Type": "application/json"},
-                        body=json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 200}))
+        waiting.request(
+            "POST",
+            CHAT,
+            headers={"Content-Type": "application/json"},
+            body=json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 200}),
+        )
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:  # until the server has queued it (or the streams have moved on)
             state = call(srv, "GET", "/health", key=None).json()

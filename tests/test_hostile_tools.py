@@ -32,8 +32,14 @@ from gemma import writing
 from gemma.errors import GemmaError
 from gemma.files import refuse_overwriting_inputs
 from gemma.writing import clean_leftovers, exchange, install, write_files_atomically
-from gemma.generation.sampling import (MIN_TEMPERATURE, SamplingParams, apply_repetition_penalty, check_settings,
-                                       logits_to_probs, sample)
+from gemma.generation.sampling import (
+    MIN_TEMPERATURE,
+    SamplingParams,
+    apply_repetition_penalty,
+    check_settings,
+    logits_to_probs,
+    sample,
+)
 from gemma.generation.batch import generate
 from gen_models import tiny_generator_folder
 from tiny_gguf import write_tiny_gguf
@@ -50,8 +56,9 @@ def run_tool(tool: str, *args, stdin=None, input=None) -> subprocess.CompletedPr
     """tools/TOOL.py ARGS as a user runs it (args may be bytes: what a shell passes for $'\\xff')."""
     cmd = [sys.executable, str(TOOLS / f"{tool}.py"), *[a if isinstance(a, bytes) else str(a) for a in args]]
     proc = subprocess.run(cmd, capture_output=True, stdin=stdin, input=input, timeout=TIMEOUT, cwd=ROOT)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode("utf-8", "replace"),
-                                       proc.stderr.decode("utf-8", "replace"))
+    return subprocess.CompletedProcess(
+        proc.args, proc.returncode, proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
+    )
 
 
 def assert_error(run: subprocess.CompletedProcess, *words: str, alone: bool = True) -> str:
@@ -132,16 +139,20 @@ def data(tmp_path) -> Path:
 # ---- 1. no output over an input ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["out-is-data", "predictions-is-data", "default-predictions-is-data",
-                                  "out-in-model-folder"])
+@pytest.mark.parametrize(
+    "case", ["out-is-data", "predictions-is-data", "default-predictions-is-data", "out-in-model-folder"]
+)
 def test_evaluate_never_writes_over_its_inputs(case, model_dir, tmp_path):
     data = tmp_path / "e.predictions.jsonl"  # also what --out e.json names its predictions by default
     data.write_text('{"instruction": "Hi", "output": "Hello"}\n')
     model = tmp_path / "model"
     shutil.copytree(model_dir, model)
-    out, extra = {"out-is-data": (data, []), "predictions-is-data": (tmp_path / "s.json", ["--predictions", data]),
-                  "default-predictions-is-data": (tmp_path / "e.json", []),
-                  "out-in-model-folder": (model / "config.json", [])}[case]
+    out, extra = {
+        "out-is-data": (data, []),
+        "predictions-is-data": (tmp_path / "s.json", ["--predictions", data]),
+        "default-predictions-is-data": (tmp_path / "e.json", []),
+        "out-in-model-folder": (model / "config.json", []),
+    }[case]
     before = tree(tmp_path)
     run = run_tool("evaluate", "--model", model, "--data", data, "--out", out, "--dtype", "fp32", *extra)
     assert_error(run, "would overwrite", "choose another path")
@@ -154,11 +165,13 @@ def test_convert_never_writes_over_its_source(tmp_path, model_dir):
     folder = tmp_path / "models" / "native"
     shutil.copytree(model_dir, folder)
     before = tree(tmp_path)
-    for src, dst, word in ((gguf, gguf, "would overwrite the input SRC"),  # used to become a folder
-                           (folder, folder, "would overwrite the input SRC"),
-                           (folder, tmp_path / "models", "would overwrite the input SRC"),  # holds SRC
-                           (folder, folder / "model.safetensors", "would overwrite a file of the input SRC"),
-                           (folder, tmp_path, "would overwrite the input SRC")):
+    for src, dst, word in (
+        (gguf, gguf, "would overwrite the input SRC"),  # used to become a folder
+        (folder, folder, "would overwrite the input SRC"),
+        (folder, tmp_path / "models", "would overwrite the input SRC"),  # holds SRC
+        (folder, folder / "model.safetensors", "would overwrite a file of the input SRC"),
+        (folder, tmp_path, "would overwrite the input SRC"),
+    ):
         run = run_tool("convert", src, dst, "--to", "hf", "--force")
         assert_error(run, word)
         assert tree(tmp_path) == before
@@ -178,8 +191,9 @@ def test_refuse_overwriting_inputs_sees_through_names(tmp_path):
         with pytest.raises(GemmaError, match="would overwrite"):
             refuse_overwriting_inputs({"--out": out}, {"--data": folder / "a.json", "--model": folder})
     # A new file, even inside an input folder, replaces nothing; a repo id or a preset is no local input.
-    refuse_overwriting_inputs({"--out": folder / "new.json", "--x": None}, {"--data": folder, "--model": "3-270m",
-                                                                           "--adapter": None})
+    refuse_overwriting_inputs(
+        {"--out": folder / "new.json", "--x": None}, {"--data": folder, "--model": "3-270m", "--adapter": None}
+    )
     refuse_overwriting_inputs({"--out": tmp_path / "other.json"}, {"--model": "google/gemma-2b"})
 
 
@@ -198,12 +212,28 @@ def test_bench_keeps_its_output_off_its_inputs_and_tries_it_first(tmp_path):
 # ---- 2. sampling settings at the edges -----------------------------------------------------------------------------
 
 
-BAD_FLAGS = [("--temperature", "inf"), ("--temperature", "nan"), ("--temperature", "-1"), ("--temperature", "1e39"),
-             ("--top-k", "-1"), ("--top-k", "0"), ("--top-p", "0"), ("--top-p", "1.5"), ("--top-p", "nan"),
-             ("--min-p", "-0.1"), ("--min-p", "2"), ("--min-p", "nan"), ("--repetition-penalty", "0"),
-             ("--repetition-penalty", "-1"), ("--repetition-penalty", "inf"), ("--repetition-penalty", "nan"),
-             ("--repetition-penalty", "1e-300"), ("--max-new-tokens", "0"), ("--max-new-tokens", "-5"),
-             ("--seed", str(1 << 70))]
+BAD_FLAGS = [
+    ("--temperature", "inf"),
+    ("--temperature", "nan"),
+    ("--temperature", "-1"),
+    ("--temperature", "1e39"),
+    ("--top-k", "-1"),
+    ("--top-k", "0"),
+    ("--top-p", "0"),
+    ("--top-p", "1.5"),
+    ("--top-p", "nan"),
+    ("--min-p", "-0.1"),
+    ("--min-p", "2"),
+    ("--min-p", "nan"),
+    ("--repetition-penalty", "0"),
+    ("--repetition-penalty", "-1"),
+    ("--repetition-penalty", "inf"),
+    ("--repetition-penalty", "nan"),
+    ("--repetition-penalty", "1e-300"),
+    ("--max-new-tokens", "0"),
+    ("--max-new-tokens", "-5"),
+    ("--seed", str(1 << 70)),
+]
 
 
 @pytest.mark.parametrize("flag,value", BAD_FLAGS)
@@ -219,10 +249,22 @@ def test_chat_sampling_refusals_are_one_line_in_a_subprocess(tmp_path):
         assert_error(run_tool("chat", "--model", tmp_path / "none", "--prompt", "Hi", flag, value), flag)
 
 
-@pytest.mark.parametrize("name,value", [("temperature", math.inf), ("temperature", -0.5), ("temperature", "0.7"),
-                                        ("top_k", 2.5), ("top_k", True), ("top_p", math.nan), ("min_p", 1.01),
-                                        ("repetition_penalty", math.inf), ("repetition_penalty", 1e-40),
-                                        ("max_new_tokens", -1), ("seed", 1.5)])
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("temperature", math.inf),
+        ("temperature", -0.5),
+        ("temperature", "0.7"),
+        ("top_k", 2.5),
+        ("top_k", True),
+        ("top_p", math.nan),
+        ("min_p", 1.01),
+        ("repetition_penalty", math.inf),
+        ("repetition_penalty", 1e-40),
+        ("max_new_tokens", -1),
+        ("seed", 1.5),
+    ],
+)
 def test_the_api_and_the_engine_share_the_checks(name, value, model_dir):
     with pytest.raises(GemmaError, match=f"^{name} must be"):
         check_settings(**{name: value})
@@ -249,8 +291,20 @@ def test_a_tiny_temperature_is_greedy(model_dir, tok):
 def test_chat_at_a_tiny_temperature_answers_as_greedy(model_dir, capsys):
     replies = []
     for t in ("0", "1e-45"):
-        argv = ["--model", str(model_dir), "--dtype", "fp32", "--max-new-tokens", "8", "--prompt", "Hello",
-                "--temperature", t, "--seed", "3"]
+        argv = [
+            "--model",
+            str(model_dir),
+            "--dtype",
+            "fp32",
+            "--max-new-tokens",
+            "8",
+            "--prompt",
+            "Hello",
+            "--temperature",
+            t,
+            "--seed",
+            "3",
+        ]
         assert load_tool("chat").main(argv) == 0
         replies.append(capsys.readouterr().out)
     assert replies[0] == replies[1]
@@ -348,8 +402,11 @@ def test_read_only_output_folders(model_dir, data, tmp_path):
     ro.chmod(0o555)
     try:
         before = tree(tmp_path)
-        assert_error(run_tool("evaluate", "--model", tmp_path / "no-model", "--data", data, "--out", ro / "e.json"),
-                     "--out cannot be written", "permission denied")
+        assert_error(
+            run_tool("evaluate", "--model", tmp_path / "no-model", "--data", data, "--out", ro / "e.json"),
+            "--out cannot be written",
+            "permission denied",
+        )
         assert_error(run_tool("convert", model_dir, ro / "out", "--to", "native", "--force"), alone=False)
         assert tree(tmp_path) == before
     finally:
@@ -403,9 +460,23 @@ def test_a_real_full_and_read_only_file_system(model_dir, data, tmp_path):
     size = sum(p.stat().st_size for p in model_dir.iterdir())
     (tmp_path / "mnt").mkdir()
     (tmp_path / "driver.py").write_text(DRIVER)
-    proc = subprocess.run(["unshare", "-rm", sys.executable, str(tmp_path / "driver.py"), str(TOOLS),
-                           str(model_dir), str(data), str(tmp_path / "mnt"), str(int(size * 1.6) // 4096 * 4096)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            "unshare",
+            "-rm",
+            sys.executable,
+            str(tmp_path / "driver.py"),
+            str(TOOLS),
+            str(model_dir),
+            str(data),
+            str(tmp_path / "mnt"),
+            str(int(size * 1.6) // 4096 * 4096),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     if proc.returncode and "mount" in proc.stderr and "permission" in proc.stderr.lower():
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, proc.stderr
@@ -435,8 +506,17 @@ def test_chat_refuses_a_prompt_that_is_not_utf8(tmp_path):
 
 
 def test_interactive_chat_reports_a_bad_line_and_carries_on(model_dir):
-    run = run_tool("chat", "--model", model_dir, "--dtype", "fp32", "--max-new-tokens", "3", "--stats",
-                   input=b"Hello\n\xff\xfe broken\nAgain\n/exit\n")
+    run = run_tool(
+        "chat",
+        "--model",
+        model_dir,
+        "--dtype",
+        "fp32",
+        "--max-new-tokens",
+        "3",
+        "--stats",
+        input=b"Hello\n\xff\xfe broken\nAgain\n/exit\n",
+    )
     assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "not valid text" in errors[0], run.stderr
@@ -447,8 +527,9 @@ def test_evaluate_names_the_line_of_a_lone_surrogate(tmp_path):
     data = tmp_path / "s.jsonl"
     data.write_text('{"instruction": "Hi", "output": "Hello"}\n{"instruction": "\\ud800", "output": "x"}\n')
     before = tree(tmp_path)
-    assert_error(run_tool("evaluate", "--model", tmp_path / "none", "--data", data, "--out", tmp_path / "e.json"),
-                 f"{data}:2")
+    assert_error(
+        run_tool("evaluate", "--model", tmp_path / "none", "--data", data, "--out", tmp_path / "e.json"), f"{data}:2"
+    )
     assert tree(tmp_path) == before
 
 
@@ -458,8 +539,12 @@ def test_evaluate_names_the_line_of_a_lone_surrogate(tmp_path):
 def test_leftovers_of_dead_writers_are_cleaned_and_a_parked_dst_comes_back(tmp_path):
     dead, alive = dead_pid(), os.getppid()
     dst = tmp_path / "model"
-    for name, text in ((f".model.old-{dead}", "the old model"), (f".model.tmp-{dead}", "half"),
-                       (f".model.tmp-{alive}", "someone's write in progress"), (f".other.tmp-{dead}", "not ours")):
+    for name, text in (
+        (f".model.old-{dead}", "the old model"),
+        (f".model.tmp-{dead}", "half"),
+        (f".model.tmp-{alive}", "someone's write in progress"),
+        (f".other.tmp-{dead}", "not ours"),
+    ):
         (tmp_path / name).mkdir()
         (tmp_path / name / "f").write_text(text)
     clean_leftovers(dst)
@@ -522,9 +607,12 @@ def test_kill_9_mid_conversion_then_the_next_run(stage, model_dir, tmp_path):
     before = tree(dst)
     (tmp_path / "writer.py").write_text(KILLED_WRITER)
     ready = tmp_path / "ready"
-    child = subprocess.Popen([sys.executable, str(tmp_path / "writer.py"), str(model_dir), str(dst), stage,
-                              str(ready)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                             stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, str(tmp_path / "writer.py"), str(model_dir), str(dst), stage, str(ready)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + TIMEOUT
         while not ready.exists() and child.poll() is None and time.monotonic() < deadline:
@@ -555,10 +643,23 @@ def test_evaluate_tries_its_outputs_before_loading(data, tmp_path):
     blocker.write_text("")
     before = tree(tmp_path)
     no_model = tmp_path / "no-model"  # a load would fail on this; the outputs are refused first
-    assert_error(run_tool("evaluate", "--model", no_model, "--data", data, "--out", tmp_path / "folder"),
-                 "--out names a folder")
-    assert_error(run_tool("evaluate", "--model", no_model, "--data", data, "--out", tmp_path / "e.json",
-                          "--predictions", blocker / "p.jsonl"), "--predictions cannot be written there")
+    assert_error(
+        run_tool("evaluate", "--model", no_model, "--data", data, "--out", tmp_path / "folder"), "--out names a folder"
+    )
+    assert_error(
+        run_tool(
+            "evaluate",
+            "--model",
+            no_model,
+            "--data",
+            data,
+            "--out",
+            tmp_path / "e.json",
+            "--predictions",
+            blocker / "p.jsonl",
+        ),
+        "--predictions cannot be written there",
+    )
     assert tree(tmp_path) == before
 
 
@@ -568,8 +669,9 @@ def test_evaluate_writes_null_for_numbers_json_lacks(model_dir, data, tmp_path, 
     monkeypatch.setattr(train.metrics, "mean_loss", lambda losses: (math.nan, 3))
     monkeypatch.setattr(train.metrics, "perplexity", lambda loss: math.inf)
     out = tmp_path / "e.json"
-    code = load_tool("evaluate").main(["--model", str(model_dir), "--data", str(data), "--out", str(out),
-                                       "--max-new-tokens", "2", "--dtype", "fp32"])
+    code = load_tool("evaluate").main(
+        ["--model", str(model_dir), "--data", str(data), "--out", str(out), "--max-new-tokens", "2", "--dtype", "fp32"]
+    )
     assert code == 0, capsys.readouterr().err
     text = out.read_text()
     assert "NaN" not in text and "Infinity" not in text
@@ -583,10 +685,13 @@ def test_evaluate_writes_null_for_numbers_json_lacks(model_dir, data, tmp_path, 
 def test_fifos_and_devices_given_as_files(tmp_path, data):
     fifo = mkfifo(tmp_path / "m.gguf")
     out = tmp_path / "out"
-    assert_error(run_tool("evaluate", "--model", tmp_path / "none", "--data", fifo, "--out", out / "e.json"),
-                 "is a FIFO")
-    assert_error(run_tool("evaluate", "--model", tmp_path / "none", "--data", "/dev/zero", "--out",
-                          out / "e.json"), "/dev/zero: is a device")
+    assert_error(
+        run_tool("evaluate", "--model", tmp_path / "none", "--data", fifo, "--out", out / "e.json"), "is a FIFO"
+    )
+    assert_error(
+        run_tool("evaluate", "--model", tmp_path / "none", "--data", "/dev/zero", "--out", out / "e.json"),
+        "/dev/zero: is a device",
+    )
     assert_error(run_tool("evaluate", "--model", fifo, "--data", data, "--out", out / "e.json"), "is a FIFO")
     assert_error(run_tool("convert", fifo, out / "c", "--to", "native"), "is a FIFO")
     assert_error(run_tool("convert", "/dev/zero", out / "c", "--to", "native"), "is a device")
@@ -595,8 +700,7 @@ def test_fifos_and_devices_given_as_files(tmp_path, data):
     folder = tmp_path / "hf"
     folder.mkdir()
     mkfifo(folder / "config.json")
-    assert_error(run_tool("bench", "--model", folder, "--out", out / "b.json"), "config.json: is a FIFO",
-                 alone=False)
+    assert_error(run_tool("bench", "--model", folder, "--out", out / "b.json"), "config.json: is a FIFO", alone=False)
     assert not (out / "c").exists() and not (out / "b.json").exists()
 
 

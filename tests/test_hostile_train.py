@@ -33,8 +33,14 @@ DEMO_PROMPT = "小明有13个苹果，又买了9个，现在一共有多少个�
 
 def sft(*args, env: dict | None = None, script: Path | None = None) -> subprocess.CompletedProcess:
     target = [str(script)] if script else ["-m", "train.sft"]
-    return subprocess.run([sys.executable, *target, *map(str, args)], capture_output=True, text=True,
-                          env={**ENV, **(env or {})}, cwd=ROOT, timeout=300)
+    return subprocess.run(
+        [sys.executable, *target, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**ENV, **(env or {})},
+        cwd=ROOT,
+        timeout=300,
+    )
 
 
 def error_line(run: subprocess.CompletedProcess, alone: bool = True) -> str:
@@ -88,6 +94,7 @@ def run_copy(finished, tmp_path) -> Path:
 
 
 # ---- checkpoints hold no code ---------------------------------------------------------------------------------------
+
 
 class _Planted:
     """Pickles as a call of open(path, "w"): loading it with pickle creates the file."""
@@ -184,36 +191,55 @@ def test_a_checkpoint_file_that_is_a_folder_is_named_once(tmp_path):
 
 # ---- flags that would quietly train something else ---------------------------------------------------------------
 
-@pytest.mark.parametrize("argv, flag", [
-    (["--max-grad-norm", "-1"], "--max-grad-norm"), (["--max-grad-norm", "nan"], "--max-grad-norm"),
-    (["--min-lr-ratio", "-5"], "--min-lr-ratio"), (["--min-lr-ratio", "1.5"], "--min-lr-ratio"),
-    (["--lr", "inf"], "--lr"), (["--lr", "nan"], "--lr"), (["--lr", "0"], "--lr"), (["--lr", "abc"], "--lr"),
-    (["--epochs", "inf"], "--epochs"), (["--epochs", "nan"], "--epochs"), (["--epochs", "1e308"], "--epochs"),
-    (["--weight-decay", "-0.1"], "--weight-decay"), (["--weight-decay", "nan"], "--weight-decay"),
-    (["--lora-alpha", "nan"], "--lora-alpha"), (["--lora-alpha", "0"], "--lora-alpha"),
-    (["--lora-dropout", "nan"], "--lora-dropout"), (["--warmup-ratio", "nan"], "--warmup-ratio"),
-    (["--eval-split", "inf"], "--eval-split"),
-    (["--save-every", "-1"], "--save-every"), (["--eval-every", "-1"], "--eval-every"),
-    (["--eval-generate", "-1"], "--eval-generate"),
-    (["--seed", "-1"], "--seed"), (["--seed", str(2**32)], "--seed"),
-    (["--dist-timeout", str(10**12)], "--dist-timeout"),
-    (["--chat-prompt", "\udcff"], "--chat-prompt"),  # a byte that is not UTF-8 in argv
-])
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--max-grad-norm", "-1"], "--max-grad-norm"),
+        (["--max-grad-norm", "nan"], "--max-grad-norm"),
+        (["--min-lr-ratio", "-5"], "--min-lr-ratio"),
+        (["--min-lr-ratio", "1.5"], "--min-lr-ratio"),
+        (["--lr", "inf"], "--lr"),
+        (["--lr", "nan"], "--lr"),
+        (["--lr", "0"], "--lr"),
+        (["--lr", "abc"], "--lr"),
+        (["--epochs", "inf"], "--epochs"),
+        (["--epochs", "nan"], "--epochs"),
+        (["--epochs", "1e308"], "--epochs"),
+        (["--weight-decay", "-0.1"], "--weight-decay"),
+        (["--weight-decay", "nan"], "--weight-decay"),
+        (["--lora-alpha", "nan"], "--lora-alpha"),
+        (["--lora-alpha", "0"], "--lora-alpha"),
+        (["--lora-dropout", "nan"], "--lora-dropout"),
+        (["--warmup-ratio", "nan"], "--warmup-ratio"),
+        (["--eval-split", "inf"], "--eval-split"),
+        (["--save-every", "-1"], "--save-every"),
+        (["--eval-every", "-1"], "--eval-every"),
+        (["--eval-generate", "-1"], "--eval-generate"),
+        (["--seed", "-1"], "--seed"),
+        (["--seed", str(2**32)], "--seed"),
+        (["--dist-timeout", str(10**12)], "--dist-timeout"),
+        (["--chat-prompt", "\udcff"], "--chat-prompt"),  # a byte that is not UTF-8 in argv
+    ],
+)
 def test_flags_that_change_the_run_are_refused(argv, flag):
     with pytest.raises(GemmaError, match=re.escape(flag)) as info:
         parse_options(argv)
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("name, text, expected", [
-    ("c.json", '{"lr": NaN}', "NaN is not JSON"),
-    ("c.yaml", "lr: .nan\n", "--lr must be a finite number"),
-    ("c.yaml", "max_grad_norm: -1\n", "--max-grad-norm"),
-    ("c.yaml", "max_steps: 1e400\n", "option 'max_steps' must be int"),
-    ("c.yaml", "seed: 18446744073709551616\n", "--seed"),
-    ("c.json", "[" * 100_000 + "]" * 100_000, "nested deeper"),
-    ("c.yaml", "[" * 100_000 + "]" * 100_000, "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "name, text, expected",
+    [
+        ("c.json", '{"lr": NaN}', "NaN is not JSON"),
+        ("c.yaml", "lr: .nan\n", "--lr must be a finite number"),
+        ("c.yaml", "max_grad_norm: -1\n", "--max-grad-norm"),
+        ("c.yaml", "max_steps: 1e400\n", "option 'max_steps' must be int"),
+        ("c.yaml", "seed: 18446744073709551616\n", "--seed"),
+        ("c.json", "[" * 100_000 + "]" * 100_000, "nested deeper"),
+        ("c.yaml", "[" * 100_000 + "]" * 100_000, "not valid YAML"),
+    ],
+)
 def test_bad_config_files_are_refused(tmp_path, name, text, expected):
     path = tmp_path / name
     path.write_text(text)
@@ -227,18 +253,36 @@ def test_a_huge_grad_accum_costs_no_more_than_the_data():
 
 
 def test_limits_themselves_are_accepted():
-    opts = parse_options(["--seed", str(2**32 - 1), "--max-grad-norm", "0", "--min-lr-ratio", "1",
-                          "--save-every", "0", "--max-len", str(10**12)])
+    opts = parse_options(
+        [
+            "--seed",
+            str(2**32 - 1),
+            "--max-grad-norm",
+            "0",
+            "--min-lr-ratio",
+            "1",
+            "--save-every",
+            "0",
+            "--max-len",
+            str(10**12),
+        ]
+    )
     assert opts.seed == 2**32 - 1 and opts.max_len == 10**12
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--lr", "nan"], "error: --lr must be a finite number, got nan"),
-    (["--lr", "abc"], "error: argument --lr: invalid float value: 'abc'"),
-    (["--device", "bogus"], "error: --device bogus: "),
-    pytest.param(["--device", "cuda"], "error: --device cuda: CUDA is not available",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--lr", "nan"], "error: --lr must be a finite number, got nan"),
+        (["--lr", "abc"], "error: argument --lr: invalid float value: 'abc'"),
+        (["--device", "bogus"], "error: --device bogus: "),
+        pytest.param(
+            ["--device", "cuda"],
+            "error: --device cuda: CUDA is not available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
+    ],
+)
 def test_flag_errors_are_one_line(tiny_folder, tmp_path, argv, expected):
     run = sft("--model", tiny_folder, "--data", ARITH, "--max-steps", 1, *argv, "--out", tmp_path / "run")
     assert error_line(run).startswith(expected)
@@ -253,6 +297,7 @@ def test_a_lora_rank_above_a_projection_width(tiny_folder, tmp_path):
 
 
 # ---- files that are not what they seem -----------------------------------------------------------------------------
+
 
 def _data_file(kind: str, tmp_path: Path) -> tuple[list, str]:
     """(flags, expected part of the error) for one kind of strange input file."""
@@ -288,7 +333,7 @@ def test_strange_input_files_are_one_line(tiny_folder, tmp_path, kind):
 def test_surrogate_pairs_are_text_and_deep_json_lists_are_refused(tmp_path):
     pair = tmp_path / "pair.jsonl"
     pair.write_text('{"instruction": "\\ud83d\\ude00", "output": "ok"}\n')
-    assert read_records(pair)[0]["instruction"] == "\U0001F600"
+    assert read_records(pair)[0]["instruction"] == "\U0001f600"
     deep = tmp_path / "deep.json"
     deep.write_text("[" + "[" * 100_000 + "]" * 100_000 + "]")
     with pytest.raises(GemmaError, match=rf"^{re.escape(str(deep))}: JSON nested deeper"):
@@ -347,14 +392,17 @@ sys.exit(main())
 '''
 
 
-@pytest.mark.parametrize("pattern, named", [
-    (r"/\.config\.json\.tmp-\d+$", "/run/config.json: cannot write"),
-    (r"/metrics\.jsonl$", "/run/metrics.jsonl: cannot write the metrics"),
-    (r"/state\.pt$", "/run/checkpoints/step-0000001: cannot write the checkpoint"),
-    (r"/run/\.adapter\.tmp-\d+/adapter_model\.safetensors$", "/run/adapter: cannot write the adapter"),
-    (r"/\.loss\.png\.tmp\.png$", "/run/loss.png: cannot write the loss plot"),
-    (r"/\.report\.json\.tmp-\d+$", "/run/report.json: cannot write"),
-])
+@pytest.mark.parametrize(
+    "pattern, named",
+    [
+        (r"/\.config\.json\.tmp-\d+$", "/run/config.json: cannot write"),
+        (r"/metrics\.jsonl$", "/run/metrics.jsonl: cannot write the metrics"),
+        (r"/state\.pt$", "/run/checkpoints/step-0000001: cannot write the checkpoint"),
+        (r"/run/\.adapter\.tmp-\d+/adapter_model\.safetensors$", "/run/adapter: cannot write the adapter"),
+        (r"/\.loss\.png\.tmp\.png$", "/run/loss.png: cannot write the loss plot"),
+        (r"/\.report\.json\.tmp-\d+$", "/run/report.json: cannot write"),
+    ],
+)
 def test_a_full_disk_is_one_line_and_leaves_no_half_written_file(common, tmp_path, pattern, named):
     script = tmp_path / "full_disk.py"
     script.write_text(FULL_DISK)
@@ -373,8 +421,13 @@ def test_a_full_disk_is_one_line_and_leaves_no_half_written_file(common, tmp_pat
 def test_a_real_full_disk(common, tmp_path, size):
     disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)],
-                                                   capture_output=True).returncode == 0
+    mounted = (
+        os.geteuid() == 0
+        and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True
+        ).returncode
+        == 0
+    )
     if not mounted:
         pytest.skip("cannot mount a small tmpfs here")
     try:
@@ -425,6 +478,7 @@ def test_a_read_only_output_folder(common, run_copy, tmp_path):
 
 # ---- what a killed run leaves ----------------------------------------------------------------------------------------
 
+
 def _checkpoint(folder: Path, complete: bool = True) -> Path:
     (folder / "adapter").mkdir(parents=True)
     if complete:
@@ -446,8 +500,12 @@ def test_recover_removes_leftovers_and_restores_a_checkpoint_renamed_aside(tmp_p
     _checkpoint(root / f".step-0000004.tmp-{alive}", complete=False)  # a save still under way: kept
     (root / "notes.txt").write_text("not ours")
     recover(tmp_path)
-    assert sorted(p.name for p in root.iterdir()) == [f".step-0000004.tmp-{alive}", "notes.txt", "step-0000001",
-                                                      "step-0000002"]
+    assert sorted(p.name for p in root.iterdir()) == [
+        f".step-0000004.tmp-{alive}",
+        "notes.txt",
+        "step-0000001",
+        "step-0000002",
+    ]
     assert (root / "step-0000002" / "state.pt").read_bytes() == b"state"
 
 
@@ -464,6 +522,7 @@ def test_resume_after_a_kill_between_the_renames(common, run_copy):
 
 
 # ---- metrics.jsonl after a crash, and JSON the run writes ----------------------------------------------------------
+
 
 def test_a_metrics_line_cut_by_a_crash_is_dropped_on_resume(common, run_copy):
     metrics = run_copy / "metrics.jsonl"
@@ -499,8 +558,23 @@ def test_a_terminal_that_cannot_show_the_reply(tiny_folder, tmp_path):
     # An ASCII stdout and the Chinese chat prompt: report.json is written before anything is shown, and what is
     # shown is escaped. An absurd --max-len is clamped to the model's context, with a note.
     out = tmp_path / "run"
-    run = sft("--model", tiny_folder, "--data", ARITH, "--max-steps", 1, "--lora-r", 4, "--out", out,
-              "--chat-prompt", DEMO_PROMPT, "--max-len", 10**12, env={"PYTHONIOENCODING": "ascii"})
+    run = sft(
+        "--model",
+        tiny_folder,
+        "--data",
+        ARITH,
+        "--max-steps",
+        1,
+        "--lora-r",
+        4,
+        "--out",
+        out,
+        "--chat-prompt",
+        DEMO_PROMPT,
+        "--max-len",
+        10**12,
+        env={"PYTHONIOENCODING": "ascii"},
+    )
     assert run.returncode == 0, run.stderr
     report = strict_json((out / "report.json").read_text(encoding="utf-8"))
     assert report["chat"]["prompt"] == DEMO_PROMPT

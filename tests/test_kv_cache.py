@@ -26,7 +26,7 @@ def test_cached_logits_equal_uncached(model, chunks):
         cache = model.new_cache(batch=2, max_len=32)
         got, at = [], 0
         for n in chunks:
-            got.append(model(x[:, at:at + n], cache=cache))
+            got.append(model(x[:, at : at + n], cache=cache))
             at += n
     torch.testing.assert_close(torch.cat(got, dim=1), full, atol=1e-5, rtol=1e-5)
 
@@ -68,12 +68,11 @@ def test_left_padded_batch_equals_each_row_alone(model):
     with torch.no_grad():
         cache = model.new_cache(batch=2, max_len=32)
         first = model(batch, positions, cache=cache)
-        steps = [model(nxt[:, i:i + 1], positions[:, -1:] + 1 + i, cache=cache) for i in range(6)]
+        steps = [model(nxt[:, i : i + 1], positions[:, -1:] + 1 + i, cache=cache) for i in range(6)]
         for row, seq in ((0, a), (1, b)):
             alone = model(torch.cat([seq, nxt[row]])[None])
-            torch.testing.assert_close(first[row, -len(seq):], alone[0, :len(seq)], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(torch.cat([s[row] for s in steps]), alone[0, len(seq):],
-                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(first[row, -len(seq) :], alone[0, : len(seq)], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(torch.cat([s[row] for s in steps]), alone[0, len(seq) :], atol=1e-5, rtol=1e-5)
 
 
 def test_sliding_layers_keep_only_the_window(model):

@@ -41,15 +41,21 @@ def imported(path: Path, root: Path = ROOT) -> list[tuple[int, str]]:
     here = path.relative_to(root).with_suffix("").parts  # ("gemma", "model") or ("gemma", "__init__")
     package = here[:-1]
     # Module-level string constants (NAME = "..."), so that import_module(NAME) is seen as well as a literal.
-    constants = {node.targets[0].id: node.value.value for node in tree.body
-                 if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
-                 and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)}
+    constants = {
+        node.targets[0].id: node.value.value
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and len(node.targets) == 1
+        and isinstance(node.targets[0], ast.Name)
+        and isinstance(node.value, ast.Constant)
+        and isinstance(node.value.value, str)
+    }
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             out += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            base = list(package[:len(package) - (node.level - 1)]) if node.level else []  # from ..a import b
+            base = list(package[: len(package) - (node.level - 1)]) if node.level else []  # from ..a import b
             if node.module:
                 out.append((node.lineno, ".".join([*base, node.module])))
             else:  # from . import x: x is a module of the package
@@ -67,9 +73,12 @@ def imported(path: Path, root: Path = ROOT) -> list[tuple[int, str]]:
 
 
 def violations(package: str, forbidden: set[str]) -> list[str]:
-    return [f"{path.relative_to(ROOT)}:{line}: imports {name}"
-            for path in modules(package) for line, name in imported(path)
-            if name.split(".")[0] in forbidden and (path.relative_to(ROOT).as_posix(), name) not in EXEMPT]
+    return [
+        f"{path.relative_to(ROOT)}:{line}: imports {name}"
+        for path in modules(package)
+        for line, name in imported(path)
+        if name.split(".")[0] in forbidden and (path.relative_to(ROOT).as_posix(), name) not in EXEMPT
+    ]
 
 
 def test_each_exemption_is_a_real_import():
@@ -116,8 +125,17 @@ def test_the_checker_sees_imports_everywhere(tmp_path):
         "    return importlib.import_module(PLUGIN)\n"
     )
     found = sorted(imported(fake / "m.py", tmp_path))
-    assert found == [(1, "os"), (2, "gemma.sampling"), (3, "train"), (5, "transformers"), (6, "peft.tuners"),
-                     (8, "importlib"), (9, "lora.io"), (11, "tools"), (14, "lora.inject")]
+    assert found == [
+        (1, "os"),
+        (2, "gemma.sampling"),
+        (3, "train"),
+        (5, "transformers"),
+        (6, "peft.tuners"),
+        (8, "importlib"),
+        (9, "lora.io"),
+        (11, "tools"),
+        (14, "lora.inject"),
+    ]
 
 
 # gemma/'s own parts: the model core builds on nothing of the others; the formats and generation build on the core
@@ -132,9 +150,12 @@ PARTS = {
 
 def part_violations(part: str) -> list[str]:
     forbidden = {f"gemma.{p}" for p in PARTS[part]}
-    return [f"{path.relative_to(ROOT)}:{line}: imports {name}"
-            for path in modules(f"gemma/{part}") for line, name in imported(path)
-            if any(name == f or name.startswith(f + ".") for f in forbidden)]
+    return [
+        f"{path.relative_to(ROOT)}:{line}: imports {name}"
+        for path in modules(f"gemma/{part}")
+        for line, name in imported(path)
+        if any(name == f or name.startswith(f + ".") for f in forbidden)
+    ]
 
 
 @pytest.mark.parametrize("part", sorted(PARTS))

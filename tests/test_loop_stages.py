@@ -16,8 +16,17 @@ from train import prepare
 from train.distributed import AgreedError, Dist
 from train.loop import Interrupted, Signals, build_setup, run_steps
 from train.options import TrainOptions
-from train.step import (FP16_SKIP_LIMIT, NONFINITE_LIMIT, BadSteps, RunState, Window, apply_update, cadence,
-                        metrics_record, update)
+from train.step import (
+    FP16_SKIP_LIMIT,
+    NONFINITE_LIMIT,
+    BadSteps,
+    RunState,
+    Window,
+    apply_update,
+    cadence,
+    metrics_record,
+    update,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 ARITH = ROOT / "examples" / "arith_train.jsonl"
@@ -26,10 +35,16 @@ CPU = torch.device("cpu")
 
 # ---- bad steps: non-finite losses and fp16 overflows -----------------------------------------------------------------
 
-@pytest.mark.parametrize("precision, loss, skipped", [
-    ("fp32", float("nan"), True), ("bf16", float("inf"), True), ("fp32", 1.5, False),
-    ("fp16", float("nan"), False),  # the scaler decides
-])
+
+@pytest.mark.parametrize(
+    "precision, loss, skipped",
+    [
+        ("fp32", float("nan"), True),
+        ("bf16", float("inf"), True),
+        ("fp32", 1.5, False),
+        ("fp16", float("nan"), False),  # the scaler decides
+    ],
+)
 def test_which_losses_skip_the_update(precision, loss, skipped):
     assert BadSteps(precision).skips(loss) is skipped
 
@@ -40,8 +55,9 @@ def test_non_finite_losses_in_a_row_stop_the_run_naming_the_last_checkpoint():
         bad.nonfinite(3)
     with pytest.raises(AgreedError) as info:
         bad.nonfinite(4, lambda: Path("run/checkpoints/step-0000002"))
-    assert str(info.value) == ("non-finite loss at 2 steps in a row (step 4); stopped. "
-                               "Last good checkpoint: run/checkpoints/step-0000002")
+    assert str(info.value) == (
+        "non-finite loss at 2 steps in a row (step 4); stopped. Last good checkpoint: run/checkpoints/step-0000002"
+    )
     bad = BadSteps("bf16", streak=NONFINITE_LIMIT - 1)
     with pytest.raises(AgreedError, match=r"Last good checkpoint: none$"):
         bad.nonfinite(2)
@@ -119,6 +135,7 @@ def test_an_fp16_overflow_is_skipped_by_the_scaler_and_counted():
 
 # ---- the cadence of what follows a step -----------------------------------------------------------------------------
 
+
 def _cadences(total=5, **kw):
     flags = {"log_every": 1, "eval_every": 0, "save_every": 0, "has_eval": True, **kw}
     return [cadence(step, total, **flags) for step in range(1, total + 1)]
@@ -144,6 +161,7 @@ def test_save_every_n_steps_but_not_at_the_last():
 
 
 # ---- metrics, the tokens/s window, signals ---------------------------------------------------------------------------
+
 
 def test_metrics_record_fields_in_order():
     state = RunState(step=6, epoch=1, batch_in_epoch=2, skipped=1)
@@ -182,6 +200,7 @@ def test_signal_handlers_are_installed_for_the_loop_and_restored():
 
 # ---- the data plan and the run folder -------------------------------------------------------------------------------
 
+
 def test_eval_split_is_seeded_disjoint_and_keeps_file_order():
     examples = list(range(20))
     train, held = prepare.split_eval(examples, 0.25, seed=3)
@@ -208,9 +227,18 @@ def test_run_dir_checks(tmp_path):
 
 # ---- the stages in this process, on a tiny model ---------------------------------------------------------------------
 
+
 def _stages(tiny_folder, out: Path, **flags):
-    opts = TrainOptions(model=str(tiny_folder), data=str(ARITH), batch_size=2, lora_r=4, precision="fp32",
-                        out=str(out), device="cpu", **flags)
+    opts = TrainOptions(
+        model=str(tiny_folder),
+        data=str(ARITH),
+        batch_size=2,
+        lora_r=4,
+        precision="fp32",
+        out=str(out),
+        device="cpu",
+        **flags,
+    )
     run = prepare.start_run(opts, Dist(device=CPU), log=lambda m: None)
     setup = build_setup(run)
     data = prepare.load_data(run, setup.tokenizer, setup.max_len)

@@ -35,6 +35,7 @@ R, ALPHA = 4, 6  # alpha / r != 1 and alpha / sqrt(r) != alpha / r, so a wrong s
 
 # ---- helpers -------------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, tiny_tokenizer_path):
     """case -> an HF folder of hf_model(case) with a tokenizer, built once per module."""
@@ -55,8 +56,16 @@ def peft_model(case: str, variant: str, targets=HF_TARGETS, seed: int = 1, dropo
     """hf_model(case) wrapped by peft with random (non-zero) A and B; DoRA's magnitude moved off its init."""
     model = hf_model(case)
     torch.manual_seed(seed)
-    cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=dropout, target_modules=list(targets),
-                          init_lora_weights=False, task_type="CAUSAL_LM", **VARIANTS[variant], **extra)
+    cfg = peft.LoraConfig(
+        r=R,
+        lora_alpha=ALPHA,
+        lora_dropout=dropout,
+        target_modules=list(targets),
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+        **VARIANTS[variant],
+        **extra,
+    )
     model = peft.get_peft_model(model, cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -85,7 +94,7 @@ def peft_param(key: str) -> str:
     """peft's file key -> its parameter name in a live PeftModel (adapter name `default`)."""
     for suffix in ("lora_A.weight", "lora_B.weight"):
         if key.endswith(suffix):
-            return key[:-len("weight")] + "default.weight"
+            return key[: -len("weight")] + "default.weight"
     return key + ".default.weight"  # lora_magnitude_vector
 
 
@@ -106,6 +115,7 @@ def one_line_error(match: str):
 
 # ---- parity with peft ----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("case", CASES)
 def test_peft_adapter_loads_with_equal_logits(case, variant, base, tmp_path):
@@ -124,8 +134,9 @@ def test_peft_adapter_on_some_targets(base, tmp_path):
     folder, theirs = peft_adapter("gemma3", "dora", tmp_path / "adapter", targets=["q_proj", "v_proj", "down_proj"])
     ours, _ = gemma.load(base("gemma3"), adapter=folder)
     assert ours.lora_config.targets == ("q", "v", "down")
-    assert set(lora.lora_layers(ours)) == {f"layers.{i}.{m}" for i in range(3)
-                                           for m in ("attn.q", "attn.v", "mlp.down")}
+    assert set(lora.lora_layers(ours)) == {
+        f"layers.{i}.{m}" for i in range(3) for m in ("attn.q", "attn.v", "mlp.down")
+    }
     x = tokens()
     with torch.no_grad():
         close(ours(x), theirs(x).logits)
@@ -135,8 +146,9 @@ def test_peft_adapter_on_some_targets(base, tmp_path):
 @pytest.mark.parametrize("case", ("gemma1-mha", "gemma2", "gemma3"))
 def test_our_adapter_loads_in_peft(case, variant, base, tmp_path):
     ours, _ = gemma.load(base(case))
-    lora.inject(ours, lora.LoraConfig(r=R, alpha=ALPHA, **{k.removeprefix("use_"): v
-                                                           for k, v in VARIANTS[variant].items()}))
+    lora.inject(
+        ours, lora.LoraConfig(r=R, alpha=ALPHA, **{k.removeprefix("use_"): v for k, v in VARIANTS[variant].items()})
+    )
     randomize(ours)
     lora.save_adapter(ours, tmp_path / "adapter", base_model_name_or_path=str(base(case)))
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
@@ -211,6 +223,7 @@ def test_training_dropout_matches_peft_under_the_same_seed(variant, base, tmp_pa
 
 # ---- merging -------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_merge_unmerge_exact_and_idempotent(variant, base, tmp_path):
     folder, _ = peft_adapter("gemma3", variant, tmp_path / "adapter")
@@ -267,6 +280,7 @@ def test_bf16_adapter_runs_and_merges_close_to_fp32(base, tmp_path):
 
 # ---- the layer and injection ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dora", (False, True))
 def test_inject_init_freezes_base_and_keeps_weight_names(dora, base):
     model, _ = gemma.load(base("gemma2"))
@@ -278,7 +292,7 @@ def test_inject_init_freezes_base_and_keeps_weight_names(dora, base):
     layer = model.layers[0].attn.q
     assert isinstance(layer, lora.LoRALinear) and layer.lora_A.shape == (8, 64) and layer.lora_B.shape == (64, 8)
     assert torch.equal(layer.lora_B, torch.zeros_like(layer.lora_B))
-    bound = 1 / 64 ** 0.5  # kaiming_uniform(a=sqrt(5)) on fan_in 64, as nn.Linear and peft initialise A
+    bound = 1 / 64**0.5  # kaiming_uniform(a=sqrt(5)) on fan_in 64, as nn.Linear and peft initialise A
     assert layer.lora_A.abs().max() <= bound and layer.lora_A.abs().max() > bound / 2
     if dora:
         close(layer.magnitude, torch.linalg.norm(layer.weight, dim=1), tol=0)
@@ -329,8 +343,10 @@ def test_layer_is_as_accurate_as_the_plain_formula(autocast, dropout):
 
     def run(how: str, dtype: torch.dtype) -> list[torch.Tensor]:
         x = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(2)).to(dtype).requires_grad_()
-        a, b = (p.detach().to(torch.float64 if how == "float64" else p.dtype).requires_grad_()
-                for p in (layer.lora_A, layer.lora_B))
+        a, b = (
+            p.detach().to(torch.float64 if how == "float64" else p.dtype).requires_grad_()
+            for p in (layer.lora_A, layer.lora_B)
+        )
         torch.manual_seed(1)  # the same dropout mask
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast and how != "float64"):
             if how == "layer":
@@ -346,8 +362,9 @@ def test_layer_is_as_accurate_as_the_plain_formula(autocast, dropout):
 
     dtype = layer.weight.dtype
     exact = run("float64", torch.float64)
-    for name, ours, plain, truth in zip(("output", "x grad", "A grad", "B grad"), run("layer", dtype),
-                                        run("plain", dtype), exact):
+    for name, ours, plain, truth in zip(
+        ("output", "x grad", "A grad", "B grad"), run("layer", dtype), run("plain", dtype), exact
+    ):
         error = lambda t, truth=truth: ((t.double() - truth).abs().max() / truth.abs().max()).item()  # noqa: E731
         assert error(ours) <= 2 * error(plain) + 1e-7, name
 
@@ -361,6 +378,7 @@ def test_config_validation():
 
 
 # ---- reading what peft writes --------------------------------------------------------------------------------------
+
 
 def test_multimodal_prefix_and_legacy_magnitude_key(base, tmp_path):
     folder, theirs = peft_adapter("gemma3", "dora", tmp_path / "adapter")
@@ -376,11 +394,14 @@ def test_multimodal_prefix_and_legacy_magnitude_key(base, tmp_path):
         close(ours(x), theirs(x).logits)
 
 
-@pytest.mark.parametrize("spec, targets", [
-    ("all-linear", lora.ALL_TARGETS),
-    (r".*\.(q_proj|v_proj)", ("q", "v")),
-    (["self_attn.o_proj", "mlp.up_proj"], ("o", "up")),
-])
+@pytest.mark.parametrize(
+    "spec, targets",
+    [
+        ("all-linear", lora.ALL_TARGETS),
+        (r".*\.(q_proj|v_proj)", ("q", "v")),
+        (["self_attn.o_proj", "mlp.up_proj"], ("o", "up")),
+    ],
+)
 def test_target_module_forms(spec, targets, base, tmp_path):
     model, _ = gemma.load(base("gemma1-mha"))
     lora.inject(model, lora.LoraConfig(r=2, alpha=4, targets=targets))
@@ -400,6 +421,7 @@ def test_legacy_bin_adapter(base, tmp_path):
 
 
 # ---- bad adapters --------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def adapter(base, tmp_path):
@@ -428,12 +450,18 @@ BAD = {
     "no config": (lambda f: (f / "adapter_config.json").unlink(), "no adapter_config.json"),
     "bad json": (lambda f: (f / "adapter_config.json").write_text("{"), "adapter_config.json"),
     "rank mismatch": (lambda f: edit_config(f, r=8), r"has shape \(4, \d+\), expected \(8, \d+\) \(r=8"),
-    "target not in model": (lambda f: edit_config(f, target_modules=HF_TARGETS + ["lm_head"]),
-                            "target module 'lm_head' is not in the model"),
-    "tensor not targeted": (lambda f: edit_config(f, target_modules=["q_proj"]),
-                            "which target_modules in adapter_config.json does not list"),
-    "missing tensor": (lambda f: _rewrite(f, _drop_one),
-                       "missing tensor 'base_model.model.model.layers.1.mlp.up_proj.lora_B.weight'"),
+    "target not in model": (
+        lambda f: edit_config(f, target_modules=HF_TARGETS + ["lm_head"]),
+        "target module 'lm_head' is not in the model",
+    ),
+    "tensor not targeted": (
+        lambda f: edit_config(f, target_modules=["q_proj"]),
+        "which target_modules in adapter_config.json does not list",
+    ),
+    "missing tensor": (
+        lambda f: _rewrite(f, _drop_one),
+        "missing tensor 'base_model.model.model.layers.1.mlp.up_proj.lora_B.weight'",
+    ),
     "unexpected tensor": (lambda f: _rewrite(f, _add_head), "unexpected tensor 'base_model.model.lm_head"),
     "dora without magnitude": (lambda f: edit_config(f, use_dora=True), "missing tensor .*lora_magnitude_vector"),
     "truncated": (lambda f: (f / "adapter_model.safetensors").write_bytes(b"\x10\x00"), "corrupt or truncated"),
@@ -444,8 +472,7 @@ BAD = {
     "peft_type": (lambda f: edit_config(f, peft_type="IA3"), "peft_type 'IA3' is not supported"),
     "pissa": (lambda f: edit_config(f, init_lora_weights="pissa"), "init_lora_weights='pissa' is not supported"),
     "unknown option": (lambda f: edit_config(f, use_future_trick=True), "use_future_trick=True is not supported"),
-    "per-layer regex": (lambda f: edit_config(f, target_modules=r".*layers\.0\..*q_proj"),
-                        "some layers only"),
+    "per-layer regex": (lambda f: edit_config(f, target_modules=r".*layers\.0\..*q_proj"), "some layers only"),
 }
 
 
@@ -468,8 +495,9 @@ def test_options_peft_allows_but_we_do_not_support(base, tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "convert.py"), *map(str, args)],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "convert.py"), *map(str, args)], capture_output=True, text=True
+    )
 
 
 def test_cli_convert_with_adapter(adapter, base, tmp_path):
@@ -499,15 +527,22 @@ def test_adapter_loader_without_the_lora_package(monkeypatch):
 def test_load_with_an_adapter_from_a_checkout(adapter, base, tmp_path):
     """gemma.load(adapter=) needs no installed package metadata: a fresh interpreter that imports the checkout (the
     repo root on PYTHONPATH, ahead of any install) and whose entry points are all gone loads the adapter."""
-    script = ("import importlib.metadata, sys\n"
-              "importlib.metadata.entry_points = lambda **kw: importlib.metadata.EntryPoints(())\n"
-              "import gemma\n"
-              "model, _ = gemma.load(sys.argv[1], adapter=sys.argv[2])\n"
-              "layers = sum(type(m).__name__ == 'LoRALinear' for m in model.modules())\n"
-              "print(gemma.__file__, layers, model.lora_config is not None)\n")
+    script = (
+        "import importlib.metadata, sys\n"
+        "importlib.metadata.entry_points = lambda **kw: importlib.metadata.EntryPoints(())\n"
+        "import gemma\n"
+        "model, _ = gemma.load(sys.argv[1], adapter=sys.argv[2])\n"
+        "layers = sum(type(m).__name__ == 'LoRALinear' for m in model.modules())\n"
+        "print(gemma.__file__, layers, model.lora_config is not None)\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-c", script, str(base("gemma1-mha")), str(adapter)], cwd=tmp_path,
-                         env=env, capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(base("gemma1-mha")), str(adapter)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     file, layers, configured = run.stdout.split()
     assert Path(file).is_relative_to(ROOT) and int(layers) == 7 * 2 and configured == "True"

@@ -40,7 +40,7 @@ def test_int8_matmul_equals_the_dequantized_product(dtype, rows):
     torch.manual_seed(0)
     q, scale = quantize_rows(torch.randn(96, 64))
     x = torch.randn(2, rows, 64).to(dtype)
-    want = (x.float() @ (q.float() * scale[:, None]).T)
+    want = x.float() @ (q.float() * scale[:, None]).T
     got = int8_matmul(x, q, scale)
     assert got.shape == (2, rows, 96) and got.dtype == dtype
     # float32: summation order only. bf16: the kernel rounds its output (and the scales) to bf16.
@@ -107,8 +107,18 @@ def test_load_quantizes_after_merging_the_adapter(tok, tmp_path):
 
 def test_chat_cli_quantized(tok, tmp_path):
     folder = tiny_generator_folder("gemma3", tok, tmp_path / "m")
-    cmd = [sys.executable, str(ROOT / "tools" / "chat.py"), "--model", str(folder), "--dtype", "fp32",
-           "--prompt", "Hello", "--max-new-tokens", "8"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tools" / "chat.py"),
+        "--model",
+        str(folder),
+        "--dtype",
+        "fp32",
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "8",
+    ]
     plain = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     quant = subprocess.run(cmd + ["--quantize", "int8"], capture_output=True, text=True, timeout=300)
     assert plain.returncode == 0 and quant.returncode == 0, quant.stderr

@@ -13,13 +13,20 @@ import torch
 import gemma
 from gemma.errors import GemmaError
 from gemma.generation.text import IncrementalDecoder, TextStream, decode_text, find_stop
-from gemma.generation.sampling import (SamplingParams, apply_repetition_penalty, logits_to_probs, min_p_filter, sample,
-                                       seen_mask, top_k_filter, top_p_filter)
+from gemma.generation.sampling import (
+    SamplingParams,
+    apply_repetition_penalty,
+    logits_to_probs,
+    min_p_filter,
+    sample,
+    seen_mask,
+    top_k_filter,
+    top_p_filter,
+)
 from gemma.generation.steps import decode_one_token, prefill
 from gemma.generation.batch import generate, stream_generate
 from gen_models import real_270m, tiny_generator
 from tiny_models import CASES, hf_model
-
 
 
 @pytest.fixture(autouse=True)
@@ -32,6 +39,7 @@ def inference(request):
     with torch.no_grad():
         yield
     torch.set_num_threads(threads)
+
 
 # The tiny models' sliding window is 5: the long prompt and the 24 new tokens both run past it.
 PROMPTS = ("The quick brown fox", "Hello, world! How are you today? I am fine, thank you.", "今天")
@@ -50,7 +58,7 @@ def greedy_without_cache(model, prompt, max_new_tokens, stop_ids=()):
         if t in stop_ids:
             break
         seq.append(t)
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 # ---- cached generation equals uncached -----------------------------------------------------------------------------
@@ -69,7 +77,7 @@ def test_greedy_stops_at_stop_ids(model, tok):
     full = greedy_without_cache(model, prompt, 24)
     stop = full[7]  # pretend the 8th token is a stop id
     got = generate(model, tok, [prompt], max_new_tokens=24, stop_ids=[stop])[0]
-    assert got == full[:full.index(stop)]
+    assert got == full[: full.index(stop)]
 
 
 def test_batch_of_unequal_prompts_equals_each_alone(model, tok):
@@ -98,7 +106,7 @@ def test_cached_logits_equal_uncached(model, tok):
         got.append(decode_one_token(model, cache, torch.tensor([nxt[0][i], nxt[1][i]]), positions[:, -1] + 1 + i))
     got = torch.stack(got, dim=1)  # (B, 1 + steps, V)
     for row, p in enumerate(prompts):
-        full = model(torch.tensor([p + nxt[row]]))[0, len(p) - 1:]
+        full = model(torch.tensor([p + nxt[row]]))[0, len(p) - 1 :]
         torch.testing.assert_close(got[row], full, atol=1e-5, rtol=1e-5)
 
 
@@ -141,14 +149,26 @@ def test_top_k_keeps_k():
     torch.testing.assert_close(probs, torch.tensor([[0, 2 / 3, 0, 1 / 3]]))
 
 
-@pytest.mark.parametrize("p, want", [(0.3, [1]), (0.5, [1]), (0.6, [1, 3]), (0.74, [1, 3]), (0.8, [1, 2, 3]),
-                                     (0.95, [0, 1, 2, 3]), (1.0, [0, 1, 2, 3])])
+@pytest.mark.parametrize(
+    "p, want",
+    [
+        (0.3, [1]),
+        (0.5, [1]),
+        (0.6, [1, 3]),
+        (0.74, [1, 3]),
+        (0.8, [1, 2, 3]),
+        (0.95, [0, 1, 2, 3]),
+        (1.0, [0, 1, 2, 3]),
+    ],
+)
 def test_top_p_keeps_the_smallest_set_reaching_p(p, want):
     assert kept(top_p_filter(PROBS.log(), p)) == want
 
 
-@pytest.mark.parametrize("min_p, want", [(0.0, [0, 1, 2, 3]), (0.19, [0, 1, 2, 3]), (0.21, [1, 2, 3]),
-                                         (0.45, [1, 3]), (0.55, [1]), (1.0, [1])])
+@pytest.mark.parametrize(
+    "min_p, want",
+    [(0.0, [0, 1, 2, 3]), (0.19, [0, 1, 2, 3]), (0.21, [1, 2, 3]), (0.45, [1, 3]), (0.55, [1]), (1.0, [1])],
+)
 def test_min_p_is_relative_to_the_most_likely_token(min_p, want):
     assert kept(min_p_filter(PROBS.log(), min_p)) == want
     # Relative, not absolute: the same ratios at a different scale keep the same tokens.
@@ -165,22 +185,30 @@ def test_temperature_sharpens_and_flattens():
 def test_repetition_penalty_as_transformers_defines_it():
     logits = torch.tensor([[2.0, -1.0, 0.5, -0.5, 0.0]])
     seen = torch.tensor([[True, True, False, False, True]])
-    torch.testing.assert_close(apply_repetition_penalty(logits, seen, 2.0),
-                               torch.tensor([[1.0, -2.0, 0.5, -0.5, 0.0]]))
+    torch.testing.assert_close(apply_repetition_penalty(logits, seen, 2.0), torch.tensor([[1.0, -2.0, 0.5, -0.5, 0.0]]))
 
 
 def test_filters_match_transformers_processors():
-    from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
-                                                        TemperatureLogitsWarper, TopKLogitsWarper,
-                                                        TopPLogitsWarper)
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 500, generator=g) * 3
     context = torch.randint(0, 500, (3, 40), generator=g)
     params = SamplingParams(temperature=0.7, top_k=100, top_p=0.8, min_p=0.02, repetition_penalty=1.3)
     theirs = logits
-    for proc in (RepetitionPenaltyLogitsProcessor(1.3), TemperatureLogitsWarper(0.7), TopKLogitsWarper(100),
-                 TopPLogitsWarper(0.8), MinPLogitsWarper(0.02)):
+    for proc in (
+        RepetitionPenaltyLogitsProcessor(1.3),
+        TemperatureLogitsWarper(0.7),
+        TopKLogitsWarper(100),
+        TopPLogitsWarper(0.8),
+        MinPLogitsWarper(0.02),
+    ):
         theirs = proc(context, theirs)
     ours = logits_to_probs(apply_repetition_penalty(logits, seen_mask(context.tolist(), 500), 1.3), params)
     torch.testing.assert_close(ours, theirs.softmax(-1))
@@ -203,10 +231,24 @@ def test_samples_follow_the_filtered_distribution():
     torch.testing.assert_close(freq, torch.tensor([0, 0.5, 0.15, 0.25]) / 0.9, atol=0.03, rtol=0)
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(temperature=math.nan), dict(temperature=math.inf),
-                                 dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5), dict(top_p=math.nan),
-                                 dict(min_p=-0.1), dict(min_p=2.0), dict(repetition_penalty=0.0),
-                                 dict(repetition_penalty=math.inf), dict(max_new_tokens=-1), dict(seed=1 << 70)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(temperature=-1.0),
+        dict(temperature=math.nan),
+        dict(temperature=math.inf),
+        dict(top_k=0),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(top_p=math.nan),
+        dict(min_p=-0.1),
+        dict(min_p=2.0),
+        dict(repetition_penalty=0.0),
+        dict(repetition_penalty=math.inf),
+        dict(max_new_tokens=-1),
+        dict(seed=1 << 70),
+    ],
+)
 def test_bad_settings_are_user_errors(model, tok, bad):
     with pytest.raises(GemmaError):
         generate(model, tok, [tok.encode("Hi")], **{"max_new_tokens": 2, **bad})
@@ -220,13 +262,14 @@ def test_bad_prompts_are_user_errors(model, tok, prompts):
 
 def test_settings_travel_as_one_object(model, tok):
     prompt = tok.encode(PROMPTS[1])
-    settings = dict(max_new_tokens=12, temperature=0.9, top_k=50, top_p=0.9, min_p=0.01, repetition_penalty=1.2,
-                    seed=4)
+    settings = dict(max_new_tokens=12, temperature=0.9, top_k=50, top_p=0.9, min_p=0.01, repetition_penalty=1.2, seed=4)
     params = SamplingParams(**settings, stop_strings=["zz"])
-    assert generate(model, tok, [prompt], params=params, stop_ids=()) == \
-        generate(model, tok, [prompt], stop_strings=["zz"], stop_ids=(), **settings)
-    assert list(stream_generate(model, tok, prompt, params=params, stop_ids=())) == \
-        list(stream_generate(model, tok, prompt, stop_strings=["zz"], stop_ids=(), **settings))
+    assert generate(model, tok, [prompt], params=params, stop_ids=()) == generate(
+        model, tok, [prompt], stop_strings=["zz"], stop_ids=(), **settings
+    )
+    assert list(stream_generate(model, tok, prompt, params=params, stop_ids=())) == list(
+        stream_generate(model, tok, prompt, stop_strings=["zz"], stop_ids=(), **settings)
+    )
     with pytest.raises(GemmaError, match="not both"):
         generate(model, tok, [prompt], temperature=0.5, params=params)
     with pytest.raises(GemmaError, match="^stop strings must be non-empty strings$"):
@@ -237,10 +280,12 @@ def test_prompt_checks_and_padding_are_shared():
     from gemma.generation.batch import _check_prompts, check_prompt, left_pad
 
     assert check_prompt(torch.tensor([2, 5]), 10, 3) == [2, 5]
-    for prompt, context, says in (([], None, "^a prompt must be a non-empty list of token ids$"),
-                                  ([2, 10], None, r"^a prompt holds something other than token ids in \[0, 10\)$"),
-                                  ([2, True], None, "holds something other"),
-                                  ([2, 5], 2, "^a prompt of 2 tokens leaves no room in the context of 2$")):
+    for prompt, context, says in (
+        ([], None, "^a prompt must be a non-empty list of token ids$"),
+        ([2, 10], None, r"^a prompt holds something other than token ids in \[0, 10\)$"),
+        ([2, True], None, "holds something other"),
+        ([2, 5], 2, "^a prompt of 2 tokens leaves no room in the context of 2$"),
+    ):
         with pytest.raises(GemmaError, match=says):
             check_prompt(prompt, 10, context)
     with pytest.raises(GemmaError, match="^prompt 1 is empty$"):  # generate's words for a batch
@@ -254,8 +299,9 @@ def test_prompt_checks_and_padding_are_shared():
 
 def test_the_same_seed_gives_the_same_text(model, tok):
     prompts = [tok.encode(PROMPTS[0]), tok.encode(PROMPTS[1])]
-    settings = dict(max_new_tokens=16, temperature=1.0, top_p=0.95, min_p=0.01, top_k=200, repetition_penalty=1.2,
-                    stop_ids=())
+    settings = dict(
+        max_new_tokens=16, temperature=1.0, top_p=0.95, min_p=0.01, top_k=200, repetition_penalty=1.2, stop_ids=()
+    )
     torch.manual_seed(123)
     a = generate(model, tok, prompts, seed=7, **settings)
     torch.manual_seed(456)  # the global RNG plays no part
@@ -307,8 +353,7 @@ def test_text_has_byte_fallback_pieces(tok):
 
 def test_stream_pieces_are_whole_characters_and_join_to_the_text(tok):
     ids = tok.encode(TEXT, bos=False)
-    pieces = list(stream_generate(Scripted(ids + [tok.eos_id], tok.vocab_size), tok, [tok.bos_id],
-                                  max_new_tokens=100))
+    pieces = list(stream_generate(Scripted(ids + [tok.eos_id], tok.vocab_size), tok, [tok.bos_id], max_new_tokens=100))
     assert "".join(pieces) == TEXT
     assert all("\ufffd" not in p for p in pieces)
     assert all(p.encode("utf-8").decode("utf-8") == p for p in pieces)
@@ -321,8 +366,10 @@ def test_incremental_decoder_joins_to_decode_on_any_ids(tok):
     rng = random.Random(0)
     byte_ids = [i for i in range(tok.vocab_size) if tok._sp.is_byte(i)]
     for _ in range(200):
-        ids = [rng.choice(byte_ids) if rng.random() < 0.5 else rng.randrange(tok.vocab_size)
-               for _ in range(rng.randrange(1, 30))]
+        ids = [
+            rng.choice(byte_ids) if rng.random() < 0.5 else rng.randrange(tok.vocab_size)
+            for _ in range(rng.randrange(1, 30))
+        ]
         dec = IncrementalDecoder(tok)
         text = "".join(dec.push(i) for i in ids) + dec.flush()
         assert text == tok.decode(ids)
@@ -338,17 +385,29 @@ def test_stream_equals_generated_text(model, tok):
 
 def test_stop_strings_cut_the_text_and_end_generation(tok):
     ids = tok.encode(TEXT, bos=False)
-    for stop, want in (("今天", "Hi 😀 "), ("🚀", "Hi 😀 今天 龘, 你好！ é ✓ "), (", 你", "Hi 😀 今天 龘"),
-                       ("nope", TEXT)):
-        got = generate(Scripted(ids + [tok.eos_id], tok.vocab_size), tok, [[tok.bos_id]], max_new_tokens=100,
-                       stop_strings=[stop])[0]
+    for stop, want in (
+        ("今天", "Hi 😀 "),
+        ("🚀", "Hi 😀 今天 龘, 你好！ é ✓ "),
+        (", 你", "Hi 😀 今天 龘"),
+        ("nope", TEXT),
+    ):
+        got = generate(
+            Scripted(ids + [tok.eos_id], tok.vocab_size), tok, [[tok.bos_id]], max_new_tokens=100, stop_strings=[stop]
+        )[0]
         assert decode_text(tok, got, [stop]) == want
         # Generation ends with the token that completed the stop string.
-        assert got == ids[:len(got)] and (stop not in tok.decode(got[:-1]) or stop == "nope")
+        assert got == ids[: len(got)] and (stop not in tok.decode(got[:-1]) or stop == "nope")
         if stop != "nope":
             assert stop in tok.decode(got)
-        pieces = list(stream_generate(Scripted(ids + [tok.eos_id], tok.vocab_size), tok, [tok.bos_id],
-                                      max_new_tokens=100, stop_strings=[stop, "never"]))
+        pieces = list(
+            stream_generate(
+                Scripted(ids + [tok.eos_id], tok.vocab_size),
+                tok,
+                [tok.bos_id],
+                max_new_tokens=100,
+                stop_strings=[stop, "never"],
+            )
+        )
         assert "".join(pieces) == want
         assert not any(stop[0] in p for p in pieces if stop != "nope")  # no part of the stop string is shown
 
@@ -381,15 +440,17 @@ def test_real_270m_greedy_with_cache_equals_full_forward():
         # One uncached forward pass over the result: its argmax at each step must be the token generated next
         # (the model is causal, so this is step-by-step greedy decoding without a cache). The output head is
         # applied only where it is compared.
-        h = model.hidden_states(torch.tensor([prompt + got]))[:, len(prompt) - 1:-1]
+        h = model.hidden_states(torch.tensor([prompt + got]))[:, len(prompt) - 1 : -1]
         assert model.logits(h)[0].argmax(-1).tolist() == got
 
 
 @pytest.mark.slow
 def test_real_270m_batch_equals_each_alone_and_logits_match():
     model, tok = real_270m()
-    prompts = [tok.encode("The capital of France is"),
-               tok.apply_chat([{"role": "user", "content": "Write one sentence about the sea."}])]
+    prompts = [
+        tok.encode("The capital of France is"),
+        tok.apply_chat([{"role": "user", "content": "Write one sentence about the sea."}]),
+    ]
     batch = generate(model, tok, prompts, max_new_tokens=12, stop_ids=())
     assert batch == [generate(model, tok, [p], max_new_tokens=12, stop_ids=())[0] for p in prompts]
     p = prompts[1]
@@ -410,8 +471,9 @@ def test_real_270m_stream_of_chinese_and_emoji():
     text = "今天 龘 🦩 𠜎 😀 emoji"  # the rare characters and 🦩 are byte-fallback pieces in Gemma 3's vocabulary
     scripted = tok.encode(text, bos=False)
     assert sum(tok._sp.is_byte(i) for i in scripted) >= 10
-    pieces = list(stream_generate(Scripted(scripted + [tok.eos_id], tok.vocab_size), tok, [tok.bos_id],
-                                  max_new_tokens=50))
+    pieces = list(
+        stream_generate(Scripted(scripted + [tok.eos_id], tok.vocab_size), tok, [tok.bos_id], max_new_tokens=50)
+    )
     assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
 
 

@@ -41,8 +41,13 @@ class Server:
 
     def __init__(self, args: list[str], log: Path, timeout: float = 120):
         self.log = log
-        self.proc = subprocess.Popen([sys.executable, str(SERVE), "--port", "0", *args], stdout=subprocess.DEVNULL,
-                                     stderr=open(log, "w"), cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.proc = subprocess.Popen(
+            [sys.executable, str(SERVE), "--port", "0", *args],
+            stdout=subprocess.DEVNULL,
+            stderr=open(log, "w"),
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         deadline = time.monotonic() + timeout
         while not (m := re.search(r"\[serving \S+ on (http://\S+?): batch", log.read_text())):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -74,9 +79,27 @@ def model(folder):
 
 @pytest.fixture(scope="module")
 def server(folder, tmp_path_factory):
-    srv = Server(["--model", str(folder), "--dtype", "fp32", "--threads", "1", "--api-key", KEY, "--max-batch", "8",
-                  "--max-body-bytes", str(MAX_BODY), "--model-name", "tiny", "--log-level", "warning"],
-                 tmp_path_factory.mktemp("log") / "server.log")
+    srv = Server(
+        [
+            "--model",
+            str(folder),
+            "--dtype",
+            "fp32",
+            "--threads",
+            "1",
+            "--api-key",
+            KEY,
+            "--max-batch",
+            "8",
+            "--max-body-bytes",
+            str(MAX_BODY),
+            "--model-name",
+            "tiny",
+            "--log-level",
+            "warning",
+        ],
+        tmp_path_factory.mktemp("log") / "server.log",
+    )
     yield srv
     srv.stop()
 
@@ -95,7 +118,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-
 class Reply:
     def __init__(self, status: int, headers, body: bytes):
         self.status_code, self.headers, self.text = status, headers, body.decode("utf-8", "replace")
@@ -111,8 +133,11 @@ def connect(server) -> http.client.HTTPConnection:
 
 def raw(server, method, path, body=None, headers=None, auth=True) -> Reply:
     """One plain HTTP request (stdlib only, so any bytes can be sent)."""
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {KEY}"} if auth else {}),
-               **(headers or {})}
+    headers = {
+        "Content-Type": "application/json",
+        **({"Authorization": f"Bearer {KEY}"} if auth else {}),
+        **(headers or {}),
+    }
     content = body if isinstance(body, (bytes, str)) or body is None else json.dumps(body)
     conn = connect(server)
     try:
@@ -126,6 +151,7 @@ def raw(server, method, path, body=None, headers=None, auth=True) -> Reply:
 def health(server) -> dict:
     return raw(server, "GET", "/health", auth=False).json()
 
+
 def user(text):
     return {"role": "user", "content": text}
 
@@ -136,8 +162,16 @@ def expected(model, tok, ids, max_new, stop=None, **kw):
     return decode_text(tok, out, stop), len(out)
 
 
-QUESTIONS = ["Hello, world!", "What is the capital of France?", "今天天气很好。", "Please write a short poem.",
-             "Numbers: 1 2 3", "def add(a, b):", "你好！你今天过得怎么样？", "The quick brown fox"]
+QUESTIONS = [
+    "Hello, world!",
+    "What is the capital of France?",
+    "今天天气很好。",
+    "Please write a short poem.",
+    "Numbers: 1 2 3",
+    "def add(a, b):",
+    "你好！你今天过得怎么样？",
+    "The quick brown fox",
+]
 
 
 # ---- the routes one by one, in this process (gemma/serving/app.py) -------------------------------------------------
@@ -151,8 +185,14 @@ def call_route(route, app, body: dict | None = None, **params):
         return {"type": "http.request", "body": json.dumps(body).encode() if body else b"", "more_body": False}
 
     async def call():
-        scope = {"type": "http", "app": app, "method": "POST" if body else "GET", "path": "/", "headers": [],
-                 "query_string": b""}
+        scope = {
+            "type": "http",
+            "app": app,
+            "method": "POST" if body else "GET",
+            "path": "/",
+            "headers": [],
+            "query_string": b"",
+        }
         return await route(**params, http=Request(scope, receive))
 
     return asyncio.run(call())
@@ -208,8 +248,12 @@ def test_completion_is_raw_text_and_equals_generate(client, model, tok):
 
 def test_text_parts_and_the_developer_role(client, model, tok):
     parts = [{"type": "text", "text": "What is"}, {"type": "text", "text": "the capital of France?"}]
-    r = client.chat.completions.create(model="tiny", temperature=0, max_tokens=12, messages=[
-        {"role": "developer", "content": "Be brief."}, {"role": "user", "content": parts}])
+    r = client.chat.completions.create(
+        model="tiny",
+        temperature=0,
+        max_tokens=12,
+        messages=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": parts}],
+    )
     messages = [{"role": "system", "content": "Be brief."}, user("What is\nthe capital of France?")]
     assert r.choices[0].message.content == expected(model, tok, tok.apply_chat(messages), 12)[0]
 
@@ -217,8 +261,16 @@ def test_text_parts_and_the_developer_role(client, model, tok):
 def test_streaming_equals_non_streaming(client):
     messages = [user("Please write a short poem about the sea.")]
     whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=30, temperature=0)
-    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=30, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=messages,
+            max_tokens=30,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
@@ -226,15 +278,20 @@ def test_streaming_equals_non_streaming(client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
     whole = client.completions.create(model="tiny", prompt="Hello, world", max_tokens=20, temperature=0)
-    chunks = list(client.completions.create(model="tiny", prompt="Hello, world", max_tokens=20, temperature=0,
-                                            stream=True))
+    chunks = list(
+        client.completions.create(model="tiny", prompt="Hello, world", max_tokens=20, temperature=0, stream=True)
+    )
     assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
 
 
 def test_sse_ends_with_done(server):
-    r = raw(server, "POST", "/v1/chat/completions",
-            {"messages": [user("Hi")], "max_tokens": 5, "temperature": 0, "stream": True})
+    r = raw(
+        server,
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [user("Hi")], "max_tokens": 5, "temperature": 0, "stream": True},
+    )
     assert r.headers["content-type"].startswith("text/event-stream")
     lines = [line for line in r.text.split("\n") if line]
     assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
@@ -243,8 +300,13 @@ def test_sse_ends_with_done(server):
 
 def test_concurrent_requests_equal_sequential_ones(server, client, model, tok):
     def ask(i):
-        return client.chat.completions.create(model="tiny", messages=[user(QUESTIONS[i])], max_tokens=10 + 3 * i,
-                                              temperature=0).choices[0].message.content
+        return (
+            client.chat.completions.create(
+                model="tiny", messages=[user(QUESTIONS[i])], max_tokens=10 + 3 * i, temperature=0
+            )
+            .choices[0]
+            .message.content
+        )
 
     sequential = [ask(i) for i in range(8)]
     before = health(server)
@@ -252,8 +314,9 @@ def test_concurrent_requests_equal_sequential_ones(server, client, model, tok):
         concurrent = list(pool.map(ask, range(8)))
     after = health(server)
     assert concurrent == sequential
-    assert sequential == [expected(model, tok, tok.apply_chat([user(q)]), 10 + 3 * i)[0]
-                          for i, q in enumerate(QUESTIONS)]
+    assert sequential == [
+        expected(model, tok, tok.apply_chat([user(q)]), 10 + 3 * i)[0] for i, q in enumerate(QUESTIONS)
+    ]
     # Shared forward passes: fewer steps than tokens.
     assert after["steps"] - before["steps"] < after["new_tokens"] - before["new_tokens"]
 
@@ -261,25 +324,48 @@ def test_concurrent_requests_equal_sequential_ones(server, client, model, tok):
 def test_seeded_sampling_is_reproducible_and_equals_generate(client, model, tok):
     settings = dict(temperature=0.9, top_p=0.9, seed=1234, max_tokens=20)
     extra = dict(top_k=40, min_p=0.01, repetition_penalty=1.2)
-    a, b = [client.chat.completions.create(model="tiny", messages=[user("Hello")], extra_body=extra, **settings)
-            .choices[0].message.content for _ in range(2)]
-    assert a == b == expected(model, tok, tok.apply_chat([user("Hello")]), 20, temperature=0.9, top_p=0.9,
-                              top_k=40, min_p=0.01, repetition_penalty=1.2, seed=1234)[0]
+    a, b = [
+        client.chat.completions.create(model="tiny", messages=[user("Hello")], extra_body=extra, **settings)
+        .choices[0]
+        .message.content
+        for _ in range(2)
+    ]
+    assert (
+        a
+        == b
+        == expected(
+            model,
+            tok,
+            tok.apply_chat([user("Hello")]),
+            20,
+            temperature=0.9,
+            top_p=0.9,
+            top_k=40,
+            min_p=0.01,
+            repetition_penalty=1.2,
+            seed=1234,
+        )[0]
+    )
 
 
 def test_stop_strings(client, model, tok):
     ids = tok.apply_chat([user("Hello")])
     full, _ = expected(model, tok, ids, 30)
     stop = full[6:9]
-    r = client.chat.completions.create(model="tiny", messages=[user("Hello")], max_tokens=30, temperature=0,
-                                       stop=[stop])
-    assert r.choices[0].message.content == expected(model, tok, ids, 30, stop=[stop])[0] == full[:full.find(stop)]
+    r = client.chat.completions.create(
+        model="tiny", messages=[user("Hello")], max_tokens=30, temperature=0, stop=[stop]
+    )
+    assert r.choices[0].message.content == expected(model, tok, ids, 30, stop=[stop])[0] == full[: full.find(stop)]
     assert r.choices[0].finish_reason == "stop"
 
 
 def test_older_text_generate_route_answers_with_the_reply_only(server, model, tok):
-    body = {"instruction": "Translate the following sentence into Chinese.", "text": "Hello, world!",
-            "max_new_tokens": 20, "do_sample": False}
+    body = {
+        "instruction": "Translate the following sentence into Chinese.",
+        "text": "Hello, world!",
+        "max_new_tokens": 20,
+        "do_sample": False,
+    }
     r = raw(server, "POST", "/nlg/text_generate", body)
     assert r.status_code == 200
     messages = [user("Translate the following sentence into Chinese.\n\nHello, world!")]
@@ -289,9 +375,12 @@ def test_older_text_generate_route_answers_with_the_reply_only(server, model, to
 def test_client_that_disconnects_stops_its_generation(server, client):
     before = health(server)
     conn = connect(server)
-    conn.request("POST", "/v1/chat/completions",
-                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
-                 body=json.dumps({"messages": [user("Hi")], "max_tokens": 230, "temperature": 0, "stream": True}))
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+        body=json.dumps({"messages": [user("Hi")], "max_tokens": 230, "temperature": 0, "stream": True}),
+    )
     r = conn.getresponse()
     for _ in range(3):
         assert r.readline().startswith(b"data: ")
@@ -304,8 +393,6 @@ def test_client_that_disconnects_stops_its_generation(server, client):
         time.sleep(0.05)
     assert now["active"] == 0
     assert client.chat.completions.create(model="tiny", messages=[user("Hi")], max_tokens=4).choices
-
-
 
 
 CHAT = "/v1/chat/completions"
@@ -325,8 +412,15 @@ BAD = [
     ("unknown role", "POST", CHAT, {"messages": [{"role": "tool", "content": "x"}]}, {}, True, 400),
     ("content a number", "POST", CHAT, {"messages": [{"role": "user", "content": 5}]}, {}, True, 400),
     ("roles out of order", "POST", CHAT, {"messages": [user("a"), user("b")]}, {}, True, 400),
-    ("ends with the assistant", "POST", CHAT, {"messages": [user("a"), {"role": "assistant", "content": "b"}]}, {},
-     True, 400),
+    (
+        "ends with the assistant",
+        "POST",
+        CHAT,
+        {"messages": [user("a"), {"role": "assistant", "content": "b"}]},
+        {},
+        True,
+        400,
+    ),
     ("max_tokens a string", "POST", CHAT, {**GOOD, "max_tokens": "5"}, {}, True, 400),
     ("max_tokens a float", "POST", CHAT, {**GOOD, "max_tokens": 5.0}, {}, True, 400),
     ("negative max_tokens", "POST", CHAT, {**GOOD, "max_tokens": -3}, {}, True, 400),
@@ -337,8 +431,15 @@ BAD = [
     ("temperature a string", "POST", CHAT, {**GOOD, "temperature": "hot"}, {}, True, 400),
     ("negative temperature", "POST", CHAT, {**GOOD, "temperature": -1}, {}, True, 400),
     ("vanishing temperature", "POST", CHAT, {**GOOD, "temperature": 1e-45}, {}, True, 400),
-    ("NaN temperature", "POST", CHAT, b'{"messages": [{"role": "user", "content": "Hi"}], "temperature": NaN}', {},
-     True, 400),
+    (
+        "NaN temperature",
+        "POST",
+        CHAT,
+        b'{"messages": [{"role": "user", "content": "Hi"}], "temperature": NaN}',
+        {},
+        True,
+        400,
+    ),
     ("top_p over 1", "POST", CHAT, {**GOOD, "top_p": 5}, {}, True, 400),
     ("top_k negative", "POST", CHAT, {**GOOD, "top_k": -5}, {}, True, 400),
     ("stream not a boolean", "POST", CHAT, {**GOOD, "stream": "yes"}, {}, True, 400),
@@ -354,8 +455,7 @@ BAD = [
     ("no prompt", "POST", "/v1/completions", {"max_tokens": 3}, {}, True, 400),
     ("old route, wrong type", "POST", "/nlg/text_generate", {"text": 5}, {}, True, 400),
     ("old route, beams", "POST", "/nlg/text_generate", {"text": "hi", "num_beams": 4}, {}, True, 400),
-    ("old route, negative length", "POST", "/nlg/text_generate", {"text": "hi", "max_new_tokens": -1}, {}, True,
-     400),
+    ("old route, negative length", "POST", "/nlg/text_generate", {"text": "hi", "max_new_tokens": -1}, {}, True, 400),
     ("body over the limit", "POST", CHAT, {"messages": [user("x" * (MAX_BODY + 10))]}, {}, True, 413),
     ("unknown route", "POST", "/v1/embeddings", GOOD, {}, True, 404),
     ("unknown model", "GET", "/v1/models/gpt-4", None, {}, True, 404),
@@ -364,8 +464,9 @@ BAD = [
 
 
 @pytest.mark.parametrize("what,method,path,body,headers,auth,status", BAD, ids=[b[0] for b in BAD])
-def test_bad_requests_get_their_4xx_and_the_server_goes_on(server, client, what, method, path, body, headers, auth,
-                                                           status):
+def test_bad_requests_get_their_4xx_and_the_server_goes_on(
+    server, client, what, method, path, body, headers, auth, status
+):
     r = raw(server, method, path, body, headers, auth)
     assert r.status_code == status, r.text
     error = r.json()["error"]
@@ -392,15 +493,27 @@ def test_garbage_on_the_socket_does_not_hurt(server, client):
 
 def test_command_line_errors(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    r = subprocess.run([sys.executable, str(SERVE), "--model", str(tmp_path / "missing"), "--port", "0"],
-                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    r = subprocess.run(
+        [sys.executable, str(SERVE), "--model", str(tmp_path / "missing"), "--port", "0"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 2 and r.stderr.startswith("error:") and "missing" in r.stderr
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        r = subprocess.run([sys.executable, str(SERVE), "--model", str(tmp_path / "missing"), "--port", str(port)],
-                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+        r = subprocess.run(
+            [sys.executable, str(SERVE), "--model", str(tmp_path / "missing"), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=env,
+            timeout=120,
+        )
     assert r.returncode == 2 and r.stderr.startswith("error: cannot listen on 127.0.0.1:")
 
 
@@ -410,15 +523,17 @@ def test_command_line_errors(tmp_path):
 @pytest.mark.slow
 def test_real_270m_eight_clients_get_three_times_the_throughput_of_one(tmp_path):
     """8 concurrent clients against 1, on the real Gemma 3 270M in bf16: tokens per second of the whole server."""
-    srv = Server(["--model", "3-270m", "--dtype", "bf16", "--max-batch", "8", "--log-level", "warning",
-                  "--threads", "1"], tmp_path / "server.log", timeout=300)
+    srv = Server(
+        ["--model", "3-270m", "--dtype", "bf16", "--max-batch", "8", "--log-level", "warning", "--threads", "1"],
+        tmp_path / "server.log",
+        timeout=300,
+    )
     try:
         client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0, timeout=600)
         settings = dict(model="m", max_tokens=32, temperature=0)
 
         def ask(i):
-            r = client.chat.completions.create(messages=[user(f"Tell me a story about the number {i}.")],
-                                               **settings)
+            r = client.chat.completions.create(messages=[user(f"Tell me a story about the number {i}.")], **settings)
             return r.usage.completion_tokens
 
         ask(0)  # warm-up
@@ -429,8 +544,9 @@ def test_real_270m_eight_clients_get_three_times_the_throughput_of_one(tmp_path)
         with ThreadPoolExecutor(8) as pool:
             eight = sum(pool.map(ask, range(8)))
         eight_rate = eight / (time.perf_counter() - start)
-        print(f"\n1 client: {one_rate:.1f} tokens/s; 8 clients: {eight_rate:.1f} tokens/s "
-              f"({eight_rate / one_rate:.1f}x)")
+        print(
+            f"\n1 client: {one_rate:.1f} tokens/s; 8 clients: {eight_rate:.1f} tokens/s ({eight_rate / one_rate:.1f}x)"
+        )
         assert eight_rate >= 3 * one_rate
     finally:
         srv.stop()

@@ -22,15 +22,15 @@ GEMMA3_CHAT_TEMPLATE = (
     "    {%- endif -%}\n"
     "    {%- set loop_messages = messages[1:] -%}\n"
     "{%- else -%}\n"
-    "    {%- set first_user_prefix = \"\" -%}\n"
+    '    {%- set first_user_prefix = "" -%}\n'
     "    {%- set loop_messages = messages -%}\n"
     "{%- endif -%}\n"
     "{%- for message in loop_messages -%}\n"
     "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
-    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    '        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}\n'
     "    {%- endif -%}\n"
     "    {%- if (message['role'] == 'assistant') -%}\n"
-    "        {%- set role = \"model\" -%}\n"
+    '        {%- set role = "model" -%}\n'
     "    {%- else -%}\n"
     "        {%- set role = message['role'] -%}\n"
     "    {%- endif -%}\n"
@@ -46,7 +46,7 @@ GEMMA3_CHAT_TEMPLATE = (
     "            {%- endif -%}\n"
     "        {%- endfor -%}\n"
     "    {%- else -%}\n"
-    "        {{ raise_exception(\"Invalid content type\") }}\n"
+    '        {{ raise_exception("Invalid content type") }}\n'
     "    {%- endif -%}\n"
     "    {{ '<end_of_turn>\n' }}\n"
     "{%- endfor -%}\n"
@@ -105,12 +105,14 @@ def hf_tok(tiny_tokenizer_path, tmp_path_factory):
 
 
 def _hf_chat_ids(hf, messages, add_generation_prompt):
-    out = hf.apply_chat_template(messages, chat_template=GEMMA3_CHAT_TEMPLATE, tokenize=True,
-                                 add_generation_prompt=add_generation_prompt)
+    out = hf.apply_chat_template(
+        messages, chat_template=GEMMA3_CHAT_TEMPLATE, tokenize=True, add_generation_prompt=add_generation_prompt
+    )
     return list(out["input_ids"]) if hasattr(out, "keys") else list(out)
 
 
 # ---- encode / decode ----
+
 
 @pytest.mark.parametrize("text", TEXTS)
 def test_round_trip(tok, text):
@@ -149,6 +151,7 @@ def test_decode_accepts_sequences_and_tensors(tok):
 
 # ---- special ids ----
 
+
 def test_special_ids_come_from_the_file(tok, sp):
     assert tok.vocab_size == sp.get_piece_size()
     assert (tok.pad_id, tok.eos_id, tok.bos_id) == (sp.pad_id(), sp.eos_id(), sp.bos_id())
@@ -159,8 +162,14 @@ def test_special_ids_come_from_the_file(tok, sp):
 
 def test_special_ids_follow_a_different_layout(tmp_path):
     # Another id order and swapped markers: nothing may be hard-coded.
-    path = build_tiny_tokenizer(tmp_path / "other.model", unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-                                user_defined_symbols=["<end_of_turn>", "<start_of_turn>"])
+    path = build_tiny_tokenizer(
+        tmp_path / "other.model",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        user_defined_symbols=["<end_of_turn>", "<start_of_turn>"],
+    )
     tok = Tokenizer(path)
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 3)
     assert (tok.end_of_turn_id, tok.start_of_turn_id) == (4, 5)
@@ -171,8 +180,9 @@ def test_special_ids_follow_a_different_layout(tmp_path):
 
 def test_special_ids_fall_back_to_piece_names(tmp_path):
     # A model that declares no bos_id but has a "<bos>" piece (user-defined, so matchable in raw text).
-    path = build_tiny_tokenizer(tmp_path / "nobos.model", bos_id=-1,
-                                user_defined_symbols=["<bos>", "<start_of_turn>", "<end_of_turn>"])
+    path = build_tiny_tokenizer(
+        tmp_path / "nobos.model", bos_id=-1, user_defined_symbols=["<bos>", "<start_of_turn>", "<end_of_turn>"]
+    )
     sp = spm.SentencePieceProcessor(model_file=path)
     assert sp.bos_id() == -1
     tok = Tokenizer(path)
@@ -187,12 +197,14 @@ def test_special_ids_fall_back_to_piece_names(tmp_path):
 
 # ---- chat template ----
 
+
 def test_chat_single_turn_token_by_token(tok, sp):
     messages = CONVERSATIONS["single"]
     assert tok.render_chat(messages) == "<bos><start_of_turn>user\nHello!<end_of_turn>\n<start_of_turn>model\n"
     start, end = tok.start_of_turn_id, tok.end_of_turn_id
-    expected = ([tok.bos_id, start] + sp.encode("user\nHello!") + [end] + sp.encode("\n")
-                + [start] + sp.encode("model\n"))
+    expected = (
+        [tok.bos_id, start] + sp.encode("user\nHello!") + [end] + sp.encode("\n") + [start] + sp.encode("model\n")
+    )
     assert tok.apply_chat(messages) == expected
 
 
@@ -200,8 +212,12 @@ def test_chat_multi_turn_maps_assistant_to_model(tok, sp):
     messages = CONVERSATIONS["multi"]
     start, end, nl = tok.start_of_turn_id, tok.end_of_turn_id, sp.encode("\n")
     expected = [tok.bos_id]
-    for role, text in [("user", "What is the capital of France?"), ("model", "The capital of France is Paris."),
-                       ("user", "你好！你今天过得怎么样？"), ("model", "很好 😀")]:
+    for role, text in [
+        ("user", "What is the capital of France?"),
+        ("model", "The capital of France is Paris."),
+        ("user", "你好！你今天过得怎么样？"),
+        ("model", "很好 😀"),
+    ]:
         expected += [start] + sp.encode(f"{role}\n{text}") + [end] + nl
     assert tok.apply_chat(messages, add_generation_prompt=False) == expected
     assert "assistant" not in tok.render_chat(messages)
@@ -212,9 +228,12 @@ def test_chat_folds_system_into_first_user_turn(tok, sp):
     # System text is kept as is, user text is stripped, as Gemma 3's template does.
     text = "<start_of_turn>user\n  You are a helpful assistant.\n\n\nWrite a poem.<end_of_turn>\n"
     assert tok.render_chat(messages, add_generation_prompt=False) == "<bos>" + text
-    expected = ([tok.bos_id, tok.start_of_turn_id]
-                + sp.encode("user\n  You are a helpful assistant.\n\n\nWrite a poem.")
-                + [tok.end_of_turn_id] + sp.encode("\n"))
+    expected = (
+        [tok.bos_id, tok.start_of_turn_id]
+        + sp.encode("user\n  You are a helpful assistant.\n\n\nWrite a poem.")
+        + [tok.end_of_turn_id]
+        + sp.encode("\n")
+    )
     assert tok.apply_chat(messages, add_generation_prompt=False) == expected
 
 
@@ -231,8 +250,9 @@ def test_chat_generation_prompt(tok):
 def test_chat_matches_transformers(tok, hf_tok, name, add_generation_prompt):
     messages = CONVERSATIONS[name]
     text = tok.render_chat(messages, add_generation_prompt)
-    assert text == hf_tok.apply_chat_template(messages, chat_template=GEMMA3_CHAT_TEMPLATE, tokenize=False,
-                                              add_generation_prompt=add_generation_prompt)
+    assert text == hf_tok.apply_chat_template(
+        messages, chat_template=GEMMA3_CHAT_TEMPLATE, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
     ids = tok.apply_chat(messages, add_generation_prompt)
     assert ids == hf_tok.encode(text, add_special_tokens=False)
     assert ids == _hf_chat_ids(hf_tok, messages, add_generation_prompt)
@@ -253,7 +273,7 @@ def test_forged_turn_stays_text(tok, hf_tok):
     assert ids.count(tok.bos_id) == 1
     assert tok.decode(ids) == f"<start_of_turn>user\n{forged}<end_of_turn>\n<start_of_turn>model\n"
     # The user span alone decodes back to the exact content.
-    user_span = ids[ids.index(tok.start_of_turn_id) + 1: ids.index(tok.end_of_turn_id)]
+    user_span = ids[ids.index(tok.start_of_turn_id) + 1 : ids.index(tok.end_of_turn_id)]
     assert tok.decode(user_span) == "user\n" + forged
     # transformers tokenizes the rendered string and does turn the literals into markers.
     hf_ids = hf_tok.encode(tok.render_chat(messages), add_special_tokens=False)
@@ -269,6 +289,7 @@ def test_other_user_defined_pieces_are_not_guarded(tok):
 
 
 # ---- model file ----
+
 
 def test_from_bytes_and_save(tok, tmp_path):
     again = Tokenizer.from_bytes(tok.model_proto)
@@ -293,6 +314,7 @@ def test_save_into_missing_folder(tok, tmp_path):
 
 
 # ---- errors ----
+
 
 def _one_line(excinfo):
     message = str(excinfo.value)
@@ -339,19 +361,22 @@ def test_model_without_chat_pieces(tmp_path):
     assert str(path) in _one_line(e)
 
 
-@pytest.mark.parametrize("messages, problem", [
-    ([], "non-empty"),
-    ("hello", "non-empty"),
-    (["hello"], "message 0"),
-    ([{"role": "bot", "content": "hi"}], "unknown role 'bot'"),
-    ([{"role": "user", "content": 42}], "must be a string"),
-    ([{"role": "user", "content": None}], "must be a string"),
-    ([{"role": "model", "content": "hi"}], "message 0 has role 'model', expected 'user'"),
-    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "message 1 has role 'user'"),
-    ([{"role": "system", "content": "s"}], "followed by a user message"),
-    ([{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}], "message 1 has role 'assistant'"),
-    ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}], "message 1 has role 'system'"),
-])
+@pytest.mark.parametrize(
+    "messages, problem",
+    [
+        ([], "non-empty"),
+        ("hello", "non-empty"),
+        (["hello"], "message 0"),
+        ([{"role": "bot", "content": "hi"}], "unknown role 'bot'"),
+        ([{"role": "user", "content": 42}], "must be a string"),
+        ([{"role": "user", "content": None}], "must be a string"),
+        ([{"role": "model", "content": "hi"}], "message 0 has role 'model', expected 'user'"),
+        ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "message 1 has role 'user'"),
+        ([{"role": "system", "content": "s"}], "followed by a user message"),
+        ([{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}], "message 1 has role 'assistant'"),
+        ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}], "message 1 has role 'system'"),
+    ],
+)
 def test_bad_messages(tok, messages, problem):
     with pytest.raises(GemmaError) as e:
         tok.apply_chat(messages)

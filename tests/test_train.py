@@ -77,7 +77,8 @@ def test_packed_batch_gives_each_record_its_own_loss(lora_model):
             loss, _ = chunked_cross_entropy(model, model.hidden_states(b["tokens"]), b["targets"])
             alone_total += loss.item()
         packed_total = torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1), batch["targets"].flatten(), reduction="sum", ignore_index=-100).item()
+            logits.flatten(0, 1), batch["targets"].flatten(), reduction="sum", ignore_index=-100
+        ).item()
     assert abs(packed_total - alone_total) < 1e-5 * max(1.0, abs(alone_total))
 
 
@@ -90,8 +91,9 @@ def test_chunked_loss_equals_plain_loss_and_gradients(lora_model):
     chunked.backward()
     g1 = grads(model)
     h = model.hidden_states(batch["tokens"])
-    plain = torch.nn.functional.cross_entropy(model.logits(h).flatten(0, 1), batch["targets"].flatten(),
-                                              reduction="sum", ignore_index=-100)
+    plain = torch.nn.functional.cross_entropy(
+        model.logits(h).flatten(0, 1), batch["targets"].flatten(), reduction="sum", ignore_index=-100
+    )
     plain.backward()
     g2 = grads(model)
     assert n == int((batch["targets"] != -100).sum())
@@ -120,8 +122,9 @@ def test_chunked_loss_gradient_by_hand_is_as_accurate_as_autograd(case, precisio
             if by_hand:
                 loss, _ = chunked_cross_entropy(model, leaf, targets, chunk=7)
             else:
-                loss = torch.nn.functional.cross_entropy(model.logits(leaf).flatten(0, 1), targets.flatten(),
-                                                         reduction="sum", ignore_index=-100)
+                loss = torch.nn.functional.cross_entropy(
+                    model.logits(leaf).flatten(0, 1), targets.flatten(), reduction="sum", ignore_index=-100
+                )
         (loss / 37).backward()  # as accumulate divides by the target count
         results.append((loss.detach(), leaf.grad))
     with autocast_for(precision, torch.device("cpu")):
@@ -138,16 +141,41 @@ def test_chunked_loss_gradient_by_hand_is_as_accurate_as_autograd(case, precisio
 
 # ---- the command ---------------------------------------------------------------------------------------------------
 
+
 def sft(*args, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "train.sft", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=kw.get("cwd", ROOT), timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "train.sft", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=kw.get("cwd", ROOT),
+        timeout=600,
+    )
 
 
 def test_sft_writes_adapter_metrics_and_config(tiny_folder, tmp_path):
     out = tmp_path / "run"
-    run = sft("--model", tiny_folder, "--data", ARITH, "--max-steps", 4, "--batch-size", 2, "--grad-accum", 2,
-              "--eval-split", 0.05, "--eval-every", 2, "--out", out, "--lora-r", 4)
+    run = sft(
+        "--model",
+        tiny_folder,
+        "--data",
+        ARITH,
+        "--max-steps",
+        4,
+        "--batch-size",
+        2,
+        "--grad-accum",
+        2,
+        "--eval-split",
+        0.05,
+        "--eval-every",
+        2,
+        "--out",
+        out,
+        "--lora-r",
+        4,
+    )
     assert run.returncode == 0, run.stderr
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3, 4]
@@ -163,8 +191,22 @@ def test_sft_writes_adapter_metrics_and_config(tiny_folder, tmp_path):
 def test_fp16_with_data_smaller_than_one_window(tiny_folder, tmp_path):
     data = tmp_path / "three.jsonl"
     data.write_text("\n".join(ARITH.read_text().splitlines()[:3]) + "\n")
-    run = sft("--model", tiny_folder, "--data", data, "--epochs", 2, "--batch-size", 2, "--grad-accum", 4,
-              "--precision", "fp16", "--out", tmp_path / "run")
+    run = sft(
+        "--model",
+        tiny_folder,
+        "--data",
+        data,
+        "--epochs",
+        2,
+        "--batch-size",
+        2,
+        "--grad-accum",
+        4,
+        "--precision",
+        "fp16",
+        "--out",
+        tmp_path / "run",
+    )
     assert run.returncode == 0, run.stderr
     assert "unscale_" not in run.stderr
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -179,8 +221,14 @@ def _interrupted_and_resumed(common: list, where: Path) -> list[str]:
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = where / "cut"
-    proc = subprocess.Popen([sys.executable, "-m", "train.sft", *map(str, common), "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "train.sft", *map(str, common), "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -206,8 +254,26 @@ def _interrupted_and_resumed(common: list, where: Path) -> list[str]:
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_interrupted_and_resumed_run_is_bit_identical(tiny_folder, tmp_path, precision):
-    common = ["--model", tiny_folder, "--data", ARITH, "--max-steps", 40, "--batch-size", 2, "--grad-accum", 2,
-              "--lora-dropout", 0.1, "--precision", precision, "--lora-r", 4, "--save-every", 15]
+    common = [
+        "--model",
+        tiny_folder,
+        "--data",
+        ARITH,
+        "--max-steps",
+        40,
+        "--batch-size",
+        2,
+        "--grad-accum",
+        2,
+        "--lora-dropout",
+        0.1,
+        "--precision",
+        precision,
+        "--lora-r",
+        4,
+        "--save-every",
+        15,
+    ]
     # Bounded retries. In three CI runs, one fresh process - each time the uninterrupted one - computed the very
     # first step's loss differently from the others (bf16: 25.42504 against 25.42586 everywhere else, before any
     # update, so before anything was saved or resumed): this machine's matrix kernels are not always reproducible
@@ -228,11 +294,14 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny_folder, tmp_path, pre
     assert not differ, differ[:3]
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"instruction": "a", "output": "b"}\n{"instruction": \n', "bad.jsonl:2"),
-    ('{"question": "a", "answer": "b"}\n', "bad.jsonl:1"),
-    ("", "bad.jsonl"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"instruction": "a", "output": "b"}\n{"instruction": \n', "bad.jsonl:2"),
+        ('{"question": "a", "answer": "b"}\n', "bad.jsonl:1"),
+        ("", "bad.jsonl"),
+    ],
+)
 def test_bad_data_is_a_one_line_error(tiny_folder, tmp_path, content, message):
     data = tmp_path / "bad.jsonl"
     data.write_text(content)

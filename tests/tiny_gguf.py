@@ -56,12 +56,30 @@ def tiny_sentencepiece() -> bytes:
     """A tiny BPE sentencepiece model laid out like Gemma's (pad 0, eos 1, bos 2, unk 3, byte pieces)."""
     out = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_CORPUS), model_writer=out, model_type="bpe", vocab_size=420,
-        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
-        unk_piece="<unk>", user_defined_symbols=_USER_DEFINED, byte_fallback=True, character_coverage=1.0,
-        add_dummy_prefix=False, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        split_by_whitespace=False, allow_whitespace_only_pieces=True, hard_vocab_limit=False, num_threads=1,
-        minloglevel=2)
+        sentence_iterator=iter(_CORPUS),
+        model_writer=out,
+        model_type="bpe",
+        vocab_size=420,
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
+        user_defined_symbols=_USER_DEFINED,
+        byte_fallback=True,
+        character_coverage=1.0,
+        add_dummy_prefix=False,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_by_whitespace=False,
+        allow_whitespace_only_pieces=True,
+        hard_vocab_limit=False,
+        num_threads=1,
+        minloglevel=2,
+    )
     return out.getvalue()
 
 
@@ -99,6 +117,7 @@ def tiny_vocab() -> Vocab:
 
 # ---- K-quant packers ----------------------------------------------------------------------------------------------
 
+
 def quantize_q6_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(raw Q6_K rows, the values they decode to). Blocks of 256: 16 int8 sub-block scales, 6-bit values."""
     rows, cols = x.shape
@@ -116,8 +135,9 @@ def quantize_q6_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ql = low[:, :, 0] | (low[:, :, 1] << 4)
     high = (q6 >> 4).reshape(-1, 2, 4, 32)  # (blocks, half, bit pair, 32)
     qh = high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)
-    raw = np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), sc.view(np.uint8),
-                          d.reshape(-1, 1).view(np.uint8)], axis=1)  # 128 + 64 + 16 + 2 = 210 bytes
+    raw = np.concatenate(
+        [ql.reshape(-1, 128), qh.reshape(-1, 64), sc.view(np.uint8), d.reshape(-1, 1).view(np.uint8)], axis=1
+    )  # 128 + 64 + 16 + 2 = 210 bytes
     return raw.reshape(rows, -1), decoded
 
 
@@ -141,13 +161,17 @@ def quantize_q4_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     q4 = q.astype(np.uint8).reshape(-1, 4, 2, 32)  # (blocks, byte group, nibble, 32)
     qs = (q4[:, :, 0] | (q4[:, :, 1] << 4)).reshape(-1, 128)
-    scales = np.concatenate([
-        (sc[:, :4] & 0x3F) | ((sc[:, 4:] >> 4) << 6),
-        (mn[:, :4] & 0x3F) | ((mn[:, 4:] >> 4) << 6),
-        (sc[:, 4:] & 0x0F) | ((mn[:, 4:] & 0x0F) << 4),
-    ], axis=1)
-    raw = np.concatenate([d.reshape(-1, 1).view(np.uint8), dmin.reshape(-1, 1).view(np.uint8), scales, qs],
-                         axis=1)  # 2 + 2 + 12 + 128 = 144 bytes
+    scales = np.concatenate(
+        [
+            (sc[:, :4] & 0x3F) | ((sc[:, 4:] >> 4) << 6),
+            (mn[:, :4] & 0x3F) | ((mn[:, 4:] >> 4) << 6),
+            (sc[:, 4:] & 0x0F) | ((mn[:, 4:] & 0x0F) << 4),
+        ],
+        axis=1,
+    )
+    raw = np.concatenate(
+        [d.reshape(-1, 1).view(np.uint8), dmin.reshape(-1, 1).view(np.uint8), scales, qs], axis=1
+    )  # 2 + 2 + 12 + 128 = 144 bytes
     return raw.reshape(rows, -1), decoded
 
 
@@ -155,6 +179,7 @@ _OWN_QUANTIZERS = {Q.Q4_K: quantize_q4_k, Q.Q6_K: quantize_q6_k}
 
 
 # ---- the file -----------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class TinyFile:
@@ -176,14 +201,19 @@ def _weights(arch: str, n_vocab: int, seed: int) -> dict[str, np.ndarray]:
     out = {"token_embd.weight": w(n_vocab, h, scale=0.5), "output_norm.weight": w(h, scale=0.3)}
     for i in range(s["layers"]):
         b = f"blk.{i}."
-        out.update({
-            b + "attn_norm.weight": w(h, scale=0.3),
-            b + "attn_q.weight": w(q, h), b + "attn_k.weight": w(kv, h), b + "attn_v.weight": w(kv, h),
-            b + "attn_output.weight": w(h, q),
-            b + "ffn_norm.weight": w(h, scale=0.3),
-            b + "ffn_gate.weight": w(s["inter"], h), b + "ffn_up.weight": w(s["inter"], h),
-            b + "ffn_down.weight": w(h, s["inter"]),
-        })
+        out.update(
+            {
+                b + "attn_norm.weight": w(h, scale=0.3),
+                b + "attn_q.weight": w(q, h),
+                b + "attn_k.weight": w(kv, h),
+                b + "attn_v.weight": w(kv, h),
+                b + "attn_output.weight": w(h, q),
+                b + "ffn_norm.weight": w(h, scale=0.3),
+                b + "ffn_gate.weight": w(s["inter"], h),
+                b + "ffn_up.weight": w(s["inter"], h),
+                b + "ffn_down.weight": w(h, s["inter"]),
+            }
+        )
         if arch != "gemma":
             out[b + "post_attention_norm.weight"] = w(h, scale=0.3)
             out[b + "post_ffw_norm.weight"] = w(h, scale=0.3)
@@ -208,8 +238,13 @@ def metadata(arch: str, layers: int | None = None) -> dict:
         f"{arch}.attention.layer_norm_rms_epsilon": 1e-6,
     }
     if arch == "gemma2":
-        kv.update({f"{arch}.attention.sliding_window": 32, f"{arch}.attn_logit_softcapping": 50.0,
-                   f"{arch}.final_logit_softcapping": 30.0})
+        kv.update(
+            {
+                f"{arch}.attention.sliding_window": 32,
+                f"{arch}.attn_logit_softcapping": 50.0,
+                f"{arch}.final_logit_softcapping": 30.0,
+            }
+        )
     if arch == "gemma3":
         kv.update({f"{arch}.rope.freq_base": 1_000_000.0, f"{arch}.attention.sliding_window": 32})
     return kv
@@ -228,9 +263,18 @@ def _add(writer: gguf.GGUFWriter, key: str, value) -> None:
         writer.add_array(key, list(value))
 
 
-def write_tiny_gguf(path, arch: str = "gemma3", quant: dict[str, Q] | None = None, *, seed: int = 0,
-                    meta: dict | None = None, drop_meta: tuple[str, ...] = (), drop: tuple[str, ...] = (),
-                    extra: dict[str, np.ndarray] | None = None, with_tensors: bool = True) -> TinyFile:
+def write_tiny_gguf(
+    path,
+    arch: str = "gemma3",
+    quant: dict[str, Q] | None = None,
+    *,
+    seed: int = 0,
+    meta: dict | None = None,
+    drop_meta: tuple[str, ...] = (),
+    drop: tuple[str, ...] = (),
+    extra: dict[str, np.ndarray] | None = None,
+    with_tensors: bool = True,
+) -> TinyFile:
     """Write a tiny GGUF file of `arch` ("gemma", "gemma2", "gemma3"; another name writes a gemma3-shaped file
     under that architecture).
 
@@ -245,14 +289,21 @@ def write_tiny_gguf(path, arch: str = "gemma3", quant: dict[str, Q] | None = Non
     tiny = TinyFile(path, arch, source, vocab=vocab)
 
     kv = metadata(arch)
-    kv.update({
-        "tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default",
-        "tokenizer.ggml.tokens": vocab.tokens, "tokenizer.ggml.scores": vocab.scores,
-        "tokenizer.ggml.token_type": vocab.types,
-        "tokenizer.ggml.bos_token_id": 2, "tokenizer.ggml.eos_token_id": 1, "tokenizer.ggml.unknown_token_id": 3,
-        "tokenizer.ggml.padding_token_id": 0, "tokenizer.ggml.add_bos_token": True,
-        "tokenizer.ggml.add_space_prefix": False,
-    })
+    kv.update(
+        {
+            "tokenizer.ggml.model": "llama",
+            "tokenizer.ggml.pre": "default",
+            "tokenizer.ggml.tokens": vocab.tokens,
+            "tokenizer.ggml.scores": vocab.scores,
+            "tokenizer.ggml.token_type": vocab.types,
+            "tokenizer.ggml.bos_token_id": 2,
+            "tokenizer.ggml.eos_token_id": 1,
+            "tokenizer.ggml.unknown_token_id": 3,
+            "tokenizer.ggml.padding_token_id": 0,
+            "tokenizer.ggml.add_bos_token": True,
+            "tokenizer.ggml.add_space_prefix": False,
+        }
+    )
     kv.update(meta or {})
     writer = gguf.GGUFWriter(str(path), arch)
     for key, value in kv.items():

@@ -17,27 +17,52 @@ VOCAB = 1024  # at least the tiny tokenizer's vocabulary
 def hf_config(case: str):
     import transformers as tf
 
-    common = dict(vocab_size=VOCAB, intermediate_size=96, rms_norm_eps=1e-6, max_position_embeddings=256,
-                  pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    common = dict(
+        vocab_size=VOCAB,
+        intermediate_size=96,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
     if case == "gemma1-mqa":  # like gemma 2b: one kv head
-        return tf.GemmaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
-                              head_dim=16, **common)
+        return tf.GemmaConfig(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=16, **common
+        )
     if case == "gemma1-mha":  # like gemma 7b: hidden (48) != heads x head_dim (64)
-        return tf.GemmaConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                              head_dim=16, **common)
+        return tf.GemmaConfig(
+            hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=16, **common
+        )
     if case == "gemma2":  # GQA, local/global alternation, both softcaps small enough to bend
-        return tf.Gemma2Config(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                               head_dim=16, query_pre_attn_scalar=24, sliding_window=5,
-                               attn_logit_softcapping=3.0, final_logit_softcapping=2.5, **common)
+        return tf.Gemma2Config(
+            hidden_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=5,
+            attn_logit_softcapping=3.0,
+            final_logit_softcapping=2.5,
+            **common,
+        )
     if case == "gemma3":  # q/k norm, per-layer RoPE bases, linear scaling on global layers, 2:1 pattern
-        return tf.Gemma3TextConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                   num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=20, sliding_window=5,
-                                   layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-                                   rope_parameters={
-                                       "full_attention": {"rope_type": "linear", "factor": 8.0,
-                                                          "rope_theta": 1_000_000.0},
-                                       "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
-                                   **common)
+        return tf.Gemma3TextConfig(
+            hidden_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            query_pre_attn_scalar=20,
+            sliding_window=5,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            },
+            **common,
+        )
     raise ValueError(case)
 
 
@@ -50,8 +75,12 @@ def hf_model(case: str, seed: int = 0, attn: str = "eager"):
 
     cfg = hf_config(case)
     cfg._attn_implementation = attn
-    cls = {"gemma1-mqa": tf.GemmaForCausalLM, "gemma1-mha": tf.GemmaForCausalLM,
-           "gemma2": tf.Gemma2ForCausalLM, "gemma3": tf.Gemma3ForCausalLM}[case]
+    cls = {
+        "gemma1-mqa": tf.GemmaForCausalLM,
+        "gemma1-mha": tf.GemmaForCausalLM,
+        "gemma2": tf.Gemma2ForCausalLM,
+        "gemma3": tf.Gemma3ForCausalLM,
+    }[case]
     torch.manual_seed(seed)
     model = cls(cfg).eval()
     with torch.no_grad():

@@ -40,21 +40,36 @@ from gemma.writing import check_writable, finite_json, write_atomically
 # runs, its worker processes included, and the tests get it from pyproject's pytest `pythonpath`.
 
 WORKLOADS = ("decode1", "decode8", "prefill", "sft")
-LABELS = {"decode1": "greedy decode, batch 1", "decode8": "greedy decode, batch 8", "prefill": "prefill",
-          "sft": "LoRA SFT step", "int8-decode1": "int8 decode, batch 1", "int8-decode8": "int8 decode, batch 8",
-          "compiled-prefill": "prefill, --compile"}
-TARGETS = {"decode1": 1.5, "prefill": 1.2, "compiled-prefill": 1.2, "sft": 1.5,
-           "int8-decode1": 2.5}  # speed ratios the project aims for
+LABELS = {
+    "decode1": "greedy decode, batch 1",
+    "decode8": "greedy decode, batch 8",
+    "prefill": "prefill",
+    "sft": "LoRA SFT step",
+    "int8-decode1": "int8 decode, batch 1",
+    "int8-decode8": "int8 decode, batch 8",
+    "compiled-prefill": "prefill, --compile",
+}
+TARGETS = {
+    "decode1": 1.5,
+    "prefill": 1.2,
+    "compiled-prefill": 1.2,
+    "sft": 1.5,
+    "int8-decode1": 2.5,
+}  # speed ratios the project aims for
 MEMORY_TARGETS = {"sft": 0.7}
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "general_zh_en.jsonl"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default="3-270m",
-                     help="HF folder or any model source (converted once to a bf16 HF folder); default 3-270m")
+    src.add_argument(
+        "--model",
+        default="3-270m",
+        help="HF folder or any model source (converted once to a bf16 HF folder); default 3-270m",
+    )
     src.add_argument("--size", metavar="PRESET", default=None, help="a preset's architecture with random weights")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="weights and compute dtype (default bf16)")
@@ -68,8 +83,12 @@ def parse_args(argv=None):
     p.add_argument("--sft-batch", type=int, default=4, help="sequences per SFT step (default 4)")
     p.add_argument("--sft-len", type=int, default=256, help="tokens per SFT sequence (default 256)")
     p.add_argument("--sft-steps", type=int, default=3, help="timed SFT steps per process (default 3)")
-    p.add_argument("--agree-prompts", type=int, default=16,
-                   help="prompts for the int8 agreement check (from examples/general_zh_en.jsonl; default 16)")
+    p.add_argument(
+        "--agree-prompts",
+        type=int,
+        default=16,
+        help="prompts for the int8 agreement check (from examples/general_zh_en.jsonl; default 16)",
+    )
     p.add_argument("--out", default="bench.json", help="where to write the JSON results (default bench.json)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -103,16 +122,32 @@ def run_worker(spec: dict) -> None:
         return
     impl, quantize = spec["impl"], spec.get("quantize")
     if kind in ("decode1", "decode8"):
-        result = workloads.decode(impl, folder, batch=1 if kind == "decode1" else 8, new_tokens=spec["new_tokens"],
-                                  runs=spec["runs"], dtype=dtype, device=device, quantize=quantize)
+        result = workloads.decode(
+            impl,
+            folder,
+            batch=1 if kind == "decode1" else 8,
+            new_tokens=spec["new_tokens"],
+            runs=spec["runs"],
+            dtype=dtype,
+            device=device,
+            quantize=quantize,
+        )
     elif kind == "prefill":
-        result = workloads.prefill_run(impl, folder, prompt_len=spec["prompt_len"], runs=spec["runs"], dtype=dtype,
-                                       device=device, compile=spec.get("compile", False))
+        result = workloads.prefill_run(
+            impl,
+            folder,
+            prompt_len=spec["prompt_len"],
+            runs=spec["runs"],
+            dtype=dtype,
+            device=device,
+            compile=spec.get("compile", False),
+        )
     elif kind == "sft":
         from bench_train import sft
 
-        result = sft(impl, folder, batch=spec["sft_batch"], seq_len=spec["sft_len"], steps=spec["sft_steps"],
-                     device=device)
+        result = sft(
+            impl, folder, batch=spec["sft_batch"], seq_len=spec["sft_len"], steps=spec["sft_steps"], device=device
+        )
     elif kind == "agreement":
         result = workloads.agreement(folder, spec["prompts"], dtype=dtype, device=device, quantize=quantize)
     else:
@@ -127,13 +162,21 @@ def _sampler(spec: dict, impl: str, folder: Path, device, dtype):
     kind = spec["kind"]
     variant = {"quantize": spec.get("quantize")} if impl == "ours" else {}
     if kind in ("decode1", "decode8"):
-        return workloads.decode_sampler(impl, folder, batch=1 if kind == "decode1" else 8,
-                                        new_tokens=spec["new_tokens"], dtype=dtype, device=device, **variant)[1]
+        return workloads.decode_sampler(
+            impl,
+            folder,
+            batch=1 if kind == "decode1" else 8,
+            new_tokens=spec["new_tokens"],
+            dtype=dtype,
+            device=device,
+            **variant,
+        )[1]
     if kind == "prefill":
         if impl == "ours":
             variant["compile"] = spec.get("compile", False)
-        return workloads.prefill_sampler(impl, folder, prompt_len=spec["prompt_len"], dtype=dtype, device=device,
-                                         **variant)[1]
+        return workloads.prefill_sampler(
+            impl, folder, prompt_len=spec["prompt_len"], dtype=dtype, device=device, **variant
+        )[1]
     if kind == "sft":
         from bench_train import sft_sampler
 
@@ -143,13 +186,14 @@ def _sampler(spec: dict, impl: str, folder: Path, device, dtype):
 
 def spawn(spec: dict) -> dict:
     """Run one workload in a fresh process; its result."""
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)], capture_output=True, text=True
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH ")]
     if proc.returncode != 0 or not lines:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
         raise GemmaError(f"the {spec['impl']} {spec['kind']} workload failed (exit {proc.returncode}):\n{tail}")
-    return json.loads(lines[-1][len("BENCH "):])
+    return json.loads(lines[-1][len("BENCH ") :])
 
 
 # ---- the run --------------------------------------------------------------------------------------------------
@@ -176,8 +220,13 @@ def median(xs):
 def machine(device: str) -> dict:
     import torch
 
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "cpu": _cpu_name()}
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": _cpu_name(),
+    }
     for name in ("transformers", "peft"):
         try:
             info[name] = __import__(name).__version__
@@ -203,8 +252,18 @@ def gb(nbytes: float) -> str:
 
 
 def table(results: dict) -> str:
-    head = ("workload", "ours", "transformers", "speed", "target", "ours peak", "ref peak", "memory", "ours/bound",
-            "ref/bound")
+    head = (
+        "workload",
+        "ours",
+        "transformers",
+        "speed",
+        "target",
+        "ours peak",
+        "ref peak",
+        "memory",
+        "ours/bound",
+        "ref/bound",
+    )
     rows = [head]
     for key, r in results.items():
         o, ref = r["ours"], r["reference"]
@@ -214,11 +273,20 @@ def table(results: dict) -> str:
         bound = lambda x: f"{x['median'] / x['bound_tokens_per_s']:.0%}" if "bound_tokens_per_s" in x else ""  # noqa
         target = TARGETS.get(key)
         mem_target = MEMORY_TARGETS.get(key)
-        rows.append((r["label"], f"{o['median']:.1f} {unit}", f"{ref['median']:.1f} {unit}", f"{speed:.2f}x",
-                     (f">={target}x " + ("ok" if speed >= target else "MISSED")) if target else "",
-                     gb(o["peak_memory"]), gb(ref["peak_memory"]),
-                     f"{mem:.2f}x" + ((" ok" if mem <= mem_target else " MISSED") if mem_target else ""),
-                     bound(o), bound(ref)))
+        rows.append(
+            (
+                r["label"],
+                f"{o['median']:.1f} {unit}",
+                f"{ref['median']:.1f} {unit}",
+                f"{speed:.2f}x",
+                (f">={target}x " + ("ok" if speed >= target else "MISSED")) if target else "",
+                gb(o["peak_memory"]),
+                gb(ref["peak_memory"]),
+                f"{mem:.2f}x" + ((" ok" if mem <= mem_target else " MISSED") if mem_target else ""),
+                bound(o),
+                bound(ref),
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -243,8 +311,7 @@ def measure(plan: list[tuple[str, str, dict]], base: dict, reps: int) -> dict:
     pairs: dict = {key: [] for key, _, _ in plan}
     for rep in range(reps):
         for key, kind, variant in plan:
-            print(f"[{rep + 1}/{reps}] {LABELS[key]}: ours and transformers in turn ...", file=sys.stderr,
-                  flush=True)
+            print(f"[{rep + 1}/{reps}] {LABELS[key]}: ours and transformers in turn ...", file=sys.stderr, flush=True)
             pairs[key].append(spawn({**base, "kind": kind, "pair": True, **variant}))
 
     def alone_spec(kind: str, impl: str, variant: dict) -> dict:
@@ -263,8 +330,13 @@ def measure(plan: list[tuple[str, str, dict]], base: dict, reps: int) -> dict:
         for impl in ("ours", "reference"):
             one = alone[json.dumps(alone_spec(kind, impl, variant), sort_keys=True)]
             samples = [x for pair in pairs[key] for x in pair[impl]]
-            merged = {"tokens_per_s": samples, "median": median(samples), "peak_memory": one["peak_memory"],
-                      "processes": [pair[impl] for pair in pairs[key]], "alone": one}
+            merged = {
+                "tokens_per_s": samples,
+                "median": median(samples),
+                "peak_memory": one["peak_memory"],
+                "processes": [pair[impl] for pair in pairs[key]],
+                "alone": one,
+            }
             for name in ("bound_tokens_per_s", "weight_bytes", "bandwidth", "first_s"):
                 if name in one:
                     merged[name] = one[name]
@@ -277,20 +349,26 @@ def measure(plan: list[tuple[str, str, dict]], base: dict, reps: int) -> dict:
 
 def print_report(args, source: str, report: dict) -> None:
     results, agree = report["results"], report["agreement"]
-    print(f"{source} on {args.device} ({args.dtype}), {args.reps} processes per workload, ours and transformers "
-          f"taking turns in each (decode {2 * args.runs}, prefill {3 * args.runs}, SFT {args.sft_steps} turns); "
-          f"{report['machine']['cpu']}, torch {report['machine']['torch']}, "
-          f"transformers {report['machine']['transformers']}, peft {report['machine']['peft']}")
+    print(
+        f"{source} on {args.device} ({args.dtype}), {args.reps} processes per workload, ours and transformers "
+        f"taking turns in each (decode {2 * args.runs}, prefill {3 * args.runs}, SFT {args.sft_steps} turns); "
+        f"{report['machine']['cpu']}, torch {report['machine']['torch']}, "
+        f"transformers {report['machine']['transformers']}, peft {report['machine']['peft']}"
+    )
     print(table(results))
     if "compiled-prefill" in results:
-        print(f"--compile: the first prefill of each process (compiling) took "
-              f"{results['compiled-prefill']['ours']['first_s']:.1f}s; later ones are the figures above")
+        print(
+            f"--compile: the first prefill of each process (compiling) took "
+            f"{results['compiled-prefill']['ours']['first_s']:.1f}s; later ones are the figures above"
+        )
     if agree:
-        print(f"{args.quantize} greedy agreement with {args.dtype} over {agree['prompts']} prompts x "
-              f"{agree['tokens'] // agree['prompts']} tokens: same choice at {agree['teacher_forced']:.1%} of "
-              f"positions given the same context (fp32 vs {args.dtype}: {agree['teacher_forced_fp32']:.1%}); "
-              f"free-running, {agree['identical_prefix']:.1%} of tokens before the first difference, "
-              f"{agree['identical_replies']:.0%} of replies identical")
+        print(
+            f"{args.quantize} greedy agreement with {args.dtype} over {agree['prompts']} prompts x "
+            f"{agree['tokens'] // agree['prompts']} tokens: same choice at {agree['teacher_forced']:.1%} of "
+            f"positions given the same context (fp32 vs {args.dtype}: {agree['teacher_forced_fp32']:.1%}); "
+            f"free-running, {agree['identical_prefix']:.1%} of tokens before the first difference, "
+            f"{agree['identical_replies']:.0%} of replies identical"
+        )
 
 
 @main_guard
@@ -313,18 +391,40 @@ def main(argv=None) -> int:
     source = f"random:{args.size}" if args.size else args.model
     print(f"[preparing {source} ...]", file=sys.stderr, flush=True)
     folder = workloads.model_folder(source)
-    base = {"folder": str(folder), "device": args.device, "dtype": args.dtype, "runs": args.runs,
-            "new_tokens": args.new_tokens, "prompt_len": args.prompt_len, "sft_batch": args.sft_batch,
-            "sft_len": args.sft_len, "sft_steps": args.sft_steps}
+    base = {
+        "folder": str(folder),
+        "device": args.device,
+        "dtype": args.dtype,
+        "runs": args.runs,
+        "new_tokens": args.new_tokens,
+        "prompt_len": args.prompt_len,
+        "sft_batch": args.sft_batch,
+        "sft_len": args.sft_len,
+        "sft_steps": args.sft_steps,
+    }
     results = measure(plan_rows(args), base, args.reps)
     agree = None
     if args.quantize and (folder / "tokenizer.model").exists():
         print("[int8 agreement ...]", file=sys.stderr, flush=True)
-        agree = spawn({**base, "kind": "agreement", "impl": "ours", "quantize": args.quantize,
-                       "prompts": agreement_prompts(folder, args.agree_prompts)})
-    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "source": source,
-              "folder": str(folder), "machine": machine(args.device), "settings": {**base, "reps": args.reps},
-              "results": results, "agreement": agree, "seconds": round(time.time() - started, 1)}
+        agree = spawn(
+            {
+                **base,
+                "kind": "agreement",
+                "impl": "ours",
+                "quantize": args.quantize,
+                "prompts": agreement_prompts(folder, args.agree_prompts),
+            }
+        )
+    report = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": source,
+        "folder": str(folder),
+        "machine": machine(args.device),
+        "settings": {**base, "reps": args.reps},
+        "results": results,
+        "agreement": agree,
+        "seconds": round(time.time() - started, 1),
+    }
     out = Path(args.out)
     write_atomically(out, json.dumps(finite_json(report), indent=2, allow_nan=False) + "\n")
     print_report(args, source, report)

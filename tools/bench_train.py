@@ -34,8 +34,15 @@ from train.options import TrainOptions
 
 from bench_workloads import ours, peak_memory, reference, timed
 
-HF_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
-              "down": "down_proj"}
+HF_TARGETS = {
+    "q": "q_proj",
+    "k": "k_proj",
+    "v": "v_proj",
+    "o": "o_proj",
+    "gate": "gate_proj",
+    "up": "up_proj",
+    "down": "down_proj",
+}
 MAX_GRAD_NORM = TrainOptions.max_grad_norm  # the trainer's default clipping, on both sides
 
 
@@ -58,8 +65,19 @@ def adapter_init(num_layers: int, shapes: dict[str, tuple[int, int]], r: int, se
     return out
 
 
-def sft_sampler(impl: str, folder: Path, *, batch: int = 4, seq_len: int = 512, warmup: int = 2,
-                device: torch.device, r: int = 16, alpha: float = 32.0, seed: int = 0, lr: float = 2e-4):
+def sft_sampler(
+    impl: str,
+    folder: Path,
+    *,
+    batch: int = 4,
+    seq_len: int = 512,
+    warmup: int = 2,
+    device: torch.device,
+    r: int = 16,
+    alpha: float = 32.0,
+    seed: int = 0,
+    lr: float = 2e-4,
+):
     """(sample, losses, settings): `sample()` times one optimizer step of LoRA SFT (after `warmup` untimed ones,
     run here) and returns its tokens/s; `losses` gathers every step's loss."""
     torch.manual_seed(seed)
@@ -77,15 +95,33 @@ def sft_sampler(impl: str, folder: Path, *, batch: int = 4, seq_len: int = 512, 
     return sample, losses, settings
 
 
-def sft(impl: str, folder: Path, *, batch: int = 4, seq_len: int = 512, steps: int = 6, warmup: int = 2,
-        device: torch.device, r: int = 16, alpha: float = 32.0, seed: int = 0, lr: float = 2e-4) -> dict:
+def sft(
+    impl: str,
+    folder: Path,
+    *,
+    batch: int = 4,
+    seq_len: int = 512,
+    steps: int = 6,
+    warmup: int = 2,
+    device: torch.device,
+    r: int = 16,
+    alpha: float = 32.0,
+    seed: int = 0,
+    lr: float = 2e-4,
+) -> dict:
     """Run `warmup` untimed then `steps` timed optimizer steps of LoRA SFT; returns tokens/s per timed step, the
     tokens per step, the process's peak memory, every step's loss (warmup included) and what was run."""
-    sample, losses, settings = sft_sampler(impl, folder, batch=batch, seq_len=seq_len, warmup=warmup,
-                                           device=device, r=r, alpha=alpha, seed=seed, lr=lr)
+    sample, losses, settings = sft_sampler(
+        impl, folder, batch=batch, seq_len=seq_len, warmup=warmup, device=device, r=r, alpha=alpha, seed=seed, lr=lr
+    )
     rates = [sample() for _ in range(steps)]
-    return {"tokens_per_s": rates, "tokens_per_step": batch * seq_len, "peak_memory": peak_memory(device),
-            "losses": losses, "settings": settings}
+    return {
+        "tokens_per_s": rates,
+        "tokens_per_step": batch * seq_len,
+        "peak_memory": peak_memory(device),
+        "losses": losses,
+        "settings": settings,
+    }
 
 
 def _ours_step(folder, batch, seq_len, device, r, alpha, seed, lr):
@@ -117,9 +153,11 @@ def _ours_step(folder, batch, seq_len, device, r, alpha, seed, lr):
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    settings = (f"ours: gemma bf16, lora r={r} alpha={alpha:g} on {','.join(ALL_TARGETS)} (fp32 adapter), bf16 "
-                f"autocast, train.loop.accumulate (chunked loss), grad checkpointing "
-                f"{'on' if model.grad_checkpointing else 'off'}, clip {MAX_GRAD_NORM:g}, AdamW lr {lr:g}")
+    settings = (
+        f"ours: gemma bf16, lora r={r} alpha={alpha:g} on {','.join(ALL_TARGETS)} (fp32 adapter), bf16 "
+        f"autocast, train.loop.accumulate (chunked loss), grad checkpointing "
+        f"{'on' if model.grad_checkpointing else 'off'}, clip {MAX_GRAD_NORM:g}, AdamW lr {lr:g}"
+    )
     return step, settings
 
 
@@ -128,8 +166,9 @@ def _reference_step(folder, batch, seq_len, device, r, alpha, seed, lr):
 
     model = reference(folder, torch.bfloat16, device)
     cfg = model.config
-    model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,
-                                                       target_modules=list(HF_TARGETS.values())))
+    model = peft.get_peft_model(
+        model, peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(HF_TARGETS.values()))
+    )
     named = dict(model.named_modules())
     prefix = next(n.rsplit(".layers.0.", 1)[0] for n in named if n.endswith(".layers.0.self_attn.q_proj"))
 
@@ -155,7 +194,9 @@ def _reference_step(folder, batch, seq_len, device, r, alpha, seed, lr):
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    settings = (f"reference: transformers {cfg.model_type} bf16 ({cfg._attn_implementation} attention) + peft lora "
-                f"r={r} alpha={alpha:g} on all seven projections ({'/'.join(dtypes)} adapter), bf16 autocast, "
-                f"labels= loss, no grad checkpointing, clip {MAX_GRAD_NORM:g}, AdamW lr {lr:g}")
+    settings = (
+        f"reference: transformers {cfg.model_type} bf16 ({cfg._attn_implementation} attention) + peft lora "
+        f"r={r} alpha={alpha:g} on all seven projections ({'/'.join(dtypes)} adapter), bf16 autocast, "
+        f"labels= loss, no grad checkpointing, clip {MAX_GRAD_NORM:g}, AdamW lr {lr:g}"
+    )
     return step, settings

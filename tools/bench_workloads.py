@@ -132,16 +132,16 @@ def model_folder(source: str) -> Path:
             return path
     from gemma.formats.convert import convert
 
-    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(path.expanduser().resolve() if path.exists()
-                                                                         else source))
+    slug = "".join(
+        c if c.isalnum() or c in "-_." else "_" for c in str(path.expanduser().resolve() if path.exists() else source)
+    )
     folder = CACHE / f"{slug.strip('_')[-80:]}-hf"
     if not (folder / "config.json").exists():
         convert(source, folder, "hf", dtype=torch.bfloat16, force=True)
     return folder
 
 
-def ours(folder: Path, dtype: torch.dtype, device: torch.device, quantize: str | None = None,
-         compile: bool = False):
+def ours(folder: Path, dtype: torch.dtype, device: torch.device, quantize: str | None = None, compile: bool = False):
     """Our model from an HF folder (no tokenizer needed), in eval mode."""
     from gemma.formats import checkpoint
 
@@ -209,12 +209,27 @@ def _ours_generate(model, ids: torch.Tensor, new_tokens: int) -> None:
 
 
 def _reference_generate(model, ids: torch.Tensor, new_tokens: int) -> None:
-    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                   do_sample=False, pad_token_id=0)
+    model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
 
 
-def decode_sampler(impl: str, folder: Path, *, batch: int, prompt_len: int = 32, new_tokens: int = 64,
-                   dtype: torch.dtype = torch.bfloat16, device: torch.device, quantize: str | None = None):
+def decode_sampler(
+    impl: str,
+    folder: Path,
+    *,
+    batch: int,
+    prompt_len: int = 32,
+    new_tokens: int = 64,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device,
+    quantize: str | None = None,
+):
     """(model, sample): `sample()` times one decode run (after a warm-up done here) and returns its tokens/s."""
     model = ours(folder, dtype, device, quantize) if impl == "ours" else reference(folder, dtype, device)
     generate = _ours_generate if impl == "ours" else _reference_generate
@@ -231,11 +246,29 @@ def decode_sampler(impl: str, folder: Path, *, batch: int, prompt_len: int = 32,
     return model, sample
 
 
-def decode(impl: str, folder: Path, *, batch: int, prompt_len: int = 32, new_tokens: int = 64, runs: int = 3,
-           dtype: torch.dtype = torch.bfloat16, device: torch.device, quantize: str | None = None) -> dict:
+def decode(
+    impl: str,
+    folder: Path,
+    *,
+    batch: int,
+    prompt_len: int = 32,
+    new_tokens: int = 64,
+    runs: int = 3,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device,
+    quantize: str | None = None,
+) -> dict:
     load_start = time.perf_counter()
-    model, sample = decode_sampler(impl, folder, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
-                                   dtype=dtype, device=device, quantize=quantize)
+    model, sample = decode_sampler(
+        impl,
+        folder,
+        batch=batch,
+        prompt_len=prompt_len,
+        new_tokens=new_tokens,
+        dtype=dtype,
+        device=device,
+        quantize=quantize,
+    )
     load_s = time.perf_counter() - load_start
     rates = [sample() for _ in range(runs)]
     peak = peak_memory(device)  # before the bandwidth probe's buffer
@@ -243,19 +276,32 @@ def decode(impl: str, folder: Path, *, batch: int, prompt_len: int = 32, new_tok
     nbytes = weight_bytes(model)
     # Each step reads the weights once for all rows: the bound is bandwidth / bytes steps per second.
     bound = bandwidth / nbytes * batch
-    return {"tokens_per_s": rates, "peak_memory": peak, "weight_bytes": nbytes,
-            "bandwidth": bandwidth, "bound_tokens_per_s": bound, "load_s": load_s}
+    return {
+        "tokens_per_s": rates,
+        "peak_memory": peak,
+        "weight_bytes": nbytes,
+        "bandwidth": bandwidth,
+        "bound_tokens_per_s": bound,
+        "load_s": load_s,
+    }
 
 
-def prefill_sampler(impl: str, folder: Path, *, prompt_len: int = 512, dtype: torch.dtype = torch.bfloat16,
-                    device: torch.device, quantize: str | None = None, compile: bool = False):
+def prefill_sampler(
+    impl: str,
+    folder: Path,
+    *,
+    prompt_len: int = 512,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device,
+    quantize: str | None = None,
+    compile: bool = False,
+):
     """(model, sample, first_s) for one forward pass over a `prompt_len`-token prompt that fills the KV cache and
     returns the last position's logits: what generation does first (transformers: `logits_to_keep=1`, its own
     cache). `first_s` is the untimed first pass (with `compile`, the compilation)."""
     from gemma.generation.steps import prefill
 
-    model = (ours(folder, dtype, device, quantize, compile) if impl == "ours"
-             else reference(folder, dtype, device))
+    model = ours(folder, dtype, device, quantize, compile) if impl == "ours" else reference(folder, dtype, device)
     ids = prompt_ids(1, prompt_len, model.config.vocab_size, seed=1).to(device)
     if impl == "ours":
         positions = torch.arange(prompt_len, device=device)[None]
@@ -272,11 +318,20 @@ def prefill_sampler(impl: str, folder: Path, *, prompt_len: int = 512, dtype: to
     return model, sample, first
 
 
-def prefill_run(impl: str, folder: Path, *, prompt_len: int = 512, runs: int = 5,
-                dtype: torch.dtype = torch.bfloat16, device: torch.device, quantize: str | None = None,
-                compile: bool = False) -> dict:
-    _, sample, first = prefill_sampler(impl, folder, prompt_len=prompt_len, dtype=dtype, device=device,
-                                       quantize=quantize, compile=compile)
+def prefill_run(
+    impl: str,
+    folder: Path,
+    *,
+    prompt_len: int = 512,
+    runs: int = 5,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device,
+    quantize: str | None = None,
+    compile: bool = False,
+) -> dict:
+    _, sample, first = prefill_sampler(
+        impl, folder, prompt_len=prompt_len, dtype=dtype, device=device, quantize=quantize, compile=compile
+    )
     rates = [sample() for _ in range(runs)]
     return {"tokens_per_s": rates, "peak_memory": peak_memory(device), "first_s": first}
 
@@ -290,7 +345,7 @@ def paired(samplers: dict, runs: int) -> dict[str, list[float]]:
     names = list(samplers)
     out: dict[str, list[float]] = {name: [] for name in names}
     for i in range(runs):
-        for name in (names if i % 2 == 0 else names[::-1]):
+        for name in names if i % 2 == 0 else names[::-1]:
             out[name].append(samplers[name]())
     return out
 
@@ -308,11 +363,18 @@ def _greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
 def _teacher_forced(model, prompt: list[int], continuation: list[int]) -> torch.Tensor:
     """The model's greedy choice at each position of `continuation`, given the true tokens before it."""
     ids = torch.tensor([prompt + continuation[:-1]], device=model.device)
-    return model(ids)[0, len(prompt) - 1:].argmax(-1).cpu()
+    return model(ids)[0, len(prompt) - 1 :].argmax(-1).cpu()
 
 
-def agreement(folder: Path, prompts: list[list[int]], *, new_tokens: int = 32, dtype: torch.dtype = torch.bfloat16,
-              device: torch.device, quantize: str = "int8") -> dict:
+def agreement(
+    folder: Path,
+    prompts: list[list[int]],
+    *,
+    new_tokens: int = 32,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device,
+    quantize: str = "int8",
+) -> dict:
     """How often the quantized model's greedy choice equals the unquantized one's, over `prompts`.
 
     - teacher_forced: at each of the `new_tokens` positions of the bf16 greedy continuation, given the same
@@ -335,6 +397,12 @@ def agreement(folder: Path, prompts: list[list[int]], *, new_tokens: int = 32, d
             prefix += first
             whole += first == len(ref)
             total += len(ref)
-    return {"prompts": len(prompts), "tokens": total, "teacher_forced": same_q / total,
-            "teacher_forced_fp32": same_f / total, "identical_prefix": prefix / total,
-            "identical_replies": whole / len(prompts), "peak_memory": peak_memory(device)}
+    return {
+        "prompts": len(prompts),
+        "tokens": total,
+        "teacher_forced": same_q / total,
+        "teacher_forced_fp32": same_f / total,
+        "identical_prefix": prefix / total,
+        "identical_replies": whole / len(prompts),
+        "peak_memory": peak_memory(device),
+    }

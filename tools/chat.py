@@ -30,8 +30,9 @@ Ctrl-C stops a reply."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tools/chat.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="tools/chat.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_model_args(p)
     p.add_argument("--prompt", metavar="TEXT", default=None, help="answer this once, print the reply, exit")
     p.add_argument("--system", metavar="TEXT", default=None, help="a system prompt (folded into the first turn)")
@@ -43,10 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-p", type=float, default=None, help="drop tokens below min-p x the top probability")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    p.add_argument("--stop", metavar="TEXT", action="append", default=[],
-                   help="stop the reply at this text (not printed); repeatable")
-    p.add_argument("--max-len", type=int, default=None,
-                   help="context kept for a conversation, in tokens (default: the model's, at most 8192)")
+    p.add_argument(
+        "--stop",
+        metavar="TEXT",
+        action="append",
+        default=[],
+        help="stop the reply at this text (not printed); repeatable",
+    )
+    p.add_argument(
+        "--max-len",
+        type=int,
+        default=None,
+        help="context kept for a conversation, in tokens (default: the model's, at most 8192)",
+    )
     p.add_argument("--stats", action="store_true", help="print token counts and tokens/s after each reply")
     return p
 
@@ -105,8 +115,10 @@ def read_lines(stdin: TextIO, err: TextIO) -> Iterable[str]:
                 if not line:
                     return
                 if len(line.rstrip("\n")) > MAX_LINE:
-                    raise GemmaError(f"standard input: a line longer than {MAX_LINE} characters (not a "
-                                     "conversation: a binary file or a device?)")
+                    raise GemmaError(
+                        f"standard input: a line longer than {MAX_LINE} characters (not a "
+                        "conversation: a binary file or a device?)"
+                    )
         except EOFError:
             return
         except KeyboardInterrupt:
@@ -154,8 +166,15 @@ def sampling_params(args):
     be ...`, where the object's own check would say `top_p`), and a reply needs one new token at least."""
     from gemma.generation.sampling import SamplingParams, check_settings
 
-    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    settings = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
     check_settings(**settings, min_new_tokens=1, spell=flag)
     return SamplingParams(**settings, stop_strings=args.stop)
 
@@ -180,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     params = check_args(args)
 
     from gemma.generation.chat import ChatSession
+
     # Replies are text in any language: never fail on a character the terminal's encoding lacks.
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")
@@ -192,8 +212,15 @@ def main(argv: list[str] | None = None) -> int:
             print(loaded, file=sys.stderr)
         return one_shot(model, tokenizer, args, params, sys.stdout, sys.stderr)
 
-    session = ChatSession(model, tokenizer, max_len=args.max_len, system=args.system, raw=args.raw, params=params,
-                          notify=lambda message: print(f"[{message}]", file=sys.stderr))
+    session = ChatSession(
+        model,
+        tokenizer,
+        max_len=args.max_len,
+        system=args.system,
+        raw=args.raw,
+        params=params,
+        notify=lambda message: print(f"[{message}]", file=sys.stderr),
+    )
     print(f"{loaded}\n[/help for commands, /exit to quit]", file=sys.stderr)
     if sys.stdin is None:  # started with standard input closed: nothing to read
         return 0

@@ -19,15 +19,18 @@ from gemma.cli import DTYPES, main_guard, parse_dtype
 
 @main_guard
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tools/convert.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="tools/convert.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("src", help="HF folder, native folder, .gguf file, HF repo id or preset name")
     parser.add_argument("dst", help="output folder")
     parser.add_argument("--to", required=True, choices=("native", "hf"), help="output format")
-    parser.add_argument("--dtype", choices=DTYPES, default=None,
-                        help="output dtype (default: as stored; float32 for a GGUF source)")
-    parser.add_argument("--adapter", metavar="DIR", default=None,
-                        help="a PEFT LoRA adapter folder to merge into the output")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default=None, help="output dtype (default: as stored; float32 for a GGUF source)"
+    )
+    parser.add_argument(
+        "--adapter", metavar="DIR", default=None, help="a PEFT LoRA adapter folder to merge into the output"
+    )
     parser.add_argument("--force", action="store_true", help="replace DST if it exists")
     args = parser.parse_args(argv)
 

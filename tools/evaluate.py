@@ -28,18 +28,27 @@ from gemma.writing import check_writable
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tools/evaluate.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="tools/evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_model_args(p)
     p.add_argument("--data", metavar="FILE", required=True, help="JSON or JSONL records (alpaca, sharegpt, messages)")
     p.add_argument("--out", metavar="FILE.json", required=True, help="where the summary goes")
-    p.add_argument("--predictions", metavar="FILE", default=None,
-                   help="where the per-record lines go (default: beside --out, as NAME.predictions.jsonl)")
+    p.add_argument(
+        "--predictions",
+        metavar="FILE",
+        default=None,
+        help="where the per-record lines go (default: beside --out, as NAME.predictions.jsonl)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit (default 256)")
     p.add_argument("--batch-size", type=int, default=8, help="answers generated together (default 8)")
-    p.add_argument("--max-len", type=int, default=None,
-                   help="tokens a record may span (default: the model's context, at most 8192); longer prompts are "
-                        "an error, longer records are truncated for the loss as in training")
+    p.add_argument(
+        "--max-len",
+        type=int,
+        default=None,
+        help="tokens a record may span (default: the model's context, at most 8192); longer prompts are "
+        "an error, longer records are truncated for the loss as in training",
+    )
     p.add_argument("--limit", type=int, default=None, help="score only the first N records")
     return p
 
@@ -57,8 +66,10 @@ def check_flags(args) -> tuple[Path, Path]:
     preds_path = Path(args.predictions) if args.predictions else predictions_path(out)
     if out.resolve() == preds_path.resolve():
         raise GemmaError(f"{out}: the summary and the predictions cannot be the same file")
-    refuse_overwriting_inputs({"--out": out, "--predictions": preds_path},
-                              {"--data": args.data, "--model": args.size or args.model, "--adapter": args.adapter})
+    refuse_overwriting_inputs(
+        {"--out": out, "--predictions": preds_path},
+        {"--data": args.data, "--model": args.size or args.model, "--adapter": args.adapter},
+    )
     check_writable(out, "--out")
     check_writable(preds_path, "--predictions")
     return out, preds_path
@@ -80,8 +91,14 @@ def main(argv: list[str] | None = None) -> int:
 
     model, tokenizer, loaded = load_model(args)
     print(f"[{loaded}; {len(cases)} records to score]", file=sys.stderr)
-    scored = evaluate.score_cases(model, tokenizer, cases, context=min(model.config.max_seq_len, args.max_len or 8192),
-                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    scored = evaluate.score_cases(
+        model,
+        tokenizer,
+        cases,
+        context=min(model.config.max_seq_len, args.max_len or 8192),
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+    )
     run = {"model": args.size or args.model, "adapter": args.adapter, "dtype": args.dtype, "data": args.data}
     summary = evaluate.summary(run, scored, skipped, args.max_new_tokens, preds_path)
     evaluate.write_outputs(out, preds_path, summary, evaluate.prediction_lines(cases, scored))

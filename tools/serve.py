@@ -42,44 +42,95 @@ API_KEY_ENV = "GEMMA_SFT_API_KEY"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tools/serve.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="tools/serve.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--api-key", metavar="KEY", default=None,
-                   help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV} if set)")
-    p.add_argument("--allow-host", metavar="NAME[:PORT]", action="append", default=[],
-                   help="also answer requests whose Host (or Origin) is NAME, with any port or PORT only; repeatable; "
-                        "'*' allows any (default: only the loopback names and the address listened on, with its "
-                        "port: a guard against DNS rebinding)")
-    p.add_argument("--model-name", metavar="NAME", default=None,
-                   help="the model id that /v1/models reports (default: the --model argument)")
+    p.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=None,
+        help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV} if set)",
+    )
+    p.add_argument(
+        "--allow-host",
+        metavar="NAME[:PORT]",
+        action="append",
+        default=[],
+        help="also answer requests whose Host (or Origin) is NAME, with any port or PORT only; repeatable; "
+        "'*' allows any (default: only the loopback names and the address listened on, with its "
+        "port: a guard against DNS rebinding)",
+    )
+    p.add_argument(
+        "--model-name",
+        metavar="NAME",
+        default=None,
+        help="the model id that /v1/models reports (default: the --model argument)",
+    )
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
-    p.add_argument("--max-len", type=int, default=None,
-                   help="tokens one request may span, prompt and reply (default: the model's context, at most 8192)")
-    p.add_argument("--max-waiting", type=int, default=256,
-                   help="requests queued for a free row before the server answers 503 (default 256)")
+    p.add_argument(
+        "--max-len",
+        type=int,
+        default=None,
+        help="tokens one request may span, prompt and reply (default: the model's context, at most 8192)",
+    )
+    p.add_argument(
+        "--max-waiting",
+        type=int,
+        default=256,
+        help="requests queued for a free row before the server answers 503 (default 256)",
+    )
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
-    p.add_argument("--max-connections", type=int, default=1000,
-                   help="open connections, slow ones included, before a new one gets 503 (default 1000, lowered "
-                        "to what the process may open)")
-    p.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
-                   help="seconds a client has to send a request's headers, then 408 (default 10)")
-    p.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
-                   help="seconds a client has to send a request's body, then 408 (default 30)")
-    p.add_argument("--shutdown-grace", type=float, default=5.0, metavar="S",
-                   help="on SIGTERM, seconds live requests get to finish before open streams are ended with "
-                        "finish_reason 'abort' (default 5)")
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=1000,
+        help="open connections, slow ones included, before a new one gets 503 (default 1000, lowered "
+        "to what the process may open)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds a client has to send a request's headers, then 408 (default 10)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds a client has to send a request's body, then 408 (default 30)",
+    )
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="on SIGTERM, seconds live requests get to finish before open streams are ended with "
+        "finish_reason 'abort' (default 5)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads for the model (default: torch's)")
-    p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
-                   help="server log level (default info: one line per request)")
+    p.add_argument(
+        "--log-level",
+        choices=("critical", "error", "warning", "info", "debug"),
+        default="info",
+        help="server log level (default info: one line per request)",
+    )
     return p
 
 
 def check_numbers(args) -> None:
-    for name, low in (("max_batch", 1), ("max_len", 2), ("max_waiting", 1), ("max_body_bytes", 1024), ("threads", 1),
-                      ("max_connections", 1)):
+    for name, low in (
+        ("max_batch", 1),
+        ("max_len", 2),
+        ("max_waiting", 1),
+        ("max_body_bytes", 1024),
+        ("threads", 1),
+        ("max_connections", 1),
+    ):
         value = getattr(args, name)
         if value is not None and value < low:
             raise GemmaError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
@@ -101,11 +152,14 @@ def api_key_of(args) -> str | None:
     else:
         return None
     if not key.strip():
-        raise GemmaError(f"{where} is empty: give a key, or {'leave it out' if where == '--api-key' else 'unset it'} "
-                         "to serve without one")
+        raise GemmaError(
+            f"{where} is empty: give a key, or {'leave it out' if where == '--api-key' else 'unset it'} "
+            "to serve without one"
+        )
     if key != key.strip() or any(ord(c) < 32 or ord(c) == 127 for c in key):
-        raise GemmaError(f"{where} starts or ends with spaces or holds a control character, which an HTTP header "
-                         "cannot carry")
+        raise GemmaError(
+            f"{where} starts or ends with spaces or holds a control character, which an HTTP header cannot carry"
+        )
     return key
 
 
@@ -158,21 +212,42 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[{loaded}]", file=sys.stderr)
 
     max_len = args.max_len or min(model.config.max_seq_len, 8192)
-    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_len=max_len, max_waiting=args.max_waiting,
-                    threads=args.threads)
+    engine = Engine(
+        model, tokenizer, max_batch=args.max_batch, max_len=max_len, max_waiting=args.max_waiting, threads=args.threads
+    )
     name = args.model_name or (Path(source).name if Path(source).exists() else source)
     live = LiveGenerations()
-    app = create_app(engine, name, api_key, args.max_body_bytes, hosts=hosts, body_timeout=args.body_timeout,
-                     live=live, instruction_messages=instruction_messages)
+    app = create_app(
+        engine,
+        name,
+        api_key,
+        args.max_body_bytes,
+        hosts=hosts,
+        body_timeout=args.body_timeout,
+        live=live,
+        instruction_messages=instruction_messages,
+    )
     if not api_key and host not in ("127.0.0.1", "::1") and not host.startswith("127."):
-        print(f"[warning: listening on {host} without --api-key: anyone who reaches this machine can use the model]",
-              file=sys.stderr)
-    print(f"[serving {name} on {server.url_of(sock)}: batch {args.max_batch}, context {engine.context} tokens, "
-          f"KV cache {engine.cache_bytes / 2**20:.0f} MiB{', API key required' if api_key else ''}]",
-          file=sys.stderr, flush=True)
+        print(
+            f"[warning: listening on {host} without --api-key: anyone who reaches this machine can use the model]",
+            file=sys.stderr,
+        )
+    print(
+        f"[serving {name} on {server.url_of(sock)}: batch {args.max_batch}, context {engine.context} tokens, "
+        f"KV cache {engine.cache_bytes / 2**20:.0f} MiB{', API key required' if api_key else ''}]",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
-        server.run(app, sock, live, header_timeout=args.header_timeout, max_connections=max_connections,
-                   log_level=args.log_level, shutdown_grace=args.shutdown_grace)
+        server.run(
+            app,
+            sock,
+            live,
+            header_timeout=args.header_timeout,
+            max_connections=max_connections,
+            log_level=args.log_level,
+            shutdown_grace=args.shutdown_grace,
+        )
     finally:
         engine.close()
     return 0

@@ -44,8 +44,11 @@ def rng_state() -> dict[str, Any]:
     """Every RNG state the run draws from, as tensors and plain values: python's as (version, tuple of ints, gauss),
     numpy's as (name, key as a list of ints, position, has_gauss, cached_gaussian)."""
     name, key, pos, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": (str(name), key.tolist(), int(pos), int(has_gauss), float(cached))}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (str(name), key.tolist(), int(pos), int(has_gauss), float(cached)),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -74,8 +77,15 @@ def rank_file(rank: int) -> str:
     return f"rank-{rank:05d}.pt"
 
 
-def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], write_adapter, keep_last: int,
-                    own: dict[str, Any] | None = None, d=None) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    state: dict[str, Any],
+    write_adapter,
+    keep_last: int,
+    own: dict[str, Any] | None = None,
+    d=None,
+) -> Path:
     """Write checkpoints/step-N atomically, then drop all but the newest `keep_last`.
 
     Under torchrun (`d` a train.distributed.Dist with a process group) every process calls this with its `own`
@@ -189,13 +199,17 @@ def _load(file: Path) -> dict[str, Any]:
         unsafe = _UNSAFE.search(str(exc))
         if unsafe is None:
             raise GemmaError(f"{file}: cannot read the checkpoint (corrupt, or not tensors and plain data)") from None
-        raise GemmaError(f"{file}: refused: holds more than tensors and plain data ({unsafe.group(1)}), which no "
-                         "checkpoint of this version does (tampered with, or written by an older version)") from None
+        raise GemmaError(
+            f"{file}: refused: holds more than tensors and plain data ({unsafe.group(1)}), which no "
+            "checkpoint of this version does (tampered with, or written by an older version)"
+        ) from None
     except OSError as exc:
         raise GemmaError(f"{file}: cannot read the checkpoint ({exc.strerror or exc})") from None
     except Exception as exc:  # a corrupt or truncated file raises many types
-        raise GemmaError(f"{file}: cannot read the checkpoint ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else 'corrupt'})") from None
+        raise GemmaError(
+            f"{file}: cannot read the checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'corrupt'})"
+        ) from None
     if not isinstance(saved, dict):
         raise GemmaError(f"{file}: not a training checkpoint (holds {type(saved).__name__})")
     return saved
@@ -213,7 +227,9 @@ def check_layout(saved: dict[str, Any], layout: dict[str, Any], where: Path) -> 
     """
     was = saved.get("layout", {"world": 1, "sharded": False})
     if was != layout:
-        raise GemmaError(f"{where}: written by {_describe(was)}; this run has {_describe(layout)}. Resume with the "
-                         f"same number of processes and the same --distributed")
+        raise GemmaError(
+            f"{where}: written by {_describe(was)}; this run has {_describe(layout)}. Resume with the "
+            f"same number of processes and the same --distributed"
+        )
     if (layout["world"] > 1 or layout["sharded"]) and "own" not in saved:
         raise GemmaError(f"{where}: incomplete checkpoint (no file for this process)")

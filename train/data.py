@@ -53,9 +53,11 @@ class DataStats:
 
     def summary(self) -> str:
         """One line for the log."""
-        return (f"{self.records} records -> {self.examples} examples, {self.tokens} tokens "
-                f"({self.target_tokens} trained); {self.truncated} truncated, dropped: "
-                f"{self.dropped_no_model_turn} without a model turn, {self.dropped_too_long} too long")
+        return (
+            f"{self.records} records -> {self.examples} examples, {self.tokens} tokens "
+            f"({self.target_tokens} trained); {self.truncated} truncated, dropped: "
+            f"{self.dropped_no_model_turn} without a model turn, {self.dropped_too_long} too long"
+        )
 
 
 # ---- files ----
@@ -90,8 +92,10 @@ def _read_located(path) -> list[tuple[str, dict]]:
         if not isinstance(record, dict):
             raise GemmaError(f"{where}: expected a record (a JSON object), got {_json_kind(record)}")
         if escapes and has_lone_surrogate(json.dumps(record, ensure_ascii=False)):
-            raise GemmaError(f"{where}: holds a lone UTF-16 surrogate (an escape \\ud800 to \\udfff that is not "
-                             "half of a pair), which is not text")
+            raise GemmaError(
+                f"{where}: holds a lone UTF-16 surrogate (an escape \\ud800 to \\udfff that is not "
+                "half of a pair), which is not text"
+            )
     if not located:
         raise GemmaError(f"{path}: empty data set")
     return located
@@ -147,8 +151,10 @@ def _parse_jsonl(path: str, text: str) -> list[tuple[str, object]]:
             located.append((f"{path}:{n}", json.loads(line)))
         except json.JSONDecodeError as e:
             if not located and _is_one_object(text):
-                raise GemmaError(f"{path}: holds a single JSON object; expected a JSON list of records "
-                                 "or one record per line (JSONL)") from None
+                raise GemmaError(
+                    f"{path}: holds a single JSON object; expected a JSON list of records "
+                    "or one record per line (JSONL)"
+                ) from None
             raise GemmaError(f"{path}:{n}: malformed JSON line ({e.msg}, column {e.colno})") from None
     return located
 
@@ -169,8 +175,14 @@ def _json_kind(value) -> str:
 
 # ---- record shapes ----
 
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "model", "assistant": "model", "model": "model",
-                   "system": "system"}
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "model",
+    "assistant": "model",
+    "model": "model",
+    "system": "system",
+}
 _ROLES = {"user": "user", "model": "model", "assistant": "model", "system": "system"}
 
 
@@ -189,11 +201,15 @@ def record_messages(record, where: str) -> list[dict]:
     if not isinstance(record, Mapping):
         raise GemmaError(f"{where}: expected a record (a JSON object), got {_json_kind(record)}")
     if "messages" in record:
-        messages = [_message(m, i, where, "role", "content", _ROLES)
-                    for i, m in enumerate(_list_field(record, "messages", where), 1)]
+        messages = [
+            _message(m, i, where, "role", "content", _ROLES)
+            for i, m in enumerate(_list_field(record, "messages", where), 1)
+        ]
     elif "conversations" in record:
-        messages = [_message(m, i, where, "from", "value", _SHAREGPT_ROLES)
-                    for i, m in enumerate(_list_field(record, "conversations", where), 1)]
+        messages = [
+            _message(m, i, where, "from", "value", _SHAREGPT_ROLES)
+            for i, m in enumerate(_list_field(record, "conversations", where), 1)
+        ]
         system = _str_field(record, "system", where, optional=True)
         if system and system.strip() and not (messages and messages[0]["role"] == "system"):
             messages.insert(0, {"role": "system", "content": system})
@@ -204,11 +220,15 @@ def record_messages(record, where: str) -> list[dict]:
         system = _str_field(record, "system", where, optional=True)
         user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
         messages = ([{"role": "system", "content": system}] if system and system.strip() else []) + [
-            {"role": "user", "content": user}, {"role": "model", "content": output}]
+            {"role": "user", "content": user},
+            {"role": "model", "content": output},
+        ]
     else:
         keys = ", ".join(repr(k) for k in list(record)[:8]) + (", ..." if len(record) > 8 else "")
-        raise GemmaError(f"{where}: unknown record shape (keys: {keys or 'none'}); expected alpaca "
-                         "('instruction', 'output'), sharegpt ('conversations') or messages ('messages')")
+        raise GemmaError(
+            f"{where}: unknown record shape (keys: {keys or 'none'}); expected alpaca "
+            "('instruction', 'output'), sharegpt ('conversations') or messages ('messages')"
+        )
     _check_order(messages, where)
     return messages
 
@@ -236,8 +256,9 @@ def _message(m, i: int, where: str, role_key: str, content_key: str, roles: dict
     if not isinstance(m, Mapping) or role_key not in m or content_key not in m:
         raise GemmaError(f"{where}: message {i} must be an object with {role_key!r} and {content_key!r}")
     if m[role_key] not in roles:
-        raise GemmaError(f"{where}: message {i} has unknown {role_key} {m[role_key]!r} "
-                         f"(expected one of {', '.join(roles)})")
+        raise GemmaError(
+            f"{where}: message {i} has unknown {role_key} {m[role_key]!r} (expected one of {', '.join(roles)})"
+        )
     if not isinstance(m[content_key], str):
         raise GemmaError(f"{where}: message {i} {content_key} must be a string, got {_json_kind(m[content_key])}")
     return {"role": roles[m[role_key]], "content": m[content_key]}
@@ -249,14 +270,16 @@ def _check_order(messages: list[dict], where: str):
     for i, m in enumerate(messages[first:], first):
         expected = "user" if (i - first) % 2 == 0 else "model"
         if m["role"] != expected:
-            raise GemmaError(f"{where}: message {i + 1} is {m['role']!r} where {expected!r} was expected (turns "
-                             "alternate user/model, starting with user, after an optional first system message)")
+            raise GemmaError(
+                f"{where}: message {i + 1} is {m['role']!r} where {expected!r} was expected (turns "
+                "alternate user/model, starting with user, after an optional first system message)"
+            )
 
 
 # ---- template, loss mask, truncation ----
 
-def encode_messages(messages, tokenizer, max_len: int,
-                    train_on_prompt: bool = False) -> tuple[Example | None, bool]:
+
+def encode_messages(messages, tokenizer, max_len: int, train_on_prompt: bool = False) -> tuple[Example | None, bool]:
     """Token ids and shifted targets of a conversation in Gemma's chat format; returns (example, truncated).
 
     <bos>, then per user turn <start_of_turn> + "user\\n{content}" + <end_of_turn> + "\\n", per model turn
@@ -304,8 +327,9 @@ def encode_messages(messages, tokenizer, max_len: int,
     def model_turn(text: str, trimmed: bool = False) -> tuple[list[int], list[bool]]:
         content = tokenizer.encode_content(text)
         ids = [start] + header + content + [end] + newline
-        trained = ([prompt_flag] * (1 + len(header)) + [True] * len(content) + [not trimmed]
-                   + [prompt_flag] * len(newline))
+        trained = (
+            [prompt_flag] * (1 + len(header)) + [True] * len(content) + [not trimmed] + [prompt_flag] * len(newline)
+        )
         return ids, trained
 
     ids, trained = [tokenizer.bos_id], [False]
@@ -397,6 +421,7 @@ def load_dataset(path, tokenizer, max_len: int, train_on_prompt: bool = False) -
 
 # ---- packing and batching ----
 
+
 def pack(examples: list[Example], max_len: int) -> list[Example]:
     """Join examples into sequences of at most `max_len` tokens, first-fit decreasing.
 
@@ -458,7 +483,7 @@ def plan_epoch(lengths: list[int], global_batch: int, seed: int, epoch: int) -> 
     order = list(range(len(lengths)))
     # A string seed is hashed with SHA-512: the same order on every machine and Python run.
     random.Random(f"plan_epoch:{seed}:{epoch}").shuffle(order)
-    groups = [order[i:i + global_batch] for i in range(0, len(order), global_batch)]
+    groups = [order[i : i + global_batch] for i in range(0, len(order), global_batch)]
     return [sorted(group, key=lambda i: (-lengths[i], i)) for group in groups]
 
 

@@ -69,8 +69,6 @@ def error_to_report(exc: GemmaError) -> GemmaError | None:
     return GemmaError(f"[rank {rank}] {exc}")
 
 
-
-
 @dataclass
 class Dist:
     """Where this process stands: alone (mode None, no process group) or rank `rank` of `world` under torchrun."""
@@ -151,23 +149,30 @@ def start(opts) -> Dist:
     world, rank, local = (int(os.environ[k]) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
     try:  # every process checks the same options: rank 0 reports a mistake
         if opts.precision == "fp16" and opts.distributed == "fsdp":
-            raise GemmaError("--precision fp16 is not supported with --distributed fsdp (the gradient scaler would "
-                             "have to agree on overflows across shards); use bf16")
+            raise GemmaError(
+                "--precision fp16 is not supported with --distributed fsdp (the gradient scaler would "
+                "have to agree on overflows across shards); use bf16"
+            )
         if opts.device and opts.device.startswith("cuda:"):
-            raise GemmaError(f"--device {opts.device}: under torchrun each process uses cuda:LOCAL_RANK; "
-                             "pass --device cuda (and CUDA_VISIBLE_DEVICES to choose the GPUs)")
+            raise GemmaError(
+                f"--device {opts.device}: under torchrun each process uses cuda:LOCAL_RANK; "
+                "pass --device cuda (and CUDA_VISIBLE_DEVICES to choose the GPUs)"
+            )
         device = pick_device(opts.device)
         if device.type == "cuda" and local >= torch.cuda.device_count():
-            raise GemmaError(f"LOCAL_RANK {local} but this machine shows {torch.cuda.device_count()} CUDA "
-                             "device(s); use --nproc_per_node <= the GPUs of a node")
+            raise GemmaError(
+                f"LOCAL_RANK {local} but this machine shows {torch.cuda.device_count()} CUDA "
+                "device(s); use --nproc_per_node <= the GPUs of a node"
+            )
     except GemmaError as exc:
         raise AgreedError(str(exc)) from None
     if device.type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=timedelta(seconds=opts.dist_timeout),
-                            device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(
+        backend, timeout=timedelta(seconds=opts.dist_timeout), device_id=device if device.type == "cuda" else None
+    )
     return Dist(device=device, world=world, rank=rank, mode=opts.distributed)
 
 
@@ -192,8 +197,8 @@ class Replicas:
             from torch.nn.parallel import DistributedDataParallel
 
             self.wrapped = DistributedDataParallel(
-                module, device_ids=[d.device.index] if d.device.type == "cuda" else None,
-                init_sync=False)
+                module, device_ids=[d.device.index] if d.device.type == "cuda" else None, init_sync=False
+            )
         elif d.mode == "fsdp":
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -201,8 +206,11 @@ class Replicas:
             mesh = init_device_mesh(d.device.type, (d.world,))
             # bf16: weights gathered and computed in bf16, gradients reduced and kept (like the adapter and the
             # optimizer state) in float32.
-            mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-                  if precision == "bf16" else MixedPrecisionPolicy())
+            mp = (
+                MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                if precision == "bf16"
+                else MixedPrecisionPolicy()
+            )
             for block in blocks:
                 fully_shard(block, mesh=mesh, mp_policy=mp)
             fully_shard(module, mesh=mesh, mp_policy=mp)
@@ -250,8 +258,7 @@ class Replicas:
         if gathered is None:
             save_adapter(model, folder, base_model_name_or_path=base, force=True)
         else:  # the model's parameters are shards here: the same writer, given the gathered whole tensors
-            write_adapter(folder, model.config, model.lora_config, gathered, base_model_name_or_path=base,
-                          force=True)
+            write_adapter(folder, model.config, model.lora_config, gathered, base_model_name_or_path=base, force=True)
 
     def save_adapter(self, model, folder: Path, base: str | None) -> None:
         """Every process calls this; rank 0 writes."""
@@ -278,18 +285,26 @@ class Replicas:
             for name, tensor in trainable.items():
                 local = named[name].to_local()
                 if local.shape != tensor.shape:
-                    raise GemmaError(f"{where}: shard of {name!r} has shape {tuple(tensor.shape)}, this process "
-                                     f"holds {tuple(local.shape)}")
+                    raise GemmaError(
+                        f"{where}: shard of {name!r} has shape {tuple(tensor.shape)}, this process "
+                        f"holds {tuple(local.shape)}"
+                    )
                 local.copy_(tensor)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         saved = own["optimizer"]
         state = {}
         for i, s in saved["state"].items():
             p = params[int(i)]
-            state[i] = {k: (DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, run_check=False,
-                                               shape=p.shape, stride=p.stride())
-                            if torch.is_tensor(v) and v.shape == p.to_local().shape and v.dim() else v)
-                        for k, v in s.items()}
+            state[i] = {
+                k: (
+                    DTensor.from_local(
+                        v.to(p.device), p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+                    )
+                    if torch.is_tensor(v) and v.shape == p.to_local().shape and v.dim()
+                    else v
+                )
+                for k, v in s.items()
+            }
         optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
 
 
@@ -311,8 +326,7 @@ def parameter_counts(cfg: GemmaConfig, lora_r: int = 16) -> dict[str, int]:
     block = h * q + 2 * h * kv + q * h + 3 * h * i + norms
     embed = cfg.vocab_size * h
     lora = lora_r * ((h + q) * 2 + (h + kv) * 2 + (h + i) * 3)  # q, o; k, v; gate, up, down
-    return {"embed": embed, "block": block, "total": embed + cfg.num_layers * block + h,
-            "lora": cfg.num_layers * lora}
+    return {"embed": embed, "block": block, "total": embed + cfg.num_layers * block + h, "lora": cfg.num_layers * lora}
 
 
 def memory_per_gpu(cfg: GemmaConfig, processes: int = 1, mode: str = "ddp", lora_r: int = 16) -> float:
@@ -331,16 +345,22 @@ def memory_per_gpu(cfg: GemmaConfig, processes: int = 1, mode: str = "ddp", lora
     return (2 * n["total"] + (20 if processes > 1 else 16) * n["lora"]) / _GB
 
 
-def memory_table(names=("2b", "7b", "2-2b", "2-9b", "2-27b", "3-270m", "3-1b", "3-4b", "3-12b", "3-27b"),
-                 lora_r: int = 16) -> str:
+def memory_table(
+    names=("2b", "7b", "2-2b", "2-9b", "2-27b", "3-270m", "3-1b", "3-4b", "3-12b", "3-27b"), lora_r: int = 16
+) -> str:
     """The README's table of memory per GPU for each preset, as markdown."""
-    rows = ["| preset | base params | LoRA r16 params | 1 GPU | DDP, any N | FSDP 2 | FSDP 4 | FSDP 8 |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| preset | base params | LoRA r16 params | 1 GPU | DDP, any N | FSDP 2 | FSDP 4 | FSDP 8 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name in names:
         cfg = preset(name)
         n = parameter_counts(cfg, lora_r)
         cells = [memory_per_gpu(cfg, 1, "ddp", lora_r), memory_per_gpu(cfg, 2, "ddp", lora_r)]
         cells += [memory_per_gpu(cfg, k, "fsdp", lora_r) for k in (2, 4, 8)]
-        rows.append(f"| {name} | {n['total'] / 1e9:.2f}B | {n['lora'] / 1e6:.1f}M | "
-                    + " | ".join(f"{c:.1f} GB" for c in cells) + " |")
+        rows.append(
+            f"| {name} | {n['total'] / 1e9:.2f}B | {n['lora'] / 1e6:.1f}M | "
+            + " | ".join(f"{c:.1f} GB" for c in cells)
+            + " |"
+        )
     return "\n".join(rows)

@@ -50,8 +50,9 @@ def read_cases(path: str, limit: int | None) -> tuple[list[dict], int]:
             skipped += 1
             continue
         prompt, reference = split
-        cases.append({"where": where, "messages": messages[:len(prompt) + 1], "prompt": prompt,
-                      "reference": reference})
+        cases.append(
+            {"where": where, "messages": messages[: len(prompt) + 1], "prompt": prompt, "reference": reference}
+        )
     if not cases:
         raise GemmaError(f"{path}: no record has a model turn to score against")
     return cases, skipped
@@ -62,8 +63,13 @@ def read_cases(path: str, limit: int | None) -> tuple[list[dict], int]:
 
 def reply_text(tokenizer, ids) -> str:
     """The reply as text: no special token, no surrounding whitespace."""
-    special = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.start_of_turn_id,
-               tokenizer.end_of_turn_id}
+    special = {
+        tokenizer.bos_id,
+        tokenizer.eos_id,
+        tokenizer.pad_id,
+        tokenizer.start_of_turn_id,
+        tokenizer.end_of_turn_id,
+    }
     return tokenizer.decode([i for i in ids if i not in special]).strip()
 
 
@@ -78,23 +84,29 @@ def generate_answers(model, tokenizer, cases: list[dict], context: int, max_new_
     for case in cases:
         ids = tokenizer.apply_chat(case["prompt"])
         if len(ids) >= context:
-            raise GemmaError(f"{case['where']}: the prompt ({len(ids)} tokens) does not fit the context of {context} "
-                             "tokens (see --max-len)")
+            raise GemmaError(
+                f"{case['where']}: the prompt ({len(ids)} tokens) does not fit the context of {context} "
+                "tokens (see --max-len)"
+            )
         prompts.append(ids)
 
     started = time.perf_counter()
-    with Engine(model, tokenizer, max_batch=batch_size, max_len=context) as engine, \
-            tqdm(total=len(prompts), desc="generating", unit="record", file=sys.stderr) as bar:
-        finishes = engine.run_all(prompts, on_finish=lambda i, f: bar.update(1),
-                                  max_new_tokens=max_new_tokens, temperature=0.0)
+    with (
+        Engine(model, tokenizer, max_batch=batch_size, max_len=context) as engine,
+        tqdm(total=len(prompts), desc="generating", unit="record", file=sys.stderr) as bar,
+    ):
+        finishes = engine.run_all(
+            prompts, on_finish=lambda i, f: bar.update(1), max_new_tokens=max_new_tokens, temperature=0.0
+        )
     for case, finish in zip(cases, finishes):
         if finish.reason == "error":
             raise RuntimeError(f"{case['where']}: generation failed: {finish.error}")
     return finishes, time.perf_counter() - started
 
 
-def reference_loss(model, tokenizer, cases: list[dict], context: int, batch_size: int
-                   ) -> tuple[list[tuple[float, int] | None], int]:
+def reference_loss(
+    model, tokenizer, cases: list[dict], context: int, batch_size: int
+) -> tuple[list[tuple[float, int] | None], int]:
     """(each case's (summed cross-entropy, target tokens) on its model turns, encoded as training encodes them, or
     None for a case that leaves no target token; the number of cases truncated to `context`)."""
     from tqdm import tqdm
@@ -134,8 +146,7 @@ class Scored:
         return metrics.mean_loss([x for x in self.losses if x is not None])
 
 
-def score_cases(model, tokenizer, cases: list[dict], *, context: int, max_new_tokens: int, batch_size: int
-                ) -> Scored:
+def score_cases(model, tokenizer, cases: list[dict], *, context: int, max_new_tokens: int, batch_size: int) -> Scored:
     """Answer every case greedily, score the answers against the references, and take the references' loss."""
     finishes, seconds = generate_answers(model, tokenizer, cases, context, max_new_tokens, batch_size)
     predictions = [reply_text(tokenizer, f.token_ids) for f in finishes]
@@ -150,7 +161,7 @@ def score_cases(model, tokenizer, cases: list[dict], *, context: int, max_new_to
 
 def predictions_path(out: Path) -> Path:
     """Where the per-record lines go by default: beside the summary, NAME.predictions.jsonl."""
-    stem = out.name[:-len(".json")] if out.name.endswith(".json") else out.name
+    stem = out.name[: -len(".json")] if out.name.endswith(".json") else out.name
     return out.with_name(f"{stem}.predictions.jsonl")
 
 
@@ -158,12 +169,29 @@ def prediction_lines(cases: list[dict], scored: Scored) -> list[str]:
     """One JSON line per case: where it is, its prompt, reference, prediction and scores (null for non-finite)."""
     lines = []
     for i, (case, finish, row, lr) in enumerate(zip(cases, scored.finishes, scored.rows, scored.losses)):
-        lines.append(json.dumps(finite_json({
-            "index": i, "where": case["where"], "prompt": case["prompt"][-1]["content"],
-            "reference": scored.references[i], "prediction": scored.predictions[i], "finish_reason": finish.reason,
-            "exact_match": row.exact_match, "rouge1": row.rouge1, "rouge2": row.rouge2, "rougeL": row.rougeL,
-            "bleu": row.bleu, "loss": (lr[0] / lr[1]) if lr and lr[1] else None, "loss_tokens": lr[1] if lr else 0,
-        }), ensure_ascii=False, allow_nan=False))
+        lines.append(
+            json.dumps(
+                finite_json(
+                    {
+                        "index": i,
+                        "where": case["where"],
+                        "prompt": case["prompt"][-1]["content"],
+                        "reference": scored.references[i],
+                        "prediction": scored.predictions[i],
+                        "finish_reason": finish.reason,
+                        "exact_match": row.exact_match,
+                        "rouge1": row.rouge1,
+                        "rouge2": row.rouge2,
+                        "rougeL": row.rougeL,
+                        "bleu": row.bleu,
+                        "loss": (lr[0] / lr[1]) if lr and lr[1] else None,
+                        "loss_tokens": lr[1] if lr else 0,
+                    }
+                ),
+                ensure_ascii=False,
+                allow_nan=False,
+            )
+        )
     return lines
 
 
@@ -171,11 +199,16 @@ def summary(run: dict, scored: Scored, skipped: int, max_new_tokens: int, predic
     """The summary of a scoring: `run` (what was scored: model, adapter, dtype, data) and what came out."""
     loss, loss_tokens = scored.loss
     return {
-        **run, "records": len(scored.rows) + skipped, "scored": len(scored.rows), "skipped_no_answer": skipped,
+        **run,
+        "records": len(scored.rows) + skipped,
+        "scored": len(scored.rows),
+        "skipped_no_answer": skipped,
         "max_new_tokens": max_new_tokens,
         **scored.scores,
-        "loss": loss, "perplexity": metrics.perplexity(loss) if loss is not None else None,
-        "loss_tokens": loss_tokens, "loss_records": sum(x is not None for x in scored.losses),
+        "loss": loss,
+        "perplexity": metrics.perplexity(loss) if loss is not None else None,
+        "loss_tokens": loss_tokens,
+        "loss_records": sum(x is not None for x in scored.losses),
         "loss_truncated": scored.truncated,
         "generated_tokens": sum(f.completion_tokens for f in scored.finishes),
         "generate_seconds": round(scored.generate_seconds, 3),
@@ -186,6 +219,9 @@ def summary(run: dict, scored: Scored, skipped: int, max_new_tokens: int, predic
 
 def write_outputs(out: Path, predictions: Path, summary: dict, lines: list[str]) -> None:
     """The predictions and the summary, both atomically (non-finite numbers as null)."""
-    write_files_atomically({
-        predictions: "".join(line + "\n" for line in lines),
-        out: json.dumps(finite_json(summary), ensure_ascii=False, indent=2, allow_nan=False) + "\n"})
+    write_files_atomically(
+        {
+            predictions: "".join(line + "\n" for line in lines),
+            out: json.dumps(finite_json(summary), ensure_ascii=False, indent=2, allow_nan=False) + "\n",
+        }
+    )

@@ -67,8 +67,15 @@ class LossModule(nn.Module):
         return batch_loss(self.model, batch, self.precision, batch["tokens"].device)[0]
 
 
-def accumulate(model, batches: list[dict], n_targets: int, precision: str, device, scaler=None,
-               replicas: distributed.Replicas | None = None) -> float:
+def accumulate(
+    model,
+    batches: list[dict],
+    n_targets: int,
+    precision: str,
+    device,
+    scaler=None,
+    replicas: distributed.Replicas | None = None,
+) -> float:
     """Backward over the micro-batches of one optimizer step; returns the mean loss per target token.
 
     Each micro-batch's summed loss is divided by `n_targets`, the target tokens of the whole accumulated batch,
@@ -96,8 +103,15 @@ _EMPTY = Example([0], [IGNORE])
 
 
 @torch.no_grad()
-def eval_loss(model, examples: list[Example], pad_id: int, batch_size: int, precision, device,
-              replicas: distributed.Replicas | None = None) -> float:
+def eval_loss(
+    model,
+    examples: list[Example],
+    pad_id: int,
+    batch_size: int,
+    precision,
+    device,
+    replicas: distributed.Replicas | None = None,
+) -> float:
     """Mean loss per target token over `examples`.
 
     Under torchrun the batches are dealt out to the processes and the sums added up; each process runs the same
@@ -107,7 +121,7 @@ def eval_loss(model, examples: list[Example], pad_id: int, batch_size: int, prec
     model.eval()
     total, count = 0.0, 0
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if replicas is None or not replicas.d.enabled:
         for group in groups:
             batch = to_device(collate([examples[j] for j in group], pad_id), device)
@@ -115,7 +129,7 @@ def eval_loss(model, examples: list[Example], pad_id: int, batch_size: int, prec
             total, count = total + loss.item(), count + n
     else:
         d = replicas.d
-        mine = groups[d.rank::d.world]
+        mine = groups[d.rank :: d.world]
         for k in range(math.ceil(len(groups) / d.world)):
             batch = to_device(collate([examples[j] for j in mine[k]] if k < len(mine) else [_EMPTY], pad_id), device)
             loss = replicas.evaluate(batch)
@@ -131,6 +145,7 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 # ---- the run, stage by stage -----------------------------------------------------------------------------------------
+
 
 def train(opts: TrainOptions, log=print) -> Path:
     """Run one fine-tuning job; returns the run folder. Raises Interrupted after saving on SIGINT/SIGTERM.
@@ -173,14 +188,16 @@ def build_setup(run: prepare.Run) -> prepare.Setup:
     opts, d = run.opts, run.d
     model, tokenizer, max_len = prepare.load_model(run)
     replicas = distributed.Replicas(LossModule(model, opts.precision), model.layers, d, opts.precision)
-    optimizer = torch.optim.AdamW(replicas.params, lr=opts.lr, betas=(0.9, 0.999), eps=1e-8,
-                                  weight_decay=opts.weight_decay)
+    optimizer = torch.optim.AdamW(
+        replicas.params, lr=opts.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=opts.weight_decay
+    )
     scaler = torch.amp.GradScaler(d.device.type, enabled=opts.precision == "fp16")
     empty = to_device(collate([_EMPTY], tokenizer.pad_id), d.device)
     return prepare.Setup(model, tokenizer, max_len, replicas, optimizer, scaler, empty)
 
 
 # ---- the steps -------------------------------------------------------------------------------------------------------
+
 
 class Signals:
     """SIGINT and SIGTERM while training: noted, so that the loop finishes the current step, saves and stops (under
@@ -216,14 +233,19 @@ class Step:
     signalled: bool  # under torchrun: whether any process got SIGINT or SIGTERM before this step's end
 
 
-def run_steps(run: prepare.Run, setup: prepare.Setup, data: prepare.Data, state: RunState,
-              signals: Signals) -> None:
+def run_steps(run: prepare.Run, setup: prepare.Setup, data: prepare.Data, state: RunState, signals: Signals) -> None:
     """Optimizer steps from `state` to the last, then the final checkpoint and the adapter. After a signal: a
     checkpoint, then Interrupted."""
     from tqdm import tqdm
 
-    bar = tqdm(total=data.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
-               disable=not run.d.main)
+    bar = tqdm(
+        total=data.total_steps,
+        initial=state.step,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        disable=not run.d.main,
+    )
     try:
         plan = plan_epoch(data.lengths, data.global_batch, run.opts.seed, state.epoch)
         bad, window = BadSteps(run.opts.precision), Window()
@@ -241,8 +263,9 @@ def run_steps(run: prepare.Run, setup: prepare.Setup, data: prepare.Data, state:
         bar.close()  # an error line must start a line of its own, not follow the bar
 
 
-def micro_batches(run: prepare.Run, setup: prepare.Setup, data: prepare.Data,
-                  chosen: list[int]) -> tuple[list[dict], int, int]:
+def micro_batches(
+    run: prepare.Run, setup: prepare.Setup, data: prepare.Data, chosen: list[int]
+) -> tuple[list[dict], int, int]:
     """(this process's micro-batches of the global batch `chosen` on the device, the target tokens of the whole
     global batch, this process's tokens)."""
     d, opts, pad = run.d, run.opts, setup.tokenizer.pad_id
@@ -258,8 +281,15 @@ def micro_batches(run: prepare.Run, setup: prepare.Setup, data: prepare.Data,
     return batches, n_targets, tokens
 
 
-def optimizer_step(run: prepare.Run, setup: prepare.Setup, data: prepare.Data, state: RunState, chosen: list[int],
-                   signals: Signals, bad: BadSteps) -> Step:
+def optimizer_step(
+    run: prepare.Run,
+    setup: prepare.Setup,
+    data: prepare.Data,
+    state: RunState,
+    chosen: list[int],
+    signals: Signals,
+    bad: BadSteps,
+) -> Step:
     """One optimizer step over the global batch `chosen`: set the learning rate, accumulate, update (or skip, by
     the policies of `bad`); advances `state`."""
     opts, d = run.opts, run.d
@@ -272,8 +302,16 @@ def optimizer_step(run: prepare.Run, setup: prepare.Setup, data: prepare.Data, s
     if d.enabled:  # the global loss and tokens, and whether any process got a signal
         loss, tokens, n_signals = d.all_sum(loss, tokens, len(signals.pending))
         signalled = n_signals > 0
-    grad_norm, skipped = update(bad, setup.optimizer, setup.scaler, setup.replicas.clip_grad_norm, loss,
-                                opts.max_grad_norm, state.step + 1, lambda: _last_checkpoint(run.run_dir))
+    grad_norm, skipped = update(
+        bad,
+        setup.optimizer,
+        setup.scaler,
+        setup.replicas.clip_grad_norm,
+        loss,
+        opts.max_grad_norm,
+        state.step + 1,
+        lambda: _last_checkpoint(run.run_dir),
+    )
     state.skipped += skipped
     state.step += 1
     state.batch_in_epoch += 1
@@ -285,12 +323,27 @@ def _last_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def after_step(run: prepare.Run, setup: prepare.Setup, data: prepare.Data, state: RunState, done: Step,
-               window: Window, steps_in_epoch: int, bar, signals: Signals) -> None:
+def after_step(
+    run: prepare.Run,
+    setup: prepare.Setup,
+    data: prepare.Data,
+    state: RunState,
+    done: Step,
+    window: Window,
+    steps_in_epoch: int,
+    bar,
+    signals: Signals,
+) -> None:
     """Log, maybe eval (keeping the best adapter), maybe save, and stop after a signal (Interrupted)."""
     opts, d = run.opts, run.d
-    when = cadence(state.step, data.total_steps, log_every=opts.log_every, eval_every=opts.eval_every,
-                   save_every=opts.save_every, has_eval=bool(data.eval))
+    when = cadence(
+        state.step,
+        data.total_steps,
+        log_every=opts.log_every,
+        eval_every=opts.eval_every,
+        save_every=opts.save_every,
+        has_eval=bool(data.eval),
+    )
     record = None
     if when.log:
         record = metrics_record(state, done.loss, done.lr, done.grad_norm, window.rate(), steps_in_epoch, d.device)
@@ -303,8 +356,9 @@ def after_step(run: prepare.Run, setup: prepare.Setup, data: prepare.Data, state
         state.history.append((state.step, done.loss, eval_value))
         if d.main:
             outputs.append_metrics(run.metrics_path, record)
-        bar.set_postfix(loss=f"{done.loss:.4f}", lr=f"{done.lr:.2e}",
-                        tok_s=f"{record.get('tokens_per_s', 0):.0f}", refresh=False)
+        bar.set_postfix(
+            loss=f"{done.loss:.4f}", lr=f"{done.lr:.2e}", tok_s=f"{record.get('tokens_per_s', 0):.0f}", refresh=False
+        )
     bar.update(1)
     if when.save:
         save(run, setup, state)
@@ -319,8 +373,15 @@ def after_step(run: prepare.Run, setup: prepare.Setup, data: prepare.Data, state
 
 def evaluate(run: prepare.Run, setup: prepare.Setup, data: prepare.Data, state: RunState) -> float:
     """The eval loss now; a new best one also writes DIR/best_adapter."""
-    value = eval_loss(setup.model, data.eval, setup.tokenizer.pad_id, run.opts.batch_size, run.opts.precision,
-                      run.d.device, setup.replicas)
+    value = eval_loss(
+        setup.model,
+        data.eval,
+        setup.tokenizer.pad_id,
+        run.opts.batch_size,
+        run.opts.precision,
+        run.d.device,
+        setup.replicas,
+    )
     if value < state.best_eval:
         state.best_eval = value
         write_adapter(run, setup, run.run_dir / "best_adapter")
@@ -328,6 +389,7 @@ def evaluate(run: prepare.Run, setup: prepare.Setup, data: prepare.Data, state: 
 
 
 # ---- what is written: adapters and checkpoints -----------------------------------------------------------------------
+
 
 def write_adapter(run: prepare.Run, setup: prepare.Setup, folder: Path) -> None:
     """Every process calls it (FSDP gathers the shards); rank 0 writes."""
@@ -339,19 +401,31 @@ def save(run: prepare.Run, setup: prepare.Setup, state: RunState) -> Path:
     """A checkpoint of this step (every process calls it: each writes its own part, rank 0 the rest)."""
     opts, d, model, replicas = run.opts, run.d, setup.model, setup.replicas
     own = {"rng": ckpt.rng_state()}
-    payload = {"scaler": setup.scaler.state_dict(), "run": state.__dict__.copy(), "rng": own["rng"],
-               "options": opts.to_dict(), "layout": d.layout}
+    payload = {
+        "scaler": setup.scaler.state_dict(),
+        "run": state.__dict__.copy(),
+        "rng": own["rng"],
+        "options": opts.to_dict(),
+        "layout": d.layout,
+    }
     if d.sharded:
         own.update(replicas.local_state(model, setup.optimizer))
     elif d.main:
         payload.update(trainable=trainable_state(model), optimizer=setup.optimizer.state_dict())
     gathered = replicas.gather_adapter(model)
-    return ckpt.save_checkpoint(run.run_dir, state.step, payload,
-                                lambda folder: replicas.write_adapter(model, folder, gathered, opts.source),
-                                opts.keep_last, own, d)
+    return ckpt.save_checkpoint(
+        run.run_dir,
+        state.step,
+        payload,
+        lambda folder: replicas.write_adapter(model, folder, gathered, opts.source),
+        opts.keep_last,
+        own,
+        d,
+    )
 
 
 # ---- held-out scores and the report ----------------------------------------------------------------------------------
+
 
 @dataclass
 class Report:
@@ -368,8 +442,10 @@ def score_before(run: prepare.Run, setup: prepare.Setup) -> Report:
     report = outputs.read_report(run.report_path) if d.main and run.report_path.exists() else {}
     held_out = _held_out(opts) if d.main and not d.sharded else []
     if d.sharded and (opts.eval_generate or opts.chat_prompt):
-        run.log("note: --eval-generate and --chat-prompt are skipped under --distributed fsdp (the model is "
-                "sharded); use tools/evaluate.py or tools/chat.py with the adapter")
+        run.log(
+            "note: --eval-generate and --chat-prompt are skipped under --distributed fsdp (the model is "
+            "sharded); use tools/evaluate.py or tools/chat.py with the adapter"
+        )
     if held_out and "exact_match_before" not in report:
         score, _ = exact_match(setup.model, setup.tokenizer, held_out)
         report["exact_match_before"] = score
@@ -382,7 +458,7 @@ def _held_out(opts: TrainOptions) -> list[list[dict]]:
     """Conversations of the held-out file to score by exact match (the first --eval-generate of them)."""
     if not (opts.eval_generate and opts.eval_data):
         return []
-    located = _read_located(opts.eval_data)[:opts.eval_generate]
+    located = _read_located(opts.eval_data)[: opts.eval_generate]
     return [record_messages(record, where) for where, record in located]
 
 
@@ -403,8 +479,9 @@ def finish(run: prepare.Run, setup: prepare.Setup, state: RunState, report: Repo
         shown.append(f"held-out exact match after training: {score:.1%} (before: {values['exact_match_before']:.1%})")
         outputs.write_jsonl(run_dir / "predictions.jsonl", rows)
     if opts.chat_prompt and not d.sharded:
-        reply = generate_replies(model, tokenizer, [[{"role": "user", "content": opts.chat_prompt}]],
-                                 max_new_tokens=64)[0]
+        reply = generate_replies(
+            model, tokenizer, [[{"role": "user", "content": opts.chat_prompt}]], max_new_tokens=64
+        )[0]
         values["chat"] = {"prompt": opts.chat_prompt, "reply": reply}
         shown.append(f"user: {opts.chat_prompt}\nmodel: {reply}")
     with ckpt.writing(run_dir / "loss.png", "loss plot"):

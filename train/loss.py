@@ -26,8 +26,9 @@ def _chunk_loss(model, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(model.logits(h), targets, reduction="sum")  # logits are float32
 
 
-def head_loss(model, h: torch.Tensor, targets: torch.Tensor, chunk: int,
-              need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def head_loss(
+    model, h: torch.Tensor, targets: torch.Tensor, chunk: int, need_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(summed cross-entropy, its gradient with respect to h or None) for h (N, H) and targets (N,).
 
     The arithmetic is `F.cross_entropy(model.logits(h), targets, reduction="sum")` and its autograd backward (for
@@ -55,17 +56,17 @@ def head_loss(model, h: torch.Tensor, targets: torch.Tensor, chunk: int,
     grad = torch.empty(n, w.shape[1], dtype=dtype, device=h.device) if need_grad else None
     for i in range(0, n, chunk):
         k = min(chunk, n - i)
-        torch.mm(h[i:i + k].to(dtype), w.t(), out=out[:k])  # (k, vocab)
+        torch.mm(h[i : i + k].to(dtype), w.t(), out=out[:k])  # (k, vocab)
         for j in range(0, k, sub):
             m = min(sub, k - j)
-            o, t = out[j:j + m], targets[i + j:i + j + m]
+            o, t = out[j : j + m], targets[i + j : i + j + m]
             z = logits[:m].copy_(o)  # float32
             if cap is not None:
                 th = torch.div(z, cap, out=tanh[:m]).tanh_()
                 z = torch.mul(th, cap, out=z)
             lp = torch.log_softmax(z, dim=-1, out=logp[:m])
             at = torch.arange(m, device=h.device)
-            picked[i + j:i + j + m] = lp[at, t]
+            picked[i + j : i + j + m] = lp[at, t]
             if need_grad:
                 g = lp.exp_()  # softmax
                 g[at, t] -= 1.0  # - one_hot
@@ -73,7 +74,7 @@ def head_loss(model, h: torch.Tensor, targets: torch.Tensor, chunk: int,
                     g.mul_(cap).mul_(th.mul_(th).neg_().add_(1.0)).div_(cap)
                 o.copy_(g)  # to the compute dtype
         if need_grad:
-            torch.mm(out[:k], w, out=grad[i:i + k])
+            torch.mm(out[:k], w, out=grad[i : i + k])
     return -picked.sum(), grad
 
 
@@ -97,8 +98,9 @@ class _FusedHeadLoss(torch.autograd.Function):
         return (grad.float() * grad_loss).to(ctx.h_dtype), None, None, None
 
 
-def chunked_cross_entropy(model, hidden: torch.Tensor, targets: torch.Tensor,
-                          chunk: int = 256) -> tuple[torch.Tensor, int]:
+def chunked_cross_entropy(
+    model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 256
+) -> tuple[torch.Tensor, int]:
     """(sum of the token losses, number of target tokens) for hidden (B, T, H) and targets (B, T).
 
     The caller divides by the target-token count of the whole accumulated (and distributed) batch. With autograd
@@ -111,7 +113,7 @@ def chunked_cross_entropy(model, hidden: torch.Tensor, targets: torch.Tensor,
     if n == 0:
         return hidden.new_zeros((), dtype=torch.float32) + 0.0 * hidden.sum(), 0  # keeps the graph connected
     if model.quantized:  # a quantized head (gemma.model.quantize, inference only): the model's own
-        return sum(_chunk_loss(model, h[i:i + chunk], t[i:i + chunk]) for i in range(0, n, chunk)), n
+        return sum(_chunk_loss(model, h[i : i + chunk], t[i : i + chunk]) for i in range(0, n, chunk)), n
     if not (torch.is_grad_enabled() and h.requires_grad):
         return head_loss(model, h, t, chunk, need_grad=False)[0], n
     if not model.embed.weight.requires_grad:
@@ -119,6 +121,7 @@ def chunked_cross_entropy(model, hidden: torch.Tensor, targets: torch.Tensor,
     # A trainable head (not under LoRA, which freezes the base): autograd, recomputing each chunk's logits.
     total = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, n, chunk):
-        total = total + torch.utils.checkpoint.checkpoint(_chunk_loss, model, h[i:i + chunk], t[i:i + chunk],
-                                                          use_reentrant=False)
+        total = total + torch.utils.checkpoint.checkpoint(
+            _chunk_loss, model, h[i : i + chunk], t[i : i + chunk], use_reentrant=False
+        )
     return total, n

@@ -36,8 +36,15 @@ _EXTRA_HINT = "pip install -e '.[eval]' (rouge-score and sacrebleu)"
 def _is_cjk(ch: str) -> bool:
     """Chinese characters (all CJK ideograph blocks) and Japanese kana."""
     o = ord(ch)
-    return (0x4E00 <= o <= 0x9FFF or 0x3400 <= o <= 0x4DBF or 0x20000 <= o <= 0x323AF or 0xF900 <= o <= 0xFAFF
-            or 0x2F800 <= o <= 0x2FA1F or 0x3040 <= o <= 0x30FF or 0x31F0 <= o <= 0x31FF)
+    return (
+        0x4E00 <= o <= 0x9FFF
+        or 0x3400 <= o <= 0x4DBF
+        or 0x20000 <= o <= 0x323AF
+        or 0xF900 <= o <= 0xFAFF
+        or 0x2F800 <= o <= 0x2FA1F
+        or 0x3040 <= o <= 0x30FF
+        or 0x31F0 <= o <= 0x31FF
+    )
 
 
 def _is_word(ch: str) -> bool:
@@ -105,8 +112,7 @@ def score_record(prediction: str, reference: str) -> RecordScores:
     rouge = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=_Words()).score(reference, prediction)
     bleu = sacrebleu.metrics.BLEU(tokenize="none", effective_order=True)
     sentence = min(bleu.sentence_score(" ".join(p), [" ".join(r)]).score / 100, 1.0) if p and r else 0.0
-    return RecordScores(exact, rouge["rouge1"].fmeasure, rouge["rouge2"].fmeasure, rouge["rougeL"].fmeasure,
-                        sentence)
+    return RecordScores(exact, rouge["rouge1"].fmeasure, rouge["rouge2"].fmeasure, rouge["rougeL"].fmeasure, sentence)
 
 
 def corpus_bleu(predictions: list[str], references: list[str]) -> float:
@@ -128,11 +134,13 @@ def text_scores(predictions: list[str], references: list[str]) -> tuple[dict, li
         raise GemmaError("nothing to score: no record has a reference answer")
     rows = [score_record(p, r) for p, r in zip(predictions, references)]
     n = len(rows)
-    summary = {"exact_match": sum(r.exact_match for r in rows) / n,
-               "rouge1": sum(r.rouge1 for r in rows) / n,
-               "rouge2": sum(r.rouge2 for r in rows) / n,
-               "rougeL": sum(r.rougeL for r in rows) / n,
-               "bleu": corpus_bleu(predictions, references)}
+    summary = {
+        "exact_match": sum(r.exact_match for r in rows) / n,
+        "rouge1": sum(r.rouge1 for r in rows) / n,
+        "rouge2": sum(r.rouge2 for r in rows) / n,
+        "rougeL": sum(r.rougeL for r in rows) / n,
+        "bleu": corpus_bleu(predictions, references),
+    }
     return summary, rows
 
 
@@ -157,12 +165,12 @@ def reference_losses(model, examples, pad_id: int, batch_size: int = 8, progress
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))  # similar lengths share a batch
     try:
         for at in range(0, len(order), batch_size):
-            chunk = order[at:at + batch_size]
+            chunk = order[at : at + batch_size]
             batch = collate([examples[i] for i in chunk], pad_id)
             hidden = model.hidden_states(batch["tokens"].to(model.device))  # (B, T, H)
             targets = batch["targets"].to(model.device)
             for row, i in enumerate(chunk):
-                total, n = chunked_cross_entropy(model, hidden[row:row + 1], targets[row:row + 1])
+                total, n = chunked_cross_entropy(model, hidden[row : row + 1], targets[row : row + 1])
                 out[i] = (float(total), n)
             if progress is not None:
                 progress(len(chunk))

@@ -31,10 +31,12 @@ def _opt(default, help: str, **kw):
 class TrainOptions:
     # what to train
     size: str | None = _opt(None, "model preset (2b 7b 2-2b 2-9b 2-27b 3-270m 3-1b 3-4b 3-12b 3-27b)")
-    model: str | None = _opt(None, "model source: HF folder, native folder, .gguf, HF repo id (default: --size, "
-                                   "else 3-270m)")
-    data: str = _opt(str(EXAMPLES / "arith_train.jsonl"), "training data (JSON or JSONL; alpaca, sharegpt or "
-                                                          "messages records)")
+    model: str | None = _opt(
+        None, "model source: HF folder, native folder, .gguf, HF repo id (default: --size, else 3-270m)"
+    )
+    data: str = _opt(
+        str(EXAMPLES / "arith_train.jsonl"), "training data (JSON or JSONL; alpaca, sharegpt or messages records)"
+    )
     eval_data: str | None = _opt(None, "held-out data for eval loss (and exact match with --eval-generate)")
     eval_split: float = _opt(0.0, "hold out this fraction of --data for evaluation when --eval-data is not given")
     out: str | None = _opt(None, "output folder (default runs/<model>-<time>)")
@@ -44,8 +46,11 @@ class TrainOptions:
     # batching
     batch_size: int = _opt(4, "sequences per micro-batch (per process)")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
-    max_len: int = _opt(512, "tokens per sequence, at most the model's context (a larger value is lowered to it); "
-                             "longer records have their content trimmed")
+    max_len: int = _opt(
+        512,
+        "tokens per sequence, at most the model's context (a larger value is lowered to it); "
+        "longer records have their content trimmed",
+    )
     packing: bool = _opt(False, "pack several records into each sequence (attention stays within a record)")
     train_on_prompt: bool = _opt(False, "also train on the prompt tokens, not only the model turns")
     # optimisation
@@ -66,8 +71,9 @@ class TrainOptions:
     grad_checkpointing: bool = _opt(False, "recompute block activations in the backward pass (less memory)")
     device: str | None = _opt(None, "cpu, cuda, cuda:N (default: cuda when available)")
     distributed: str = _opt("ddp", "under torchrun: ddp | fsdp", choices=("ddp", "fsdp"))
-    dist_timeout: int = _opt(1800, "under torchrun: seconds a process waits for the others in a collective before "
-                                   "the job fails")
+    dist_timeout: int = _opt(
+        1800, "under torchrun: seconds a process waits for the others in a collective before the job fails"
+    )
     seed: int = _opt(0, "seed for LoRA init, data order and dropout")
     # logging, evaluation, checkpoints
     log_every: int = _opt(1, "write a metrics line every N steps")
@@ -109,8 +115,10 @@ class TrainOptions:
             (self.save_every >= 0, "--save-every must be at least 0 (0: only at the end)"),
             (self.precision in ("fp32", "bf16", "fp16"), f"unknown --precision {self.precision!r}"),
             (self.distributed in ("ddp", "fsdp"), f"unknown --distributed {self.distributed!r}"),
-            (1 <= self.dist_timeout <= MAX_DIST_TIMEOUT,
-             f"--dist-timeout must be between 1 and {MAX_DIST_TIMEOUT} seconds"),
+            (
+                1 <= self.dist_timeout <= MAX_DIST_TIMEOUT,
+                f"--dist-timeout must be between 1 and {MAX_DIST_TIMEOUT} seconds",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -145,8 +153,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m train.sft", description="LoRA supervised fine-tuning of Gemma.",
-                     argument_default=argparse.SUPPRESS)
+    parser = _Parser(
+        prog="python -m train.sft",
+        description="LoRA supervised fine-tuning of Gemma.",
+        argument_default=argparse.SUPPRESS,
+    )
     for f in dataclasses.fields(TrainOptions):
         help_text, kw = f.metadata["help"], {k: v for k, v in f.metadata.items() if k != "help"}
         if f.type in ("bool", bool):

@@ -32,7 +32,7 @@ def append_metrics(path: Path, record: dict) -> None:
         start = f.seek(0, os.SEEK_END)
         try:
             while data:
-                data = data[f.write(data):]
+                data = data[f.write(data) :]
         except OSError:
             with contextlib.suppress(OSError):
                 f.truncate(start)
@@ -64,8 +64,9 @@ def truncate_metrics(path: Path, step: int) -> None:
         if record is None:
             if n == numbered[-1][0]:
                 break  # the write a crash cut short
-            raise GemmaError(f"{path}:{n}: not a metrics line (a JSON object with an integer step); repair or "
-                             "remove it to resume")
+            raise GemmaError(
+                f"{path}:{n}: not a metrics line (a JSON object with an integer step); repair or remove it to resume"
+            )
         if record["step"] <= step:
             keep.append(line)
     write_text(path, "".join(line + "\n" for line in keep))

@@ -118,6 +118,7 @@ def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
 
 # ---- the model -------------------------------------------------------------------------------------------------------
 
+
 def load_model(run: Run):
     """(model, tokenizer, max_len): the frozen base in the compute dtype with a float32 adapter, in training mode,
     on this process's device (under FSDP still on the CPU: it is sharded from host memory)."""
@@ -134,8 +135,17 @@ def load_model(run: Run):
     max_len = min(opts.max_len, model.config.max_seq_len)
     if max_len < opts.max_len:
         log(f"note: --max-len {opts.max_len} is above the model's context of {max_len} tokens; using {max_len}")
-    inject(model, LoraConfig(r=opts.lora_r, alpha=opts.lora_alpha, dropout=opts.lora_dropout, targets=opts.targets,
-                             rslora=opts.rslora, dora=opts.dora))
+    inject(
+        model,
+        LoraConfig(
+            r=opts.lora_r,
+            alpha=opts.lora_alpha,
+            dropout=opts.lora_dropout,
+            targets=opts.targets,
+            rslora=opts.rslora,
+            dora=opts.dora,
+        ),
+    )
     for p in model.parameters():
         if p.requires_grad:  # the adapter trains in float32 whatever the base dtype (autocast does the matmuls)
             p.data = p.data.float()
@@ -160,12 +170,15 @@ def check_lora_rank(model, opts: TrainOptions) -> None:
             out_features, in_features = model.get_submodule(path).weight.shape
             width = min(in_features, out_features)
             if opts.lora_r > width:
-                raise GemmaError(f"--lora-r {opts.lora_r} is above the width {width} of {path} ({in_features} in, "
-                                 f"{out_features} out); choose at most {width} or leave {target!r} out of "
-                                 "--lora-targets")
+                raise GemmaError(
+                    f"--lora-r {opts.lora_r} is above the width {width} of {path} ({in_features} in, "
+                    f"{out_features} out); choose at most {width} or leave {target!r} out of "
+                    "--lora-targets"
+                )
 
 
 # ---- the data --------------------------------------------------------------------------------------------------------
+
 
 def load_data(run: Run, tokenizer, max_len: int) -> Data:
     opts = run.opts
@@ -210,6 +223,7 @@ def plan_sizes(n_examples: int, opts: TrainOptions, world: int) -> tuple[int, in
 
 # ---- a checkpoint to resume, and config.json -------------------------------------------------------------------------
 
+
 def resume(run: Run, setup: Setup, state: RunState) -> None:
     """Continue from `run.resume_from`: its state into this run, metrics.jsonl cut back to its step."""
     d = run.d
@@ -244,8 +258,10 @@ def _restore_parts(saved: dict, setup: Setup, state: RunState, where: Path, d: d
             raise GemmaError(f"{where}: the checkpoint's adapter does not match this run's LoRA settings")
         for name, tensor in trainable.items():
             if named[name].shape != tensor.shape:
-                raise GemmaError(f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, this run needs "
-                                 f"{tuple(named[name].shape)}")
+                raise GemmaError(
+                    f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, this run needs "
+                    f"{tuple(named[name].shape)}"
+                )
             with torch.no_grad():
                 named[name].copy_(tensor)
         setup.optimizer.load_state_dict(saved["optimizer"])
@@ -261,8 +277,22 @@ def write_config(run: Run, setup: Setup, data: Data) -> None:
     if not d.main:
         return
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    outputs.write_json(run.run_dir / "config.json", {**run.opts.to_dict(), "resolved": {
-        "run_dir": str(run.run_dir), "device": str(d.device), "total_steps": data.total_steps,
-        "warmup_steps": data.warmup, "global_batch": data.global_batch, "world_size": d.world,
-        "distributed": d.mode, "max_len": setup.max_len, "train_examples": len(data.train),
-        "eval_examples": len(data.eval), "model_config": setup.model.config.to_dict()}})
+    outputs.write_json(
+        run.run_dir / "config.json",
+        {
+            **run.opts.to_dict(),
+            "resolved": {
+                "run_dir": str(run.run_dir),
+                "device": str(d.device),
+                "total_steps": data.total_steps,
+                "warmup_steps": data.warmup,
+                "global_batch": data.global_batch,
+                "world_size": d.world,
+                "distributed": d.mode,
+                "max_len": setup.max_len,
+                "train_examples": len(data.train),
+                "eval_examples": len(data.eval),
+                "model_config": setup.model.config.to_dict(),
+            },
+        },
+    )

@@ -15,8 +15,9 @@ __all__ = ["exact_match", "generate_replies", "plot_losses", "split_prompt"]
 
 
 @torch.no_grad()
-def generate_replies(model, tokenizer: Tokenizer, conversations: list[list[dict]], max_new_tokens: int = 32,
-                     batch_size: int = 16) -> list[str]:
+def generate_replies(
+    model, tokenizer: Tokenizer, conversations: list[list[dict]], max_new_tokens: int = 32, batch_size: int = 16
+) -> list[str]:
     """Greedy replies to each conversation (which ends with a user turn), as text as tools/evaluate.py reads its
     answers (train.evaluate.reply_text). `gemma.generate` rather than the engine, which tools/evaluate.py runs:
     the same greedy tokens (tests/test_engine.py checks it), without a thread per call during training."""
@@ -26,21 +27,24 @@ def generate_replies(model, tokenizer: Tokenizer, conversations: list[list[dict]
     model.eval()
     replies = []
     for i in range(0, len(conversations), batch_size):
-        prompts = [tokenizer.apply_chat(c) for c in conversations[i:i + batch_size]]
+        prompts = [tokenizer.apply_chat(c) for c in conversations[i : i + batch_size]]
         for ids in generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0):
             replies.append(reply_text(tokenizer, ids))
     model.train(was_training)
     return replies
 
 
-def exact_match(model, tokenizer: Tokenizer, records: list[list[dict]], max_new_tokens: int = 32
-                ) -> tuple[float, list[dict]]:
+def exact_match(
+    model, tokenizer: Tokenizer, records: list[list[dict]], max_new_tokens: int = 32
+) -> tuple[float, list[dict]]:
     """Share of records whose greedy reply equals the reference answer (train.metrics.is_exact_match, as
     tools/evaluate.py scores it; the records split into prompt and reference as there too), and the rows."""
     pairs = [p for p in (split_prompt(m) for m in records) if p is not None]
     replies = generate_replies(model, tokenizer, [p for p, _ in pairs], max_new_tokens)
-    rows = [{"prompt": p[-1]["content"], "reference": ref.strip(), "reply": r, "match": is_exact_match(r, ref)}
-            for (p, ref), r in zip(pairs, replies)]
+    rows = [
+        {"prompt": p[-1]["content"], "reference": ref.strip(), "reply": r, "match": is_exact_match(r, ref)}
+        for (p, ref), r in zip(pairs, replies)
+    ]
     return (sum(r["match"] for r in rows) / max(len(rows), 1)), rows
 
 

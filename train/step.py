@@ -54,8 +54,10 @@ class BadSteps:
         self.streak += 1
         if self.streak >= NONFINITE_LIMIT:
             last = last_checkpoint()
-            raise AgreedError(f"non-finite loss at {self.streak} steps in a row (step {step}); stopped. "
-                              f"Last good checkpoint: {last if last is not None else 'none'}")
+            raise AgreedError(
+                f"non-finite loss at {self.streak} steps in a row (step {step}); stopped. "
+                f"Last good checkpoint: {last if last is not None else 'none'}"
+            )
 
     def overflow(self) -> None:
         """Count an update the fp16 scaler skipped; raises at the limit."""
@@ -79,8 +81,16 @@ def apply_update(optimizer, scaler, clip: Callable[[float], float], max_grad_nor
     return grad_norm, scaler.is_enabled() and scaler.get_scale() < scale_before
 
 
-def update(bad: BadSteps, optimizer, scaler, clip: Callable[[float], float], loss: float, max_grad_norm: float,
-           step: int, last_checkpoint: Callable[[], Path | None] = lambda: None) -> tuple[float, bool]:
+def update(
+    bad: BadSteps,
+    optimizer,
+    scaler,
+    clip: Callable[[float], float],
+    loss: float,
+    max_grad_norm: float,
+    step: int,
+    last_checkpoint: Callable[[], Path | None] = lambda: None,
+) -> tuple[float, bool]:
     """The update of one step whose gradients are accumulated, under the policies of `bad`; returns (gradient norm,
     NaN when skipped for a non-finite loss; whether the update was skipped). `step` is this step, from 1."""
     if bad.skips(loss):
@@ -105,15 +115,16 @@ class Cadence:
     last: bool  # the run's last step
 
 
-def cadence(step: int, total_steps: int, log_every: int, eval_every: int, save_every: int,
-            has_eval: bool) -> Cadence:
+def cadence(step: int, total_steps: int, log_every: int, eval_every: int, save_every: int, has_eval: bool) -> Cadence:
     """The cadence after step `step` (from 1): every N steps by the flags (0: never), and always at the last step,
     which is logged and evaluated but not saved here."""
     last = step == total_steps
-    return Cadence(log=step % log_every == 0 or last,
-                   eval=has_eval and (bool(eval_every and step % eval_every == 0) or last),
-                   save=bool(save_every and step % save_every == 0) and not last,
-                   last=last)
+    return Cadence(
+        log=step % log_every == 0 or last,
+        eval=has_eval and (bool(eval_every and step % eval_every == 0) or last),
+        save=bool(save_every and step % save_every == 0) and not last,
+        last=last,
+    )
 
 
 class Window:
@@ -132,12 +143,25 @@ class Window:
         return self.tokens / max(time.perf_counter() - self.start, 1e-9)
 
 
-def metrics_record(state: RunState, loss: float, lr: float, grad_norm: float, tokens_per_s: float,
-                   steps_in_epoch: int, device: torch.device) -> dict:
+def metrics_record(
+    state: RunState,
+    loss: float,
+    lr: float,
+    grad_norm: float,
+    tokens_per_s: float,
+    steps_in_epoch: int,
+    device: torch.device,
+) -> dict:
     """The metrics line of the step `state` has just done."""
-    record = {"step": state.step, "epoch": state.epoch + state.batch_in_epoch / max(steps_in_epoch, 1),
-              "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
-              "skipped_steps": state.skipped}
+    record = {
+        "step": state.step,
+        "epoch": state.epoch + state.batch_in_epoch / max(steps_in_epoch, 1),
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens_per_s": tokens_per_s,
+        "skipped_steps": state.skipped,
+    }
     if device.type == "cuda":
         record["memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9  # rank 0's peak
     return record

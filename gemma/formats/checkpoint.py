@@ -82,11 +82,12 @@ def hf_text_key(key: str) -> str | None:
         return None
     for prefix, plain in _TEXT_PREFIXES:
         if key.startswith(prefix):
-            return plain + key[len(prefix):]
+            return plain + key[len(prefix) :]
     return key
 
 
 # ---- reading ---------------------------------------------------------------------------------------------------------
+
 
 def _safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
@@ -95,8 +96,9 @@ def _safetensors_files(folder: Path) -> list[Path]:
         if not isinstance(weight_map, dict) or not weight_map:
             raise GemmaError(f"{index}: no weight_map")
         # Shard names are plain file names in the folder (as transformers writes them), never a path elsewhere.
-        bad = next((n for n in weight_map.values()
-                    if not isinstance(n, str) or not n or n == ".." or Path(n).name != n), None)
+        bad = next(
+            (n for n in weight_map.values() if not isinstance(n, str) or not n or n == ".." or Path(n).name != n), None
+        )
         if bad is not None:
             raise GemmaError(f"{index}: weight_map lists {shown(bad)}, which is not a file name in the folder")
         files = [folder / name for name in dict.fromkeys(weight_map.values())]
@@ -152,23 +154,34 @@ def check_layer_count(cfg: GemmaConfig, keys: list[str], where: str, field: str,
     present = {int(m[1]) for m in map(_LAYER_KEY.match, keys) if m}
     missing = next((i for i in range(cfg.num_layers) if i not in present), None)
     if missing is not None:
-        raise GemmaError(f"{where}: {field!r} is {cfg.num_layers}, but {weights} holds tensors of {len(present)} "
-                         f"layers (none of layer {missing})")
+        raise GemmaError(
+            f"{where}: {field!r} is {cfg.num_layers}, but {weights} holds tensors of {len(present)} "
+            f"layers (none of layer {missing})"
+        )
 
 
-def check_embedding(cfg: GemmaConfig, shape: tuple[int, ...], key: str, where: str, fields: dict[str, str],
-                    weights: str) -> None:
+def check_embedding(
+    cfg: GemmaConfig, shape: tuple[int, ...], key: str, where: str, fields: dict[str, str], weights: str
+) -> None:
     """The embedding's shape in the file against the config's vocabulary and width, before anything is built."""
     wanted = (cfg.vocab_size, cfg.hidden_size)
     if tuple(shape) != wanted:
         vocab, hidden = (fields.get(f, f) for f in ("vocab_size", "hidden_size"))
-        raise GemmaError(f"{where}: the embedding {key!r} in {weights} has shape {tuple(shape)}, but {vocab!r} "
-                         f"and {hidden!r} make it {wanted}")
+        raise GemmaError(
+            f"{where}: the embedding {key!r} in {weights} has shape {tuple(shape)}, but {vocab!r} "
+            f"and {hidden!r} make it {wanted}"
+        )
 
 
-def read_state_dict(files: list[Path], cfg: GemmaConfig, to_native: Callable[[str], str | None],
-                    dtype: torch.dtype | None, show: Callable[[str], str] = lambda n: n,
-                    where: str = "config", fields: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+def read_state_dict(
+    files: list[Path],
+    cfg: GemmaConfig,
+    to_native: Callable[[str], str | None],
+    dtype: torch.dtype | None,
+    show: Callable[[str], str] = lambda n: n,
+    where: str = "config",
+    fields: dict[str, str] | None = None,
+) -> dict[str, torch.Tensor]:
     """The native state dict from safetensors files, strictly checked against `cfg`.
 
     `dtype` None keeps each tensor as stored. `to_native` maps a file key to a native name (None: not ours, skip;
@@ -189,8 +202,13 @@ def read_state_dict(files: list[Path], cfg: GemmaConfig, to_native: Callable[[st
                 check_embedding(cfg, shape, key, where, fields, str(path))
 
     shapes = expected_shapes(cfg)
-    found = match_tensors(((str(path), key, shape) for (path, key), shape in headers.items()), to_native, shapes,
-                          str(files[0].parent), show)
+    found = match_tensors(
+        ((str(path), key, shape) for (path, key), shape in headers.items()),
+        to_native,
+        shapes,
+        str(files[0].parent),
+        show,
+    )
     wanted = {(place, key) for place, key in found.values()}
     out: dict[str, torch.Tensor] = {}
     for path, key, load in _iter_tensors(files):
@@ -216,8 +234,9 @@ def build_model(cfg: GemmaConfig, state: dict[str, torch.Tensor], device="cpu") 
     return model.to(device).eval()
 
 
-def load_hf_folder(folder: Path,
-                   dtype: torch.dtype | None = torch.float32) -> tuple[GemmaConfig, dict[str, torch.Tensor]]:
+def load_hf_folder(
+    folder: Path, dtype: torch.dtype | None = torch.float32
+) -> tuple[GemmaConfig, dict[str, torch.Tensor]]:
     """(config, native state dict) from an HF checkpoint folder."""
     config = folder / "config.json"
     cfg = from_hf_config(read_json(config, "config file"), str(config))
@@ -227,13 +246,15 @@ def load_hf_folder(folder: Path,
         plain = hf_text_key(key)
         return None if plain is None else to_native[plain]
 
-    state = read_state_dict(_safetensors_files(folder), cfg, native, dtype, show=hf_names(cfg).get,
-                            where=str(config), fields=HF_FIELDS)
+    state = read_state_dict(
+        _safetensors_files(folder), cfg, native, dtype, show=hf_names(cfg).get, where=str(config), fields=HF_FIELDS
+    )
     return cfg, state
 
 
-def load_native_folder(folder: Path,
-                       dtype: torch.dtype | None = torch.float32) -> tuple[GemmaConfig, dict[str, torch.Tensor]]:
+def load_native_folder(
+    folder: Path, dtype: torch.dtype | None = torch.float32
+) -> tuple[GemmaConfig, dict[str, torch.Tensor]]:
     """(config, state dict) from a native folder."""
     config = folder / "config.json"
     cfg = GemmaConfig.from_dict(read_json(config, "config file"), str(config))
@@ -244,6 +265,7 @@ def load_native_folder(folder: Path,
 
 
 # ---- writing ---------------------------------------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def atomic_dir(dst: Path, force: bool = False) -> Iterator[Path]:
@@ -304,8 +326,14 @@ def _contiguous(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> di
     return {k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in state.items()}
 
 
-def save_native(folder: Path, cfg: GemmaConfig, state: dict[str, torch.Tensor], tokenizer_proto: bytes,
-                dtype: torch.dtype | None = None, force: bool = False) -> None:
+def save_native(
+    folder: Path,
+    cfg: GemmaConfig,
+    state: dict[str, torch.Tensor],
+    tokenizer_proto: bytes,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+) -> None:
     """A native folder: config.json (our config), model.safetensors (our names), tokenizer.model."""
     with atomic_dir(folder, force) as tmp:
         save_safetensors(_contiguous(state, dtype), tmp / "model.safetensors")
@@ -316,9 +344,16 @@ def save_native(folder: Path, cfg: GemmaConfig, state: dict[str, torch.Tensor], 
 SHARD_BYTES = 5 * 1024**3  # shard an HF export past this size, as transformers does
 
 
-def save_hf(folder: Path, cfg: GemmaConfig, state: dict[str, torch.Tensor], tokenizer_proto: bytes,
-            token_ids: dict[str, int], dtype: torch.dtype | None = None, force: bool = False,
-            shard_bytes: int = SHARD_BYTES) -> None:
+def save_hf(
+    folder: Path,
+    cfg: GemmaConfig,
+    state: dict[str, torch.Tensor],
+    tokenizer_proto: bytes,
+    token_ids: dict[str, int],
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+    shard_bytes: int = SHARD_BYTES,
+) -> None:
     """An HF folder that transformers loads: config.json (hub shape), model.safetensors (sharded with an index
     past `shard_bytes`), tokenizer.model and generation_config.json."""
     names = hf_names(cfg)
@@ -346,14 +381,18 @@ def save_hf(folder: Path, cfg: GemmaConfig, state: dict[str, torch.Tensor], toke
                 save_safetensors(shard, tmp / name)
                 weight_map.update(dict.fromkeys(shard, name))
             total = sum(t.numel() * t.element_size() for t in tensors.values())
-            write_json(tmp / "model.safetensors.index.json",
-                       {"metadata": {"total_size": total}, "weight_map": weight_map})
+            write_json(
+                tmp / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
+            )
         hf_cfg = to_hf_config(cfg, **{k: token_ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
         hf_cfg["torch_dtype"] = str(torch_dtype).removeprefix("torch.")
         write_json(tmp / "config.json", hf_cfg)
-        write_json(tmp / "generation_config.json", {
-            "bos_token_id": token_ids["bos_token_id"],
-            "eos_token_id": [token_ids["eos_token_id"], token_ids.get("end_of_turn_id", token_ids["eos_token_id"])],
-            "pad_token_id": token_ids["pad_token_id"],
-        })
+        write_json(
+            tmp / "generation_config.json",
+            {
+                "bos_token_id": token_ids["bos_token_id"],
+                "eos_token_id": [token_ids["eos_token_id"], token_ids.get("end_of_turn_id", token_ids["eos_token_id"])],
+                "pad_token_id": token_ids["pad_token_id"],
+            },
+        )
         (tmp / "tokenizer.model").write_bytes(tokenizer_proto)

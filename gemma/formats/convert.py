@@ -18,8 +18,15 @@ from gemma.tokenizer import Tokenizer
 FORMATS = ("native", "hf")
 
 
-def write_model(dst: str | Path, to: str, cfg: GemmaConfig, state: dict[str, torch.Tensor], tokenizer: Tokenizer,
-                dtype: torch.dtype | None = None, force: bool = False) -> Path:
+def write_model(
+    dst: str | Path,
+    to: str,
+    cfg: GemmaConfig,
+    state: dict[str, torch.Tensor],
+    tokenizer: Tokenizer,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+) -> Path:
     """Write a model folder in format `to` (`native` or `hf`), atomically."""
     dst = Path(dst)
     if to == "native":
@@ -42,8 +49,14 @@ def merge_adapter(cfg: GemmaConfig, state: dict[str, torch.Tensor], adapter: str
     return {k: merged[k] for k in state}  # the base names only: no LoRA tensors in the output
 
 
-def convert(src: str | Path, dst: str | Path, to: str, dtype: torch.dtype | None = None,
-            force: bool = False, adapter: str | Path | None = None) -> Path:
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    to: str,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+    adapter: str | Path | None = None,
+) -> Path:
     """Convert any model source to an HF or native folder; `dtype` None keeps the stored dtypes. With `adapter`
     (a PEFT folder) the output holds the merged weights."""
     if to not in FORMATS:

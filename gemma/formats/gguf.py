@@ -21,8 +21,17 @@ import numpy as np
 import torch
 
 from gemma.formats.checkpoint import check_embedding, check_layer_count, expected_shapes
-from gemma.model.config import (FULL, MAX_HEADS, MAX_LAYERS, SLIDING, ConfigFieldError, GemmaConfig, check_size,
-                          pattern_layers, shown)
+from gemma.model.config import (
+    FULL,
+    MAX_HEADS,
+    MAX_LAYERS,
+    SLIDING,
+    ConfigFieldError,
+    GemmaConfig,
+    check_size,
+    pattern_layers,
+    shown,
+)
 from gemma.errors import GemmaError
 from gemma.files import regular_file
 from gemma.formats.names import NameTable, match_tensors
@@ -73,6 +82,7 @@ def _is_norm(native_name: str) -> bool:
 
 
 # ---- opening a file ---------------------------------------------------------------------------------------------
+
 
 def _gguf():
     try:
@@ -161,13 +171,23 @@ _GEMMA3_LOCAL_THETA = 10_000.0
 
 def gguf_fields(arch: str) -> dict[str, str]:
     """Our config field -> the metadata key it is read from, so that an error names the key in the file."""
-    keys = {"hidden_size": "embedding_length", "intermediate_size": "feed_forward_length",
-            "num_layers": "block_count", "num_heads": "attention.head_count", "num_kv_heads": "attention.head_count_kv",
-            "head_dim": "attention.key_length", "norm_eps": "attention.layer_norm_rms_epsilon",
-            "rope_theta": "rope.freq_base", "rope_local_theta": "rope.freq_base_swa",
-            "rope_scaling": "rope.scaling.factor", "attn_softcap": "attn_logit_softcapping",
-            "final_softcap": "final_logit_softcapping", "sliding_window": "attention.sliding_window",
-            "layer_types": "attention.sliding_window_pattern", "max_seq_len": "context_length"}
+    keys = {
+        "hidden_size": "embedding_length",
+        "intermediate_size": "feed_forward_length",
+        "num_layers": "block_count",
+        "num_heads": "attention.head_count",
+        "num_kv_heads": "attention.head_count_kv",
+        "head_dim": "attention.key_length",
+        "norm_eps": "attention.layer_norm_rms_epsilon",
+        "rope_theta": "rope.freq_base",
+        "rope_local_theta": "rope.freq_base_swa",
+        "rope_scaling": "rope.scaling.factor",
+        "attn_softcap": "attn_logit_softcapping",
+        "final_softcap": "final_logit_softcapping",
+        "sliding_window": "attention.sliding_window",
+        "layer_types": "attention.sliding_window_pattern",
+        "max_seq_len": "context_length",
+    }
     return {"vocab_size": "tokenizer.ggml.tokens", **{k: f"{arch}.{v}" for k, v in keys.items()}}
 
 
@@ -179,8 +199,9 @@ def gguf_config(reader, where: str = "GGUF file", vocab_size: int | None = None)
     meta = _Meta(reader, where)
     arch = meta.string("general.architecture")
     if arch not in ARCHITECTURES:
-        raise GemmaError(f"{where}: architecture {arch!r} is not a Gemma text model "
-                         f"(supported: {', '.join(ARCHITECTURES)})")
+        raise GemmaError(
+            f"{where}: architecture {arch!r} is not a Gemma text model (supported: {', '.join(ARCHITECTURES)})"
+        )
     try:
         return _gguf_config(reader, meta, arch, where, vocab_size)
     except ConfigFieldError as exc:  # the dataclass's own checks, named by the metadata key
@@ -247,8 +268,7 @@ def _gguf_vocab_size(reader, where: str) -> int:
         return len(tokens.data)
     embed = next((t for t in reader.tensors if t.name == _TOP["embed.weight"]), None)
     if embed is None:
-        raise GemmaError(f"{where}: neither a token list nor {_TOP['embed.weight']!r}; cannot tell the "
-                         "vocabulary size")
+        raise GemmaError(f"{where}: neither a token list nor {_TOP['embed.weight']!r}; cannot tell the vocabulary size")
     return int(embed.shape[-1])
 
 
@@ -267,8 +287,9 @@ def _gguf_rope(meta: _Meta, key: Callable[[str], str], arch: str, where: str) ->
     return theta, local_theta, factor
 
 
-def _gguf_layer_types(meta: _Meta, key: Callable[[str], str], arch: str, n_layers: int,
-                      where: str) -> tuple[tuple[str, ...], int | None]:
+def _gguf_layer_types(
+    meta: _Meta, key: Callable[[str], str], arch: str, n_layers: int, where: str
+) -> tuple[tuple[str, ...], int | None]:
     """(each layer's kind, the sliding window or None when no layer slides).
 
     An explicit pattern wins: an integer p (every p-th layer global) or one bool per layer (true = sliding).
@@ -308,11 +329,11 @@ def _dequantize_into(out: torch.Tensor, data: np.ndarray, qtype, shift: float) -
     flat = out.view(-1, out.shape[-1])  # (n_rows, values per row)
     step = max(1, _CHUNK_ELEMENTS // out.shape[-1])
     for start in range(0, rows.shape[0], step):
-        block = gguf.quants.dequantize(rows[start:start + step], qtype)
+        block = gguf.quants.dequantize(rows[start : start + step], qtype)
         if shift:
             block = block - np.float32(shift)
         # F32 data comes back as a read-only view of the file: copy it (np.require) rather than share it.
-        flat[start:start + step] = torch.from_numpy(np.require(block, np.float32, ["C", "W"]))
+        flat[start : start + step] = torch.from_numpy(np.require(block, np.float32, ["C", "W"]))
 
 
 def _shape(t) -> tuple[int, ...]:
@@ -320,8 +341,9 @@ def _shape(t) -> tuple[int, ...]:
     return tuple(int(d) for d in reversed(t.shape.tolist()))
 
 
-def read_gguf_weights(reader, cfg: GemmaConfig, where: str = "GGUF file",
-                      dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def read_gguf_weights(
+    reader, cfg: GemmaConfig, where: str = "GGUF file", dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
     """The native state dict of the file's tensors, strictly checked against `cfg` before anything is converted."""
     if not dtype.is_floating_point:
         raise GemmaError(f"dtype must be a floating-point type, got {dtype}")
@@ -350,8 +372,10 @@ def read_gguf_weights(reader, cfg: GemmaConfig, where: str = "GGUF file",
         try:
             _dequantize_into(out, t.data, t.tensor_type, 1.0 if _is_norm(native) else 0.0)
         except NotImplementedError:
-            raise GemmaError(f"{where}: tensor {t.name!r} has type {t.tensor_type.name}, which the installed gguf "
-                             "package cannot dequantize") from None
+            raise GemmaError(
+                f"{where}: tensor {t.name!r} has type {t.tensor_type.name}, which the installed gguf "
+                "package cannot dequantize"
+            ) from None
         except ValueError as exc:
             raise GemmaError(f"{where}: cannot read tensor {t.name!r} ({exc})") from None
         state[native] = out
@@ -389,7 +413,8 @@ def gguf_tokenizer_proto(reader, where: str | None = None) -> bytes:
     # Missing scores: file order is merge order (as transformers assumes). Missing types: bytes by their spelling.
     scores = meta.get("tokenizer.ggml.scores", None) or [-float(i) for i in range(n)]
     types = meta.get("tokenizer.ggml.token_type", None) or [
-        6 if len(t) == 6 and t.startswith("<0x") and t.endswith(">") else 1 for t in tokens]
+        6 if len(t) == 6 and t.startswith("<0x") and t.endswith(">") else 1 for t in tokens
+    ]
     if len(scores) != n or len(types) != n:
         raise GemmaError(f"{where}: {n} tokens but {len(scores)} scores and {len(types)} token types")
 
@@ -449,8 +474,10 @@ def gguf_tokenizer_proto(reader, where: str | None = None) -> bytes:
 
 # ---- the whole file -----------------------------------------------------------------------------------------------
 
-def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32
-              ) -> tuple[GemmaConfig, dict[str, torch.Tensor], Tokenizer]:
+
+def read_gguf(
+    path: str | Path, dtype: torch.dtype = torch.float32
+) -> tuple[GemmaConfig, dict[str, torch.Tensor], Tokenizer]:
     """(config, native state dict, tokenizer) from a Gemma GGUF file."""
     reader = open_gguf(path)
     where = str(path)

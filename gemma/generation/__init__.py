@@ -10,5 +10,14 @@ from gemma.generation.sampling import SamplingParams
 from gemma.generation.steps import GenerationStats
 from gemma.generation.text import decode_text
 
-__all__ = ["ChatSession", "Delta", "Engine", "Finish", "GenerationStats", "SamplingParams", "decode_text",
-           "generate", "stream_generate"]
+__all__ = [
+    "ChatSession",
+    "Delta",
+    "Engine",
+    "Finish",
+    "GenerationStats",
+    "SamplingParams",
+    "decode_text",
+    "generate",
+    "stream_generate",
+]

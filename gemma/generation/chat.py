@@ -24,20 +24,44 @@ class ChatSession:
     With `raw`, there is no template: each message continues the text, and the oldest tokens are dropped instead.
     """
 
-    def __init__(self, model, tokenizer, *, max_len: int | None = None, system: str | None = None,
-                 raw: bool = False, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
-                 top_p: float | None = None, min_p: float | None = None, repetition_penalty: float = 1.0,
-                 seed: int | None = None, stop_strings: Sequence[str] | None = None,
-                 notify: Callable[[str], None] | None = None, params: SamplingParams | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        max_len: int | None = None,
+        system: str | None = None,
+        raw: bool = False,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop_strings: Sequence[str] | None = None,
+        notify: Callable[[str], None] | None = None,
+        params: SamplingParams | None = None,
+    ):
         self.model, self.tokenizer = model, tokenizer
-        self.params = sampling_params(params, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                      top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-                                      stop_strings=stop_strings)
+        self.params = sampling_params(
+            params,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            stop_strings=stop_strings,
+        )
         check_settings(max_new_tokens=self.params.max_new_tokens, min_new_tokens=1)  # a reply has a token at least
         self.max_len = max_len or min(model.config.max_seq_len, 8192)
         if self.params.max_new_tokens >= self.max_len:
-            raise GemmaError(f"max_new_tokens ({self.params.max_new_tokens}) leaves no room for a prompt in the "
-                             f"context of {self.max_len} tokens")
+            raise GemmaError(
+                f"max_new_tokens ({self.params.max_new_tokens}) leaves no room for a prompt in the "
+                f"context of {self.max_len} tokens"
+            )
         self.raw = raw
         self.system = [{"role": "system", "content": system}] if system else []
         if system and raw:
@@ -61,21 +85,35 @@ class ChatSession:
         reply so far. A message that cannot fit the context, or that is not text (a lone surrogate: bytes that were
         not UTF-8), raises GemmaError here, before anything changes."""
         if has_lone_surrogate(text):
-            raise GemmaError("the message is not valid text (it holds bytes that are not UTF-8, or a lone "
-                             "surrogate); nothing was sent")
+            raise GemmaError(
+                "the message is not valid text (it holds bytes that are not UTF-8, or a lone "
+                "surrogate); nothing was sent"
+            )
         new = self._turn_tokens(text)
         if len(self.tokens) + len(new) + self.params.max_new_tokens > self.max_len:
             new = self._drop_oldest(text)
         self.tokens += new
-        feed = self.tokens[self.cache.length:]
+        feed = self.tokens[self.cache.length :]
         self.last_prefill = len(feed)
         start, device = self.cache.length, self.model.device
-        seen = (seen_mask([self.tokens], self.model.config.vocab_size, device)
-                if self.params.repetition_penalty != 1.0 else None)
+        seen = (
+            seen_mask([self.tokens], self.model.config.vocab_size, device)
+            if self.params.repetition_penalty != 1.0
+            else None
+        )
         self.stats = GenerationStats()
-        steps = decode_steps(self.model, self.cache, torch.tensor([feed], device=device),
-                             torch.arange(start, start + len(feed), device=device)[None], self.params.max_new_tokens,
-                             self.params, self.generator, seen, self.tokenizer.vocab_size, self.stats)
+        steps = decode_steps(
+            self.model,
+            self.cache,
+            torch.tensor([feed], device=device),
+            torch.arange(start, start + len(feed), device=device)[None],
+            self.params.max_new_tokens,
+            self.params,
+            self.generator,
+            seen,
+            self.tokenizer.vocab_size,
+            self.stats,
+        )
         return self._reply(text, steps)
 
     def _reply(self, text: str, steps: Iterator[list[int]]) -> Iterator[str]:
@@ -104,8 +142,8 @@ class ChatSession:
         # own ids after the markers that close a model turn (from the last <end_of_turn> on).
         before = tok.apply_chat(self.system + self.messages, add_generation_prompt=False)
         after = tok.apply_chat(self.system + self.messages + [user])
-        close = before[len(before) - 1 - before[::-1].index(tok.end_of_turn_id):]
-        return close + after[len(before):]
+        close = before[len(before) - 1 - before[::-1].index(tok.end_of_turn_id) :]
+        return close + after[len(before) :]
 
     def _drop_oldest(self, text: str) -> list[int]:
         """Make the conversation fit: drop the oldest turns (raw: the oldest tokens after <bos>) and start the
@@ -114,7 +152,7 @@ class ChatSession:
         if self.raw:
             everything = self.tokens + self.tokenizer.encode(text, bos=not self.tokens)
             dropped = len(everything) - room
-            ids = everything[:1] + everything[1 + dropped:]  # keep <bos>
+            ids = everything[:1] + everything[1 + dropped :]  # keep <bos>
             what = f"{dropped} token{'s' * (dropped != 1)}"
         else:
             user = {"role": "user", "content": text}
@@ -124,8 +162,10 @@ class ChatSession:
                 if len(ids) <= room:
                     break
                 if not kept:
-                    raise GemmaError(f"the message ({len(ids)} tokens) and max_new_tokens "
-                                     f"({self.params.max_new_tokens}) do not fit the context of {self.max_len} tokens")
+                    raise GemmaError(
+                        f"the message ({len(ids)} tokens) and max_new_tokens "
+                        f"({self.params.max_new_tokens}) do not fit the context of {self.max_len} tokens"
+                    )
                 kept = kept[2:]  # one user turn and its reply
             dropped = (len(self.messages) - len(kept)) // 2
             self.messages = kept

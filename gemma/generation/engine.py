@@ -93,8 +93,15 @@ class Request:
 
     _ids = itertools.count(1)
 
-    def __init__(self, engine: "Engine", prompt: list[int], params: SamplingParams, max_new_tokens: int,
-                 stop_ids: frozenset[int], sink: Callable[[Event], None] | None):
+    def __init__(
+        self,
+        engine: "Engine",
+        prompt: list[int],
+        params: SamplingParams,
+        max_new_tokens: int,
+        stop_ids: frozenset[int],
+        sink: Callable[[Event], None] | None,
+    ):
         self.id = next(Request._ids)
         self.prompt, self.params, self.stop_ids = prompt, params, stop_ids
         self.max_new_tokens = max_new_tokens  # params.max_new_tokens, capped at the context's end
@@ -180,8 +187,15 @@ class Engine:
     `close()`.
     """
 
-    def __init__(self, model, tokenizer, max_batch: int = 8, max_len: int | None = None, max_waiting: int = 1024,
-                 threads: int | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_batch: int = 8,
+        max_len: int | None = None,
+        max_waiting: int = 1024,
+        threads: int | None = None,
+    ):
         cfg = model.config
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise GemmaError(f"max_batch must be a positive integer, got {max_batch!r}")
@@ -222,35 +236,66 @@ class Engine:
 
     # ---- submitting (any thread) ----
 
-    def submit(self, prompt: Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,
-               top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
-               repetition_penalty: float = 1.0, seed: int | None = None, *, stop_ids: Sequence[int] | None = None,
-               stop_strings: Sequence[str] | None = None, sink: Callable[[Event], None] | None = None,
-               params: SamplingParams | None = None) -> Request:
+    def submit(
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        *,
+        stop_ids: Sequence[int] | None = None,
+        stop_strings: Sequence[str] | None = None,
+        sink: Callable[[Event], None] | None = None,
+        params: SamplingParams | None = None,
+    ) -> Request:
         """Queue one prompt (token ids); settings as `gemma.generate`'s (or all of them as `params`). Bad settings
         raise GemmaError here.
 
         Generation ends after `max_new_tokens`, at the context's end (`max_len`), at a stop id (by default the
         tokenizer's `<eos>` and `<end_of_turn>`), or once the text holds a stop string.
         """
-        params = sampling_params(params, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                 top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-                                 stop_strings=stop_strings)
+        params = sampling_params(
+            params,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            stop_strings=stop_strings,
+        )
         request = self._prepare(prompt, params, stop_ids=stop_ids, sink=sink)
         self._enqueue([request], limit=self.max_waiting)
         return request
 
-    def run_all(self, prompts: Sequence[Sequence[int]], on_finish: Callable[[int, Finish], None] | None = None, *,
-                params: SamplingParams | None = None, stop_ids: Sequence[int] | None = None,
-                **settings) -> list[Finish]:
+    def run_all(
+        self,
+        prompts: Sequence[Sequence[int]],
+        on_finish: Callable[[int, Finish], None] | None = None,
+        *,
+        params: SamplingParams | None = None,
+        stop_ids: Sequence[int] | None = None,
+        **settings,
+    ) -> list[Finish]:
         """Generate for every prompt (all queued at once, whatever `max_waiting`) and return their Finishes in order.
         Settings as `submit`'s, the same for every prompt.
 
         `on_finish(index, finish)` is called on the engine's thread as each one ends (e.g. to advance a progress bar).
         """
         params = sampling_params(params, **settings)
-        sinks = [(lambda i: lambda event: on_finish(i, event) if isinstance(event, Finish) else None)(i)  # noqa: B023
-                 for i in range(len(prompts))] if on_finish else [None] * len(prompts)
+        sinks = (
+            [
+                (lambda i: lambda event: on_finish(i, event) if isinstance(event, Finish) else None)(i)  # noqa: B023
+                for i in range(len(prompts))
+            ]
+            if on_finish
+            else [None] * len(prompts)
+        )
         requests = [self._prepare(p, params, stop_ids=stop_ids, sink=sink) for p, sink in zip(prompts, sinks)]
         self._enqueue(requests, limit=None)
         try:
@@ -267,8 +312,9 @@ class Engine:
                 raise RuntimeError(f"generation failed: {f.error}")
         return [list(f.token_ids) for f in finishes]
 
-    def _prepare(self, prompt, params: SamplingParams | None = None, *, stop_ids=None, sink=None,
-                 **settings) -> Request:
+    def _prepare(
+        self, prompt, params: SamplingParams | None = None, *, stop_ids=None, sink=None, **settings
+    ) -> Request:
         """A Request for `prompt`, or a GemmaError. The settings (`params`, or keywords) are checked first, before
         anything of the engine's is looked at."""
         params = sampling_params(params, **settings)
@@ -354,7 +400,7 @@ class Engine:
     def _admit(self, requests: list[Request]) -> None:
         """Prefill the prompts of `requests` together, copy them into free rows, sample their first tokens."""
         device, cfg = self.model.device, self.model.config
-        free = [r for r in range(self.max_batch) if r not in self._rows][:len(requests)]
+        free = [r for r in range(self.max_batch) if r not in self._rows][: len(requests)]
         width = max(len(r.prompt) for r in requests)
         tokens, positions = left_pad([r.prompt for r in requests], self.tokenizer.pad_id, device)  # as generate does
         staging = self.model.new_cache(len(requests), width)
@@ -364,13 +410,24 @@ class Engine:
         for i, (request, slot) in enumerate(zip(requests, free)):
             P = len(request.prompt)
             self.cache.load_row(slot, staging, i, self.cache.length - P)
-            seen = (seen_mask([request.prompt], cfg.vocab_size, device)[0]
-                    if request.params.repetition_penalty != 1.0 else None)
-            self._rows[slot] = _Row(request, P, -1, [], 0, TextStream(self.tokenizer, request.params.stop_strings),
-                                    new_generator(request.params.seed, device), seen)
+            seen = (
+                seen_mask([request.prompt], cfg.vocab_size, device)[0]
+                if request.params.repetition_penalty != 1.0
+                else None
+            )
+            self._rows[slot] = _Row(
+                request,
+                P,
+                -1,
+                [],
+                0,
+                TextStream(self.tokenizer, request.params.stop_strings),
+                new_generator(request.params.seed, device),
+                seen,
+            )
         self._mask_vocab(logits)
         for i, slot in enumerate(free):
-            self._take(slot, logits[i:i + 1])
+            self._take(slot, logits[i : i + 1])
 
     def _step(self) -> None:
         """One token for every active row, in one forward pass over rows [0, highest active row]."""
@@ -396,13 +453,13 @@ class Engine:
             if slot in picked:
                 self._accept(slot, picked[slot])
             else:
-                self._take(slot, logits[slot:slot + 1])
+                self._take(slot, logits[slot : slot + 1])
         self._compact()
 
     def _mask_vocab(self, logits: torch.Tensor) -> None:
         """Ids past the tokenizer's pieces (padding rows of the embedding) are never sampled."""
         if self.vocab_limit < logits.shape[-1]:
-            logits[:, self.vocab_limit:] = float("-inf")
+            logits[:, self.vocab_limit :] = float("-inf")
 
     def _take(self, slot: int, logits: torch.Tensor) -> None:
         """Sample a row's next token and accept it; a failure (logits the model made NaN, say) ends that request
@@ -500,4 +557,3 @@ class Engine:
             self._finish_unstarted(request, "error", error)
         if self._thread is None or not self._thread.is_alive():
             self._fail_rows(error)
-

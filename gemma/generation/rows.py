@@ -43,8 +43,10 @@ class RowCache(KVCache):
             p = pos[src_slots]
             cols = offset + p
             if int(cols.min()) < 0 or int(cols.max()) >= self.length:
-                raise ValueError(f"positions {int(p.min())}..{int(p.max())} at offset {offset} do not fit before "
-                                 f"the cursor ({self.length})")
+                raise ValueError(
+                    f"positions {int(p.min())}..{int(p.max())} at offset {offset} do not fit before "
+                    f"the cursor ({self.length})"
+                )
             dst = cols % size
             self.slot_pos[s][row, dst] = p
             for layer, kind in enumerate(self.layer_kinds):

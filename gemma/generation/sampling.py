@@ -35,9 +35,18 @@ def _integer(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def check_settings(temperature=0.0, top_k=None, top_p=None, min_p=None, repetition_penalty=1.0,
-                   max_new_tokens=None, seed=None, *, min_new_tokens: int = 0,
-                   spell: Callable[[str], str] = str) -> None:
+def check_settings(
+    temperature=0.0,
+    top_k=None,
+    top_p=None,
+    min_p=None,
+    repetition_penalty=1.0,
+    max_new_tokens=None,
+    seed=None,
+    *,
+    min_new_tokens: int = 0,
+    spell: Callable[[str], str] = str,
+) -> None:
     """Refuse generation settings that are not numbers or out of their range: a GemmaError naming the first bad one
     as `spell` writes its name (tools/chat.py passes its flags: `--top-p`), with its range. `max_new_tokens` and
     `seed` are checked when given; `max_new_tokens` must be at least `min_new_tokens`.
@@ -45,6 +54,7 @@ def check_settings(temperature=0.0, top_k=None, top_p=None, min_p=None, repetiti
     The ranges are those the arithmetic stays finite over in float32: a temperature or repetition penalty past
     float32's largest number (3.4e38) becomes infinity there, a penalty below its smallest normal number (1.2e-38)
     becomes 0 or loses its reciprocal, and either then turns logits into NaN."""
+
     def refuse(name, rule, value):
         raise GemmaError(f"{spell(name)} must be {rule}, got {value!r}")
 
@@ -61,11 +71,17 @@ def check_settings(temperature=0.0, top_k=None, top_p=None, min_p=None, repetiti
     if not _number(repetition_penalty) or not 0 < repetition_penalty < math.inf:
         refuse("repetition_penalty", "a finite number > 0 (1 = off)", repetition_penalty)
     if not _FLOAT32.tiny <= repetition_penalty <= _FLOAT32.max:
-        refuse("repetition_penalty", f"in [{_FLOAT32.tiny:.3g}, {_FLOAT32.max:.3g}] (float32's normal numbers)",
-               repetition_penalty)
+        refuse(
+            "repetition_penalty",
+            f"in [{_FLOAT32.tiny:.3g}, {_FLOAT32.max:.3g}] (float32's normal numbers)",
+            repetition_penalty,
+        )
     if max_new_tokens is not None and (not _integer(max_new_tokens) or max_new_tokens < min_new_tokens):
-        refuse("max_new_tokens", "a positive integer" if min_new_tokens == 1 else
-               f"an integer >= {min_new_tokens}", max_new_tokens)
+        refuse(
+            "max_new_tokens",
+            "a positive integer" if min_new_tokens == 1 else f"an integer >= {min_new_tokens}",
+            max_new_tokens,
+        )
     if seed is not None and (not _integer(seed) or not -(1 << 63) <= seed < (1 << 64)):  # what torch.Generator takes
         refuse("seed", "an integer in [-2**63, 2**64)", seed)
 
@@ -95,8 +111,15 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = ()  # the text ends before the first of these to complete (any sequence given)
 
     def __post_init__(self):
-        check_settings(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty,
-                       self.max_new_tokens, self.seed)
+        check_settings(
+            self.temperature,
+            self.top_k,
+            self.top_p,
+            self.min_p,
+            self.repetition_penalty,
+            self.max_new_tokens,
+            self.seed,
+        )
         object.__setattr__(self, "stop_strings", check_stop_strings(self.stop_strings))  # frozen: set once
 
     @property
@@ -182,8 +205,12 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     return torch.softmax(logits, dim=-1)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
-           seen: torch.Tensor | None = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+    seen: torch.Tensor | None = None,
+) -> torch.Tensor:
     """(B, V) logits -> (B,) next token ids: argmax at temperature 0, otherwise a draw from the filtered
     distribution using `generator` (so a seed reproduces it, whatever the global RNG does)."""
     if seen is not None and params.repetition_penalty != 1.0:

@@ -45,14 +45,25 @@ class GenerationStats:
         return self.decode_steps / self.decode_s if self.decode_s else 0.0
 
     def summary(self) -> str:
-        return (f"prefill {self.prompt_tokens} tokens in {self.prefill_s:.2f}s "
-                f"({self.prefill_tokens_per_s:.1f} tokens/s), decode {self.new_tokens} tokens "
-                f"({self.decode_tokens_per_s:.1f} tokens/s)")
+        return (
+            f"prefill {self.prompt_tokens} tokens in {self.prefill_s:.2f}s "
+            f"({self.prefill_tokens_per_s:.1f} tokens/s), decode {self.new_tokens} tokens "
+            f"({self.decode_tokens_per_s:.1f} tokens/s)"
+        )
 
 
-def decode_steps(model, cache, tokens: torch.Tensor, positions: torch.Tensor, max_new_tokens: int,
-                 params: SamplingParams, generator: torch.Generator | None = None, seen: torch.Tensor | None = None,
-                 vocab_limit: int | None = None, stats: GenerationStats | None = None) -> Iterator[list[int]]:
+def decode_steps(
+    model,
+    cache,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    max_new_tokens: int,
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+    seen: torch.Tensor | None = None,
+    vocab_limit: int | None = None,
+    stats: GenerationStats | None = None,
+) -> Iterator[list[int]]:
     """Prefill, then one token at a time: yields each step's sampled ids (a list of B ints).
 
     A sampled token is fed to the model only when the consumer asks for the next one, so stopping (closing the

@@ -36,12 +36,12 @@ class IncrementalDecoder:
     def _advance(self, final: bool) -> str:
         if self._read == len(self.ids):
             return ""
-        done = self.tokenizer.decode(self.ids[self._prefix:self._read])
-        text = self.tokenizer.decode(self.ids[self._prefix:])
+        done = self.tokenizer.decode(self.ids[self._prefix : self._read])
+        text = self.tokenizer.decode(self.ids[self._prefix :])
         if not final and (text.endswith(REPLACEMENT) or not text.startswith(done)):
             return ""
         self._prefix, self._read = self._read, len(self.ids)
-        return text[len(done):]
+        return text[len(done) :]
 
 
 def find_stop(text: str, stop_strings: Sequence[str]) -> int | None:
@@ -106,8 +106,8 @@ class TextStream:
             out, self._pending, self.stopped = self._pending[:cut], "", True
         else:
             keep = 0 if final else _stop_prefix_len(self._pending, self.stop_strings)
-            out = self._pending[:len(self._pending) - keep]
-            self._pending = self._pending[len(out):]
+            out = self._pending[: len(self._pending) - keep]
+            self._pending = self._pending[len(out) :]
         self.text += out
         return out
 

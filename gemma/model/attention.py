@@ -12,8 +12,9 @@ from gemma.model.layers import EAGER, Linear, RMSNorm
 from gemma.model.layers import softcap as softcap_
 
 
-def attention_mask(positions: torch.Tensor, window: int | None,
-                   segment_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+def attention_mask(
+    positions: torch.Tensor, window: int | None, segment_ids: torch.Tensor | None = None
+) -> torch.Tensor | None:
     """Boolean mask (B, 1, T, T), True where query t may attend to key s; None for plain causal attention.
 
     Causal by index; a sliding window keeps keys with q_pos - k_pos < window (the reference's convention);
@@ -50,28 +51,36 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.kernels = EAGER  # gemma.model.compiled swaps in compiled ones
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
         """(B, T, hidden) -> (B, T, hidden); with `last_only`, (B, 1, hidden): every column's keys and values (for
         the cache), the query and output of the last column only."""
         B, T, _ = x.shape
         Tq = 1 if last_only else T
-        q = self.q(x[:, T - Tq:]).view(B, Tq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Tq, hd)
+        q = self.q(x[:, T - Tq :]).view(B, Tq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Tq, hd)
         k = self.k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
         v = self.v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.kernels.rope(q, cos[:, T - Tq:], sin[:, T - Tq:]), self.kernels.rope(k, cos, sin)
+        q, k = self.kernels.rope(q, cos[:, T - Tq :], sin[:, T - Tq :]), self.kernels.rope(k, cos, sin)
         if cache is not None:
             k, v, mask = cache.update(self.layer, self.kind, k, v)  # (B, KV, S, hd), mask (B, 1, T, S)
         if mask is not None and Tq < T:
-            mask = mask[:, :, T - Tq:]
+            mask = mask[:, :, T - Tq :]
         out = attend(q, k, v, mask, self.scale, self.softcap)  # (B, H, Tq, hd)
         return self.o(out.transpose(1, 2).reshape(B, Tq, self.num_heads * self.head_dim))
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
-           softcap: float | None) -> torch.Tensor:
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, softcap: float | None
+) -> torch.Tensor:
     """softmax(q k^T * scale [softcapped] + mask) v for q (B, H, T, hd) and k, v (B, KV, S, hd).
 
     `mask` is boolean (B, 1, T, S) or None for causal attention, the T queries being the last T of the S keys.
@@ -81,8 +90,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         if mask is None and 1 < T < S:  # SDPA's own causal mask pairs query t with key t (top left)
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
         # SDPA covers everything but the softcap; it broadcasts the kv heads itself. One query attends to all.
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                              scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        )
     # Explicit path: tanh softcap between the scaled logits and the softmax, which SDPA cannot express.
     groups = q.shape[1] // k.shape[1]
     if groups > 1:

@@ -48,8 +48,9 @@ class _Kernel:
                 out = self.eager(*args)  # bad inputs raise here, as they would without compiling
                 self.failed = True
                 first = (str(exc).strip().splitlines() or [""])[0][:200]
-                print(f"note: torch.compile failed ({type(exc).__name__}: {first}); running uncompiled",
-                      file=sys.stderr)
+                print(
+                    f"note: torch.compile failed ({type(exc).__name__}: {first}); running uncompiled", file=sys.stderr
+                )
                 return out
         return self.eager(*args)
 

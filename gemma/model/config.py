@@ -30,9 +30,16 @@ MAX_LAYERS = 1024  # 16x Gemma's deepest; per-layer tables are built from this c
 MAX_POSITIONS = 2**24  # RoPE angles come from float32 positions, which are exact integers only up to 2**24
 
 # Each integer size field and its bound.
-_SIZES = {"vocab_size": MAX_VOCAB, "hidden_size": MAX_WIDTH, "intermediate_size": MAX_WIDTH,
-          "num_layers": MAX_LAYERS, "num_heads": MAX_HEADS, "num_kv_heads": MAX_HEADS, "head_dim": MAX_WIDTH,
-          "max_seq_len": MAX_POSITIONS}
+_SIZES = {
+    "vocab_size": MAX_VOCAB,
+    "hidden_size": MAX_WIDTH,
+    "intermediate_size": MAX_WIDTH,
+    "num_layers": MAX_LAYERS,
+    "num_heads": MAX_HEADS,
+    "num_kv_heads": MAX_HEADS,
+    "head_dim": MAX_WIDTH,
+    "max_seq_len": MAX_POSITIONS,
+}
 
 
 def shown(value: Any, limit: int = 60) -> str:
@@ -112,8 +119,9 @@ class GemmaConfig:
         for name, top in _SIZES.items():
             check_size(name, getattr(self, name), top)
         if self.num_heads % self.num_kv_heads:
-            raise ConfigFieldError("num_heads", f"({self.num_heads}) is not a multiple of", "num_kv_heads",
-                                   f" ({self.num_kv_heads})")
+            raise ConfigFieldError(
+                "num_heads", f"({self.num_heads}) is not a multiple of", "num_kv_heads", f" ({self.num_kv_heads})"
+            )
         if self.head_dim % 2:
             raise ConfigFieldError("head_dim", f"must be even for RoPE, got {self.head_dim}")
         # Zero or negative values here give NaN or a division by zero in the forward pass; they are never meant.
@@ -135,12 +143,14 @@ class GemmaConfig:
             self.layer_types = (FULL,) * self.num_layers
         self.layer_types = tuple(self.layer_types)
         if len(self.layer_types) != self.num_layers:
-            raise ConfigFieldError("layer_types", f"lists {len(self.layer_types)} layers, but", "num_layers",
-                                   f" is {self.num_layers}")
+            raise ConfigFieldError(
+                "layer_types", f"lists {len(self.layer_types)} layers, but", "num_layers", f" is {self.num_layers}"
+            )
         bad = next((t for t in self.layer_types if t not in (SLIDING, FULL)), None)
         if bad is not None:
-            raise ConfigFieldError("layer_types", f"holds unknown layer type {shown(bad)} "
-                                   f"(expected {SLIDING!r} or {FULL!r})")
+            raise ConfigFieldError(
+                "layer_types", f"holds unknown layer type {shown(bad)} (expected {SLIDING!r} or {FULL!r})"
+            )
         if SLIDING in self.layer_types and self.sliding_window is None:
             raise ConfigFieldError("sliding_window", "must be a positive integer: the model has sliding layers")
 
@@ -191,36 +201,132 @@ def pattern_layers(n: int, pattern: int) -> tuple[str, ...]:
 
 # What every model of a generation shares; `layer_pattern` (every Nth layer global) becomes `layer_types`.
 _GEMMA1 = dict(vocab_size=256000, max_seq_len=8192)
-_GEMMA2 = dict(vocab_size=256000, attn_softcap=50.0, final_softcap=30.0, sandwich_norms=True, sliding_window=4096,
-               max_seq_len=8192, layer_pattern=2)
-_GEMMA3 = dict(rope_theta=1_000_000.0, rope_local_theta=10_000.0, use_qk_norm=True, sandwich_norms=True,
-               layer_pattern=6)
+_GEMMA2 = dict(
+    vocab_size=256000,
+    attn_softcap=50.0,
+    final_softcap=30.0,
+    sandwich_norms=True,
+    sliding_window=4096,
+    max_seq_len=8192,
+    layer_pattern=2,
+)
+_GEMMA3 = dict(
+    rope_theta=1_000_000.0, rope_local_theta=10_000.0, use_qk_norm=True, sandwich_norms=True, layer_pattern=6
+)
 _GEMMA3_SMALL = dict(_GEMMA3, vocab_size=262144, sliding_window=512, max_seq_len=32768)  # 270m, 1b: text only
 _GEMMA3_LARGE = dict(_GEMMA3, vocab_size=262208, sliding_window=1024, max_seq_len=131072, rope_scaling=8.0)
 
 # Each preset mirrors the public config.json of the repo it names, https://huggingface.co/<hf_repo>/blob/main/
 # config.json (for the multimodal Gemma 3 sizes, its `text_config`), as GemmaConfig keywords.
 PRESET_CONFIGS: dict[str, dict[str, Any]] = {
-    "2b": dict(_GEMMA1, hf_repo="google/gemma-2b", hidden_size=2048, intermediate_size=16384, num_layers=18,
-               num_heads=8, num_kv_heads=1, head_dim=256),
-    "7b": dict(_GEMMA1, hf_repo="google/gemma-7b", hidden_size=3072, intermediate_size=24576, num_layers=28,
-               num_heads=16, num_kv_heads=16, head_dim=256),
-    "2-2b": dict(_GEMMA2, hf_repo="google/gemma-2-2b", hidden_size=2304, intermediate_size=9216, num_layers=26,
-                 num_heads=8, num_kv_heads=4, head_dim=256, query_pre_attn_scalar=256),
-    "2-9b": dict(_GEMMA2, hf_repo="google/gemma-2-9b", hidden_size=3584, intermediate_size=14336, num_layers=42,
-                 num_heads=16, num_kv_heads=8, head_dim=256, query_pre_attn_scalar=256),
-    "2-27b": dict(_GEMMA2, hf_repo="google/gemma-2-27b", hidden_size=4608, intermediate_size=36864, num_layers=46,
-                  num_heads=32, num_kv_heads=16, head_dim=128, query_pre_attn_scalar=144),
-    "3-270m": dict(_GEMMA3_SMALL, hf_repo="google/gemma-3-270m", hidden_size=640, intermediate_size=2048,
-                   num_layers=18, num_heads=4, num_kv_heads=1, head_dim=256, query_pre_attn_scalar=256),
-    "3-1b": dict(_GEMMA3_SMALL, hf_repo="google/gemma-3-1b-pt", hidden_size=1152, intermediate_size=6912,
-                 num_layers=26, num_heads=4, num_kv_heads=1, head_dim=256, query_pre_attn_scalar=256),
-    "3-4b": dict(_GEMMA3_LARGE, hf_repo="google/gemma-3-4b-pt", hidden_size=2560, intermediate_size=10240,
-                 num_layers=34, num_heads=8, num_kv_heads=4, head_dim=256, query_pre_attn_scalar=256),
-    "3-12b": dict(_GEMMA3_LARGE, hf_repo="google/gemma-3-12b-pt", hidden_size=3840, intermediate_size=15360,
-                  num_layers=48, num_heads=16, num_kv_heads=8, head_dim=256, query_pre_attn_scalar=256),
-    "3-27b": dict(_GEMMA3_LARGE, hf_repo="google/gemma-3-27b-pt", hidden_size=5376, intermediate_size=21504,
-                  num_layers=62, num_heads=32, num_kv_heads=16, head_dim=128, query_pre_attn_scalar=168),
+    "2b": dict(
+        _GEMMA1,
+        hf_repo="google/gemma-2b",
+        hidden_size=2048,
+        intermediate_size=16384,
+        num_layers=18,
+        num_heads=8,
+        num_kv_heads=1,
+        head_dim=256,
+    ),
+    "7b": dict(
+        _GEMMA1,
+        hf_repo="google/gemma-7b",
+        hidden_size=3072,
+        intermediate_size=24576,
+        num_layers=28,
+        num_heads=16,
+        num_kv_heads=16,
+        head_dim=256,
+    ),
+    "2-2b": dict(
+        _GEMMA2,
+        hf_repo="google/gemma-2-2b",
+        hidden_size=2304,
+        intermediate_size=9216,
+        num_layers=26,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+    ),
+    "2-9b": dict(
+        _GEMMA2,
+        hf_repo="google/gemma-2-9b",
+        hidden_size=3584,
+        intermediate_size=14336,
+        num_layers=42,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+    ),
+    "2-27b": dict(
+        _GEMMA2,
+        hf_repo="google/gemma-2-27b",
+        hidden_size=4608,
+        intermediate_size=36864,
+        num_layers=46,
+        num_heads=32,
+        num_kv_heads=16,
+        head_dim=128,
+        query_pre_attn_scalar=144,
+    ),
+    "3-270m": dict(
+        _GEMMA3_SMALL,
+        hf_repo="google/gemma-3-270m",
+        hidden_size=640,
+        intermediate_size=2048,
+        num_layers=18,
+        num_heads=4,
+        num_kv_heads=1,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+    ),
+    "3-1b": dict(
+        _GEMMA3_SMALL,
+        hf_repo="google/gemma-3-1b-pt",
+        hidden_size=1152,
+        intermediate_size=6912,
+        num_layers=26,
+        num_heads=4,
+        num_kv_heads=1,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+    ),
+    "3-4b": dict(
+        _GEMMA3_LARGE,
+        hf_repo="google/gemma-3-4b-pt",
+        hidden_size=2560,
+        intermediate_size=10240,
+        num_layers=34,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+    ),
+    "3-12b": dict(
+        _GEMMA3_LARGE,
+        hf_repo="google/gemma-3-12b-pt",
+        hidden_size=3840,
+        intermediate_size=15360,
+        num_layers=48,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+    ),
+    "3-27b": dict(
+        _GEMMA3_LARGE,
+        hf_repo="google/gemma-3-27b-pt",
+        hidden_size=5376,
+        intermediate_size=21504,
+        num_layers=62,
+        num_heads=32,
+        num_kv_heads=16,
+        head_dim=128,
+        query_pre_attn_scalar=168,
+    ),
 }
 PRESETS = tuple(PRESET_CONFIGS)
 

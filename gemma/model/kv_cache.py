@@ -49,8 +49,7 @@ class KVCache:
         shape = lambda s: (batch, cfg.num_kv_heads, self.sizes[s], cfg.head_dim)  # noqa: E731
         self.k = [torch.zeros(shape(kind), dtype=dtype, device=device) for kind in self.layer_kinds]
         self.v = [torch.zeros_like(k) for k in self.k]
-        self.slot_pos = {s: torch.full((batch, self.sizes[s]), -1, dtype=torch.long, device=device)
-                         for s in self.kinds}
+        self.slot_pos = {s: torch.full((batch, self.sizes[s]), -1, dtype=torch.long, device=device) for s in self.kinds}
         self.length = 0  # columns fed so far
         self.steps: dict[str, Step] = {}
 
@@ -80,8 +79,12 @@ class KVCache:
         cols = self.length + torch.arange(T, device=positions.device)
         new_only = self.length == 0 and T > 1
         # A fresh prompt without padding that fits every window needs only the causal mask (SDPA's fast path).
-        causal = new_only and (self.window is None or T <= self.window) and bool((positions >= 0).all()) and bool(
-            (positions[:, 1:] > positions[:, :-1]).all())
+        causal = (
+            new_only
+            and (self.window is None or T <= self.window)
+            and bool((positions >= 0).all())
+            and bool((positions[:, 1:] > positions[:, :-1]).all())
+        )
         self.steps = {}
         for s in self.kinds:
             size, old = self.sizes[s], self.slot_pos[s]
@@ -104,7 +107,7 @@ class KVCache:
             mask = None if causal else self._mask(positions, key_pos, query_slot, s)
             self.steps[s] = Step(write=cols[keep_from:] % size, keep_from=keep_from, keys=keys, used=used, mask=mask)
         for s in self.kinds:
-            self.slot_pos[s][:, self.steps[s].write] = positions[:, self.steps[s].keep_from:]
+            self.slot_pos[s][:, self.steps[s].write] = positions[:, self.steps[s].keep_from :]
         self.length += T
 
     def _mask(self, q_pos, k_pos, q_slot, kind: str) -> torch.Tensor:
@@ -125,8 +128,8 @@ class KVCache:
             keys, values = torch.cat([kb, k], dim=2), torch.cat([vb, v], dim=2)
         elif step.keys == "new":
             keys, values = k, v
-        kb[:, :, step.write] = k[:, :, step.keep_from:]
-        vb[:, :, step.write] = v[:, :, step.keep_from:]
+        kb[:, :, step.write] = k[:, :, step.keep_from :]
+        vb[:, :, step.write] = v[:, :, step.keep_from :]
         if step.keys == "buffer":
-            keys, values = kb[:, :, :step.used], vb[:, :, :step.used]
+            keys, values = kb[:, :, : step.used], vb[:, :, : step.used]
         return keys, values, step.mask

@@ -29,10 +29,10 @@ def quantize_rows(weight: torch.Tensor, block: int = 8192) -> tuple[torch.Tensor
     q = torch.empty(N, K, dtype=torch.int8, device=weight.device)
     scale = torch.empty(N, dtype=torch.float32, device=weight.device)
     for i in range(0, N, block):
-        w = weight[i:i + block].detach().float()
+        w = weight[i : i + block].detach().float()
         s = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
-        q[i:i + block] = torch.round(w / s[:, None]).clamp_(-127, 127)
-        scale[i:i + block] = s
+        q[i : i + block] = torch.round(w / s[:, None]).clamp_(-127, 127)
+        scale[i : i + block] = s
     return q, scale
 
 

@@ -88,9 +88,14 @@ class Gemma(nn.Module):
         # (in bf16 sqrt(3072) = 55.4256 becomes 55.5); parity depends on it.
         return h * torch.tensor(math.sqrt(self.config.hidden_size), dtype=h.dtype)
 
-    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                      segment_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                      last_only: bool = False) -> torch.Tensor:
+    def hidden_states(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
         """The final-normed hidden states (B, T, hidden), before the output head.
 
         With `last_only`, those of the last column only (B, 1, hidden), which is all that generation needs: the
@@ -122,8 +127,9 @@ class Gemma(nn.Module):
         for i, block in enumerate(self.layers):
             kind = cfg.layer_types[i]
             if checkpointing:
-                x = torch.utils.checkpoint.checkpoint(block, x, *rope[kind], masks[kind], cache,
-                                                      last_only and i == last, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(
+                    block, x, *rope[kind], masks[kind], cache, last_only and i == last, use_reentrant=False
+                )
             else:
                 x = block(x, *rope[kind], masks[kind], cache, last_only and i == last)
         if last_only and not self.layers:
@@ -137,8 +143,13 @@ class Gemma(nn.Module):
             logits = softcap(logits, self.config.final_softcap)
         return logits
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         return self.logits(self.hidden_states(tokens, positions, segment_ids, cache))
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:

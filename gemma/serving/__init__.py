@@ -26,5 +26,6 @@ def require_serve_extra(who: str = "tools/serve.py") -> None:
         try:
             importlib.import_module(name)
         except ImportError as exc:
-            raise GemmaError(f"{who} needs the 'serve' extra ({exc.name} is not installed): "
-                             "pip install -e '.[serve]'") from None
+            raise GemmaError(
+                f"{who} needs the 'serve' extra ({exc.name} is not installed): pip install -e '.[serve]'"
+            ) from None

@@ -35,9 +35,20 @@ from gemma.generation.engine import Delta, EngineBusy, EngineClosed, Finish
 from gemma.errors import GemmaError
 from gemma.generation.sampling import SamplingParams
 from gemma.serving.guard import AllowedHosts, Guard, error_response
-from gemma.serving.protocol import (ApiError, ChatRequest, CompletionRequest, TextGenerateRequest, chat_messages,
-                                    checked_sampling, completion_prompt, engine_params, parse_body,
-                                    refuse_unsupported, sampling_settings, validation_message)
+from gemma.serving.protocol import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    TextGenerateRequest,
+    chat_messages,
+    checked_sampling,
+    completion_prompt,
+    engine_params,
+    parse_body,
+    refuse_unsupported,
+    sampling_settings,
+    validation_message,
+)
 
 PROTECTED = ("/v1/", "/nlg/")  # path prefixes that need the API key, when there is one
 DISCONNECT_POLL_S = 0.5  # how often a waiting request checks that its client is still there
@@ -73,8 +84,9 @@ class _Generation:
         self.prompt_tokens = len(prompt)
         self.aborted_at: float | None = None  # when the shutdown stopped it
         try:
-            self.request = engine.submit(prompt, params=params,
-                                         sink=lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, event))
+            self.request = engine.submit(
+                prompt, params=params, sink=lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, event)
+            )
         except GemmaError as exc:
             raise ApiError(400, str(exc)) from None
         except EngineBusy as exc:
@@ -125,8 +137,9 @@ class EventStream(StreamingResponse):
     that its generation is cancelled at once."""
 
     def __init__(self, events: AsyncIterator[str]):
-        super().__init__(events, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     async def stream_response(self, send) -> None:
         try:
@@ -140,8 +153,11 @@ def sse(data: Any) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def _failed(finish) -> ApiError:
@@ -156,6 +172,7 @@ def stream_reply(gen, delta_chunk, final_chunk, with_usage: bool, first: dict | 
     """Server-sent events in OpenAI's chunk format for one generation, ending with a final chunk (its
     finish_reason) and [DONE], also when the shutdown stops it; the generation is cancelled when the client goes
     away."""
+
     async def events():
         try:
             if first is not None:
@@ -165,15 +182,24 @@ def stream_reply(gen, delta_chunk, final_chunk, with_usage: bool, first: dict | 
                     yield sse(delta_chunk(event.text))
                     continue
                 if event.reason == "error":
-                    yield sse({"error": {"message": f"generation failed: {event.error}",
-                                         "type": "server_error", "param": None, "code": None}})
+                    yield sse(
+                        {
+                            "error": {
+                                "message": f"generation failed: {event.error}",
+                                "type": "server_error",
+                                "param": None,
+                                "code": None,
+                            }
+                        }
+                    )
                 else:
                     # A generation stopped by the shutdown ends as vLLM ends an aborted one.
                     final = final_chunk("abort" if gen.aborted else event.reason)
                     yield sse(final)
                     if with_usage and event.reason != "abort":  # our own Finish("abort") has no counts
-                        yield sse({**final, "choices": [],
-                                   "usage": usage(event.prompt_tokens, event.completion_tokens)})
+                        yield sse(
+                            {**final, "choices": [], "usage": usage(event.prompt_tokens, event.completion_tokens)}
+                        )
                 yield "data: [DONE]\n\n"
                 return
         finally:
@@ -236,10 +262,18 @@ async def crash(request, exc: Exception):  # a bug: answer 500 and keep serving
 async def health(http: Request):
     state = served(http)
     engine, s = state.engine, state.engine.stats
-    body = {"status": "ok" if engine.healthy else "unavailable", "model": state.model_name,
-            "active": engine.active, "waiting": engine.waiting, "requests": s.requests, "cancelled": s.cancelled,
-            "errors": s.errors, "new_tokens": s.new_tokens, "steps": s.steps,
-            "mean_batch": round(s.rows_stepped / s.steps, 3) if s.steps else 0.0}
+    body = {
+        "status": "ok" if engine.healthy else "unavailable",
+        "model": state.model_name,
+        "active": engine.active,
+        "waiting": engine.waiting,
+        "requests": s.requests,
+        "cancelled": s.cancelled,
+        "errors": s.errors,
+        "new_tokens": s.new_tokens,
+        "steps": s.steps,
+        "mean_batch": round(s.rows_stepped / s.steps, 3) if s.steps else 0.0,
+    }
     return JSONResponse(body, 200 if engine.healthy else 503)
 
 
@@ -254,8 +288,9 @@ async def list_models(http: Request):
 async def get_model(name: str, http: Request):
     state = served(http)
     if name != state.model_name:
-        raise ApiError(404, f"The model {name!r} does not exist (this server has {state.model_name!r})", "model",
-                       "model_not_found")
+        raise ApiError(
+            404, f"The model {name!r} does not exist (this server has {state.model_name!r})", "model", "model_not_found"
+        )
     return model_card(state)
 
 
@@ -273,8 +308,13 @@ def generation(http: Request, prompt: list[int], params: SamplingParams) -> _Gen
 
 
 def chat_chunk(ident: str, created: int, model_name: str, delta: dict, finish_reason: str | None = None) -> dict:
-    return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model_name,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+    return {
+        "id": ident,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model_name,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
 
 
 async def chat_completions(http: Request):
@@ -288,20 +328,41 @@ async def chat_completions(http: Request):
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     chunk = partial(chat_chunk, ident, created, state.model_name)
     if body.stream:
-        return stream_reply(gen, lambda text: chunk({"content": text}), lambda reason: chunk({}, reason),
-                            include_usage(body), first=chunk({"role": "assistant", "content": ""}))
+        return stream_reply(
+            gen,
+            lambda text: chunk({"content": text}),
+            lambda reason: chunk({}, reason),
+            include_usage(body),
+            first=chunk({"role": "assistant", "content": ""}),
+        )
     finish = await finish_reply(gen)
     if not isinstance(finish, Finish):
         return finish
-    return {"id": ident, "object": "chat.completion", "created": created, "model": state.model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": finish.text},
-                         "logprobs": None, "finish_reason": finish.reason}],
-            "usage": usage(finish.prompt_tokens, finish.completion_tokens)}
+    return {
+        "id": ident,
+        "object": "chat.completion",
+        "created": created,
+        "model": state.model_name,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": finish.text},
+                "logprobs": None,
+                "finish_reason": finish.reason,
+            }
+        ],
+        "usage": usage(finish.prompt_tokens, finish.completion_tokens),
+    }
 
 
 def completion_chunk(ident: str, created: int, model_name: str, text: str, finish_reason: str | None = None) -> dict:
-    return {"id": ident, "object": "text_completion", "created": created, "model": model_name,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+    return {
+        "id": ident,
+        "object": "text_completion",
+        "created": created,
+        "model": model_name,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+    }
 
 
 async def completions(http: Request):
@@ -310,8 +371,9 @@ async def completions(http: Request):
     body = await parse_body(http, CompletionRequest)
     refuse_unsupported(body)
     prompt = completion_prompt(body, engine.tokenizer)
-    gen = generation(http, prompt, sampling_settings(body, len(prompt), engine.context, body.max_tokens,
-                                                     engine.vocab_limit))
+    gen = generation(
+        http, prompt, sampling_settings(body, len(prompt), engine.context, body.max_tokens, engine.vocab_limit)
+    )
     chunk = partial(completion_chunk, f"cmpl-{uuid.uuid4().hex}", int(time.time()), state.model_name)
     if body.stream:
         return stream_reply(gen, chunk, lambda reason: chunk("", reason), include_usage(body))
@@ -330,13 +392,18 @@ async def text_generate(http: Request):
     user = state.instruction_messages(body.instruction, body.text)
     prompt = await encode(engine.tokenizer.apply_chat, user)
     if len(prompt) >= engine.context:
-        raise ApiError(400, f"the prompt ({len(prompt)} tokens) does not fit the context of {engine.context} "
-                            "tokens", "text", "context_length_exceeded")
+        raise ApiError(
+            400,
+            f"the prompt ({len(prompt)} tokens) does not fit the context of {engine.context} tokens",
+            "text",
+            "context_length_exceeded",
+        )
     if body.max_new_tokens < 1:
         raise ApiError(400, f"max_new_tokens must be at least 1, got {body.max_new_tokens}", "max_new_tokens")
     greedy = not body.do_sample or body.temperature == 0
-    sampling = checked_sampling(0.0 if greedy else body.temperature, body.top_k, body.top_p, None, None, None,
-                                engine.vocab_limit)
+    sampling = checked_sampling(
+        0.0 if greedy else body.temperature, body.top_k, body.top_p, None, None, None, engine.vocab_limit
+    )
     if greedy:
         sampling.update(top_k=None, top_p=None)
     params = engine_params(max_new_tokens=min(body.max_new_tokens, engine.context - len(prompt)), **sampling)
@@ -353,8 +420,12 @@ def build_api(state: Served) -> FastAPI:
     """The FastAPI app of the routes above, serving `state`, without the guard (for tests of the routes alone)."""
     app = FastAPI(title="gemma-sft", description="An OpenAI-compatible server for a Gemma model")
     app.state.served = state
-    for kind, handler in ((ApiError, api_error), (RequestValidationError, invalid), (HTTPException, http_error),
-                          (Exception, crash)):
+    for kind, handler in (
+        (ApiError, api_error),
+        (RequestValidationError, invalid),
+        (HTTPException, http_error),
+        (Exception, crash),
+    ):
         app.add_exception_handler(kind, handler)
     app.get("/health")(health)
     app.get("/v1/models")(list_models)
@@ -366,12 +437,26 @@ def build_api(state: Served) -> FastAPI:
     return app
 
 
-def create_app(engine, model_name: str, api_key: str | None = None, max_body_bytes: int = 1 << 20, *,
-               hosts: AllowedHosts | None = None, body_timeout: float = 30.0, live: LiveGenerations | None = None,
-               instruction_messages: Callable[[str, str], list[dict]] | None = None):
+def create_app(
+    engine,
+    model_name: str,
+    api_key: str | None = None,
+    max_body_bytes: int = 1 << 20,
+    *,
+    hosts: AllowedHosts | None = None,
+    body_timeout: float = 30.0,
+    live: LiveGenerations | None = None,
+    instruction_messages: Callable[[str, str], list[dict]] | None = None,
+):
     """The ASGI app serving `engine` (a gemma.generation.Engine) as `model_name`, behind the guard's checks. `hosts`
     None answers any Host (the command passes the addresses it listens on); `live` is the registry a shutdown
     aborts; `instruction_messages` makes the user turn of /nlg/text_generate (see `Served`)."""
     state = Served(engine, model_name, live if live is not None else LiveGenerations(), instruction_messages)
-    return Guard(build_api(state), api_key=api_key, protected=PROTECTED, max_body=max_body_bytes,
-                 body_timeout=body_timeout, hosts=hosts)
+    return Guard(
+        build_api(state),
+        api_key=api_key,
+        protected=PROTECTED,
+        max_body=max_body_bytes,
+        body_timeout=body_timeout,
+        hosts=hosts,
+    )

@@ -54,8 +54,9 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}}).encode()
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                   close: bool = False) -> Response:
+def error_response(
+    status: int, message: str, param: str | None = None, code: str | None = None, close: bool = False
+) -> Response:
     """An OpenAI-style error; `close` ends the connection after it (for refusals sent before the body is read)."""
     headers = {"connection": "close"} if close else None
     return Response(error_body(status, message, param, code), status, headers, media_type="application/json")
@@ -65,8 +66,10 @@ def raw_error(status: int, message: str, code: str) -> bytes:
     """A whole HTTP/1.1 error response as bytes, for the connection level, where no request has been parsed (h11
     sends no response before it has seen a request)."""
     body = error_body(status, message, code=code)
-    head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
+    head = (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
     return head.encode() + body
 
 
@@ -293,8 +296,16 @@ def first_headers(scope) -> dict[bytes, bytes]:
 class Guard:
     """ASGI middleware: the checks of the module's docstring, then the app with the body read whole."""
 
-    def __init__(self, app, *, api_key: str | None, protected: tuple[str, ...], max_body: int, body_timeout: float,
-                 hosts: AllowedHosts | None):
+    def __init__(
+        self,
+        app,
+        *,
+        api_key: str | None,
+        protected: tuple[str, ...],
+        max_body: int,
+        body_timeout: float,
+        hosts: AllowedHosts | None,
+    ):
         # The key as UTF-8 bytes, compared with the header's raw bytes: starlette would decode headers as latin-1,
         # so a non-ASCII key could never match its own UTF-8 spelling.
         self.app, self.key = app, api_key.encode("utf-8") if api_key else None
@@ -328,24 +339,41 @@ class Guard:
         host, origin = headers.get(b"host"), headers.get(b"origin")
         # No Host at all is HTTP/1.0 from a tool; every browser sends one, so rebinding cannot omit it.
         if self.hosts is not None and host is not None and not self.hosts.allows_host_header(host.decode("latin-1")):
-            return (421, f"this server does not answer for Host {host.decode('latin-1')!r} (a DNS-rebinding page "
-                    "would send its own name); start it with --allow-host NAME to serve that name", None,
-                    "host_not_allowed")
+            return (
+                421,
+                f"this server does not answer for Host {host.decode('latin-1')!r} (a DNS-rebinding page "
+                "would send its own name); start it with --allow-host NAME to serve that name",
+                None,
+                "host_not_allowed",
+            )
         if self.hosts is not None and origin is not None and not self.hosts.allows_origin(origin.decode("latin-1")):
-            return (403, f"requests from Origin {origin.decode('latin-1')!r} are not allowed (another site's page); "
-                    "start the server with --allow-host NAME[:PORT] to allow it", None, "origin_not_allowed")
+            return (
+                403,
+                f"requests from Origin {origin.decode('latin-1')!r} are not allowed (another site's page); "
+                "start the server with --allow-host NAME[:PORT] to allow it",
+                None,
+                "origin_not_allowed",
+            )
         declared = headers.get(b"content-length")
         if declared is not None and not declared.isdigit():
             return 400, "bad Content-Length", None, None
         if declared is not None and int(declared) > self.max_body:
-            return (413, f"the request body ({int(declared)} bytes) is over the limit of {self.max_body} bytes", None,
-                    "request_too_large")
+            return (
+                413,
+                f"the request body ({int(declared)} bytes) is over the limit of {self.max_body} bytes",
+                None,
+                "request_too_large",
+            )
         if self.key and scope["path"].startswith(self.protected) and not self._authorized(headers):
             return 401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'", None, "invalid_api_key"
         if scope["method"] == "POST" and not is_json_type(headers.get(b"content-type")):
             label = headers.get(b"content-type", b"none").decode("latin-1")
-            return (415, f"the body must be sent as Content-Type: application/json (got {label!r})", None,
-                    "unsupported_media_type")
+            return (
+                415,
+                f"the body must be sent as Content-Type: application/json (got {label!r})",
+                None,
+                "unsupported_media_type",
+            )
         return None
 
     def _authorized(self, headers: dict[bytes, bytes]) -> bool:
@@ -362,15 +390,13 @@ class Guard:
             try:
                 message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
             except asyncio.TimeoutError:
-                return (408, f"the request body did not arrive within {self.body_timeout:g} s", None,
-                        "request_timeout")
+                return (408, f"the request body did not arrive within {self.body_timeout:g} s", None, "request_timeout")
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
-                return (413, f"the request body is over the limit of {self.max_body} bytes", None,
-                        "request_too_large")
+                return (413, f"the request body is over the limit of {self.max_body} bytes", None, "request_too_large")
             parts.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(parts)

@@ -45,8 +45,9 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     where = ".".join(loc)
     if first.get("type") == "missing" and not loc:
         return "the body must be a JSON object", None
-    return (f"{where}: {first.get('msg', 'invalid value')}" if where else first.get("msg", "invalid body")), \
-        (loc[0] if loc else None)
+    return (f"{where}: {first.get('msg', 'invalid value')}" if where else first.get("msg", "invalid body")), (
+        loc[0] if loc else None
+    )
 
 
 # ---- the body as JSON ----------------------------------------------------------------------------------------------
@@ -98,8 +99,11 @@ def request_json(raw: bytes) -> Any:
         raise ApiError(400, f"the body is not valid JSON ({exc})") from None
     where = lone_surrogate_at(value) if _SURROGATE_ESCAPE.search(text) else None
     if where is not None:
-        raise ApiError(400, f"{where}: holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), "
-                            "which is not text", where.split(".")[0])
+        raise ApiError(
+            400,
+            f"{where}: holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), which is not text",
+            where.split(".")[0],
+        )
     return value
 
 
@@ -193,9 +197,19 @@ class TextGenerateRequest(_Body):
 
 def refuse_unsupported(body: _Sampling) -> None:
     """A 400 for an OpenAI parameter this server does not implement, unless it has its neutral value."""
-    neutral = {"n": (None, 1), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-               "logit_bias": (None, {}), "logprobs": (None, False, 0), "top_logprobs": (None, 0), "tools": (None, []),
-               "tool_choice": (None, "none", "auto"), "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1)}
+    neutral = {
+        "n": (None, 1),
+        "presence_penalty": (None, 0),
+        "frequency_penalty": (None, 0),
+        "logit_bias": (None, {}),
+        "logprobs": (None, False, 0),
+        "top_logprobs": (None, 0),
+        "tools": (None, []),
+        "tool_choice": (None, "none", "auto"),
+        "echo": (None, False),
+        "suffix": (None, ""),
+        "best_of": (None, 1),
+    }
     for field, allowed in neutral.items():
         value = getattr(body, field, None)
         if value not in allowed:
@@ -234,28 +248,46 @@ def completion_prompt(body: CompletionRequest, tokenizer) -> list[int]:
     return list(prompt)
 
 
-def sampling_settings(body: _Sampling, prompt_len: int, context: int, max_new: int | None,
-                      vocab: int) -> SamplingParams:
+def sampling_settings(
+    body: _Sampling, prompt_len: int, context: int, max_new: int | None, vocab: int
+) -> SamplingParams:
     """The engine's settings from OpenAI's fields, or a 400 that says what is wrong."""
     if prompt_len >= context:
-        raise ApiError(400, f"This model's maximum context length is {context} tokens. However, your prompt has "
-                            f"{prompt_len} tokens.", "messages" if isinstance(body, ChatRequest) else "prompt",
-                       "context_length_exceeded")
+        raise ApiError(
+            400,
+            f"This model's maximum context length is {context} tokens. However, your prompt has {prompt_len} tokens.",
+            "messages" if isinstance(body, ChatRequest) else "prompt",
+            "context_length_exceeded",
+        )
     if max_new is None:
         max_new = context - prompt_len
     elif max_new < 1:
         raise ApiError(400, f"max_tokens must be at least 1, got {max_new}", "max_tokens")
     elif prompt_len + max_new > context:
-        raise ApiError(400, f"This model's maximum context length is {context} tokens. However, you requested "
-                            f"{prompt_len + max_new} tokens ({prompt_len} in the prompt, {max_new} in the "
-                            "completion). Please reduce the prompt or max_tokens.", "max_tokens",
-                       "context_length_exceeded")
+        raise ApiError(
+            400,
+            f"This model's maximum context length is {context} tokens. However, you requested "
+            f"{prompt_len + max_new} tokens ({prompt_len} in the prompt, {max_new} in the "
+            "completion). Please reduce the prompt or max_tokens.",
+            "max_tokens",
+            "context_length_exceeded",
+        )
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 16 or any(not 0 < len(s) <= 256 for s in stop):
         raise ApiError(400, "stop must be a string of 1 to 256 characters or a list of at most 16 of them", "stop")
-    return engine_params(max_new_tokens=max_new, stop_strings=stop,
-                         **checked_sampling(1.0 if body.temperature is None else body.temperature, body.top_k,
-                                            body.top_p, body.min_p, body.repetition_penalty, body.seed, vocab))
+    return engine_params(
+        max_new_tokens=max_new,
+        stop_strings=stop,
+        **checked_sampling(
+            1.0 if body.temperature is None else body.temperature,
+            body.top_k,
+            body.top_p,
+            body.min_p,
+            body.repetition_penalty,
+            body.seed,
+            vocab,
+        ),
+    )
 
 
 def engine_params(**settings) -> SamplingParams:
@@ -267,15 +299,23 @@ def engine_params(**settings) -> SamplingParams:
         raise ApiError(400, str(exc)) from None
 
 
-def checked_sampling(temperature: float, top_k: int | None, top_p: float | None, min_p: float | None,
-                     repetition_penalty: float | None, seed: int | None, vocab: int) -> dict:
+def checked_sampling(
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    min_p: float | None,
+    repetition_penalty: float | None,
+    seed: int | None,
+    vocab: int,
+) -> dict:
     """The engine's sampling settings, each value checked here (a 400 naming the parameter) so that nothing reaches
     the sampler that would overflow its arithmetic or mean nothing. Comparisons are written so that NaN fails them.
     Neutral values become "off": top_k None, 0, -1 or at least the vocabulary; top_p 1; min_p 0."""
     low, high = TEMPERATURE_RANGE
     if temperature != 0 and not low <= temperature <= high:
-        raise ApiError(400, f"temperature must be 0 (greedy) or in [{low:g}, {high:g}], got {temperature}",
-                       "temperature")
+        raise ApiError(
+            400, f"temperature must be 0 (greedy) or in [{low:g}, {high:g}], got {temperature}", "temperature"
+        )
     if top_k is not None and top_k < -1:
         raise ApiError(400, f"top_k must be a positive integer (or 0 or -1: off), got {top_k}", "top_k")
     if top_p is not None and not 0 < top_p <= 1:
@@ -284,10 +324,18 @@ def checked_sampling(temperature: float, top_k: int | None, top_p: float | None,
         raise ApiError(400, f"min_p must be in [0, 1], got {min_p}", "min_p")
     low, high = REPETITION_PENALTY_RANGE
     if repetition_penalty is not None and not low <= repetition_penalty <= high:
-        raise ApiError(400, f"repetition_penalty must be in [{low:g}, {high:g}] (1 = off), got {repetition_penalty}",
-                       "repetition_penalty")
+        raise ApiError(
+            400,
+            f"repetition_penalty must be in [{low:g}, {high:g}] (1 = off), got {repetition_penalty}",
+            "repetition_penalty",
+        )
     if seed is not None and not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
         raise ApiError(400, f"seed must be an integer in [-2**63, 2**64), got {seed}", "seed")
-    return dict(temperature=temperature, top_k=top_k if top_k is not None and 0 < top_k < vocab else None,
-                top_p=top_p if top_p not in (None, 1.0) else None, min_p=min_p or None,
-                repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty, seed=seed)
+    return dict(
+        temperature=temperature,
+        top_k=top_k if top_k is not None and 0 < top_k < vocab else None,
+        top_p=top_p if top_p not in (None, 1.0) else None,
+        min_p=min_p or None,
+        repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
+        seed=seed,
+    )

@@ -16,8 +16,9 @@ from gemma.serving.guard import GuardedH11Protocol
 def listen(host: str, port: int) -> socket.socket:
     """A listening socket, bound before the (slow) model load so that a taken port fails at once."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
@@ -48,13 +49,26 @@ class Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def run(app, sock: socket.socket, live: LiveGenerations, *, header_timeout: float, max_connections: int,
-        log_level: str, shutdown_grace: float) -> None:
+def run(
+    app,
+    sock: socket.socket,
+    live: LiveGenerations,
+    *,
+    header_timeout: float,
+    max_connections: int,
+    log_level: str,
+    shutdown_grace: float,
+) -> None:
     """Serve `app` (create_app's, with `live` its registry) on `sock` until SIGTERM or Ctrl-C."""
     # No limit_concurrency: uvicorn counts connections still sending their headers toward it, so slow clients could
     # get everyone a 503. Load is bounded by the engine's queue (--max-waiting) and --max-connections instead.
     # Our h11 protocol whether or not httptools is installed: the header deadline lives there.
-    config = uvicorn.Config(app, http=GuardedH11Protocol.configured(header_timeout, max_connections),
-                            ws="none", log_level=log_level, lifespan="off",
-                            timeout_graceful_shutdown=shutdown_grace + ABORT_WAIT_S + 1)
+    config = uvicorn.Config(
+        app,
+        http=GuardedH11Protocol.configured(header_timeout, max_connections),
+        ws="none",
+        log_level=log_level,
+        lifespan="off",
+        timeout_graceful_shutdown=shutdown_grace + ABORT_WAIT_S + 1,
+    )
     Server(config, live, shutdown_grace).run(sockets=[sock])
