@@ -26,6 +26,7 @@ from train import checkpoint as ckpt
 from train import distributed, outputs, prepare
 from train.data import Example, _read_located, collate, plan_epoch, record_messages, shard
 from train.loss import IGNORE, chunked_cross_entropy
+from train.metrics import mean_loss, reference_losses
 from train.options import TrainOptions
 from train.report import exact_match, generate_replies, plot_losses
 from train.schedule import lr_at
@@ -112,30 +113,29 @@ def eval_loss(
     device,
     replicas: distributed.Replicas | None = None,
 ) -> float:
-    """Mean loss per target token over `examples`.
+    """Mean loss per target token over `examples`: in one process, train.metrics.reference_losses (what
+    tools/evaluate.py reports as the reference loss) under the run's precision.
 
     Under torchrun the batches are dealt out to the processes and the sums added up; each process runs the same
     number of forward passes (an empty one when it has run out), since under FSDP each is a collective.
     """
+    if replicas is None or not replicas.d.enabled:
+        with autocast_for(precision, device):
+            loss, _ = mean_loss(reference_losses(model, examples, pad_id, batch_size))
+        return 0.0 if loss is None else loss
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    if replicas is None or not replicas.d.enabled:
-        for group in groups:
-            batch = to_device(collate([examples[j] for j in group], pad_id), device)
-            loss, n = batch_loss(model, batch, precision, device)
-            total, count = total + loss.item(), count + n
-    else:
-        d = replicas.d
-        mine = groups[d.rank :: d.world]
-        for k in range(math.ceil(len(groups) / d.world)):
-            batch = to_device(collate([examples[j] for j in mine[k]] if k < len(mine) else [_EMPTY], pad_id), device)
-            loss = replicas.evaluate(batch)
-            if k < len(mine):
-                total, count = total + loss.item(), count + int((batch["targets"] != IGNORE).sum())
-        total, count = d.all_sum(total, count)
+    d = replicas.d
+    mine = groups[d.rank :: d.world]
+    for k in range(math.ceil(len(groups) / d.world)):
+        batch = to_device(collate([examples[j] for j in mine[k]] if k < len(mine) else [_EMPTY], pad_id), device)
+        loss = replicas.evaluate(batch)
+        if k < len(mine):
+            total, count = total + loss.item(), count + int((batch["targets"] != IGNORE).sum())
+    total, count = d.all_sum(total, count)
     model.train(was_training)
     return total / max(count, 1)
 
