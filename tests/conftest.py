@@ -28,3 +28,12 @@ def tiny_folder(tmp_path_factory, tiny_tokenizer_path):
     hf_model("gemma3").save_pretrained(folder)
     shutil.copy(tiny_tokenizer_path, folder / "tokenizer.model")
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma2_folder(tmp_path_factory, tiny_tokenizer_path):
+    """A tiny Gemma 2 HF checkpoint folder, as `tiny_folder` (for what Gemma 3 refuses: fp16 training)."""
+    folder = tmp_path_factory.mktemp("tiny2") / "model"
+    hf_model("gemma2").save_pretrained(folder)
+    shutil.copy(tiny_tokenizer_path, folder / "tokenizer.model")
+    return folder

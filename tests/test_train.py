@@ -188,12 +188,12 @@ def test_sft_writes_adapter_metrics_and_config(tiny_folder, tmp_path):
     assert sum(p.numel() for n, p in model.named_parameters() if "lora" in n) > 0
 
 
-def test_fp16_with_data_smaller_than_one_window(tiny_folder, tmp_path):
+def test_fp16_with_data_smaller_than_one_window(tiny_gemma2_folder, tmp_path):
     data = tmp_path / "three.jsonl"
     data.write_text("\n".join(ARITH.read_text().splitlines()[:3]) + "\n")
     run = sft(
         "--model",
-        tiny_folder,
+        tiny_gemma2_folder,
         "--data",
         data,
         "--epochs",
@@ -335,3 +335,33 @@ def test_config_file_with_flag_override(tiny_folder, tmp_path):
     assert run.returncode == 0, run.stderr
     resolved = json.loads((tmp_path / "r" / "config.json").read_text())
     assert resolved["max_steps"] == 2 and resolved["lora_r"] == 2 and resolved["lr"] == 1e-3
+
+
+@pytest.mark.parametrize("layout", ["hf", "native"])
+def test_fp16_is_refused_for_gemma3_before_the_weights_are_read(tiny_folder, tmp_path, layout):
+    """Gemma 3's activations overflow fp16: one line that says why and what to use, and no run folder; the weights
+    are never read (a corrupt weights file does not change the message)."""
+    folder = tmp_path / "model"
+    if layout == "hf":
+        folder.mkdir()
+        for name in ("config.json", "tokenizer.model"):
+            (folder / name).write_bytes((tiny_folder / name).read_bytes())
+    else:
+        model, tokenizer = gemma.load(tiny_folder)
+        from gemma.formats.checkpoint import save_native
+
+        save_native(folder, model.config, model.state_dict(), tokenizer.model_proto)
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    run = sft("--model", folder, "--data", ARITH, "--max-steps", 1, "--precision", "fp16", "--out", tmp_path / "run")
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert "Traceback" not in run.stderr
+    assert lines[-1].startswith("error: --precision fp16: this model's activations (Gemma 3 and later) exceed")
+    assert "use --precision bf16" in lines[-1]
+    assert not (tmp_path / "run").exists()
+
+
+def test_fp16_overflows_follows_the_generation():
+    from gemma.model.config import preset
+
+    assert [preset(n).fp16_overflows for n in ("2b", "2-2b", "3-270m", "3-27b")] == [False, False, True, True]

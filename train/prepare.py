@@ -19,6 +19,7 @@ import torch
 
 import gemma
 from gemma.errors import GemmaError
+from gemma.formats.load import read_config
 from lora import LoraConfig, inject, summary
 from lora.inject import module_path
 from train import checkpoint as ckpt
@@ -78,8 +79,10 @@ def default_run_dir(opts: TrainOptions) -> Path:
 
 
 def start_run(opts: TrainOptions, d: distributed.Dist, log) -> Run:
-    """The output folder (checked by rank 0 alone: the others would race it) and the seeds."""
+    """The output folder (checked by rank 0 alone: the others would race it) and the seeds. A precision the model
+    cannot train in is refused first, before anything is written."""
     with d.agreed_errors():
+        check_precision(opts)
         found = None
         if d.main:
             run_dir = Path(opts.out) if opts.out else default_run_dir(opts)
@@ -117,6 +120,16 @@ def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
 
 
 # ---- the model -------------------------------------------------------------------------------------------------------
+
+
+def check_precision(opts: TrainOptions) -> None:
+    """Refuse --precision fp16 for a model whose activations overflow it (its config says so), before the weights
+    are read: it would train into inf and NaN."""
+    if opts.precision == "fp16" and read_config(opts.source).fp16_overflows:
+        raise GemmaError(
+            "--precision fp16: this model's activations (Gemma 3 and later) exceed fp16's largest value (65504), "
+            "so training would turn into inf and NaN; use --precision bf16 (or fp32)"
+        )
 
 
 def load_model(run: Run):

@@ -15,6 +15,7 @@ import torch
 
 from gemma.formats import checkpoint
 from gemma.files import read_json
+from gemma.formats.hf_config import from_hf_config
 from gemma.model.config import NATIVE_FORMAT, PRESETS, GemmaConfig, preset
 from gemma.errors import GemmaError
 from gemma.files import regular_file
@@ -111,6 +112,23 @@ def folder_kind(folder: Path) -> str:
     if not cfg.exists():
         raise GemmaError(f"{folder}: no config.json (not a model folder)")
     return "native" if read_json(cfg, "config file").get("format") == NATIVE_FORMAT else "hf"
+
+
+def read_config(source: str | Path) -> GemmaConfig:
+    """The config of any source, without reading its weights (a hub source is downloaded, as `load` would)."""
+    path = resolve(source)
+    if not path.is_dir():
+        regular_file(path, "model file")
+        if path.suffix.lower() != ".gguf":
+            raise GemmaError(f"{path}: not a model folder or a .gguf file")
+        from gemma.formats.gguf import gguf_config, open_gguf
+
+        return gguf_config(open_gguf(path), str(path))
+    config = path / "config.json"
+    data = read_json(config, "config file")
+    if folder_kind(path) == "native":
+        return GemmaConfig.from_dict(data, str(config))
+    return from_hf_config(data, str(config))
 
 
 def load_weights(

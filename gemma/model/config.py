@@ -163,6 +163,12 @@ class GemmaConfig:
         return self.layer_types[layer] == SLIDING
 
     @property
+    def fp16_overflows(self) -> bool:
+        """Whether activations exceed fp16's largest value (65504) in this architecture, so that fp16 training
+        turns into inf and NaN: Gemma 3's (and Gemma 4's) do; bf16 and fp32 have the range."""
+        return self.generation >= 3
+
+    @property
     def generation(self) -> int:
         """Which HF architecture family the fields describe (1, 2 or 3), for export only."""
         if self.use_qk_norm:
