@@ -53,32 +53,47 @@ class Embedding(nn.Embedding):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm with Gemma's zero-centred weight: x / rms(x) * (1 + w).
+    """RMSNorm: x / rms(x) * (offset + w). Gemma 1-3 keep a zero-centred weight (offset 1: x / rms(x) * (1 + w));
+    Gemma 4 multiplies by the weight itself (offset 0, the weight initialised to ones), and some of its norms
+    (`weight=False`: the value norm, the router's) have no weight at all.
 
     Normalised and scaled in float32 and cast back only at the end, as the reference does; doing the multiply in
     the activation dtype (Llama-style) loses precision in bf16.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, offset: float = 1.0, weight: bool = True):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset)) if weight else None  # x / rms(x) at init
         self.kernels = EAGER  # gemma.model.compiled swaps in compiled ones
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernels.rms_norm(x, self.weight, self.eps)
+        if self.offset == 1.0:
+            return self.kernels.rms_norm(x, self.weight, self.eps)
+        return self.kernels.rms_norm(x, self.weight, self.eps, self.offset)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x * rsqrt(mean(x^2) + eps) * (1 + w) in float32, cast back to x's dtype: PyTorch's rms_norm gives the same
-    bits as the reference's five separate ops."""
-    return F.rms_norm(x.float(), (x.shape[-1],), 1.0 + weight.float(), eps).type_as(x)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float = 1.0) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) * (offset + w) in float32 (no multiply without a weight), cast back to x's dtype:
+    PyTorch's rms_norm gives the same bits as the reference's separate ops (Gemma 4's `pow(..., -0.5)` included)."""
+    if weight is None:
+        scale = None
+    else:
+        scale = weight.float() if offset == 0.0 else offset + weight.float()
+    return F.rms_norm(x.float(), (x.shape[-1],), scale, eps).type_as(x)
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: float = 1.0, device=None) -> torch.Tensor:
-    """Inverse frequencies (head_dim / 2,), float32; linear scaling divides them (stretches positions)."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
-    return 1.0 / (theta**exponents) / scaling
+def rope_inv_freq(head_dim: int, theta: float, scaling: float = 1.0, device=None, rotated: float = 1.0) -> torch.Tensor:
+    """Inverse frequencies (head_dim / 2,), float32; linear scaling divides them (stretches positions).
+
+    `rotated` < 1 is Gemma 4's proportional RoPE (its full-attention layers): only the first
+    int(rotated * head_dim // 2) frequencies turn, each with its exponent still over the whole head_dim; the others
+    are 0, so their dimensions pass through unrotated (cos 1, sin 0)."""
+    turning = int(rotated * head_dim // 2)
+    exponents = torch.arange(0, 2 * turning, 2, dtype=torch.int64, device=device).float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    still = torch.zeros(head_dim // 2 - turning, device=device)
+    return torch.cat((inv_freq, still)) / scaling
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
