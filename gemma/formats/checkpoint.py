@@ -61,7 +61,9 @@ _NOT_OURS = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "
 _TIED_HEAD = ("lm_head.weight", "language_model.lm_head.weight")
 
 
-HF_TABLE = NameTable(_TOP, _LAYER, _QK_NORM, _SANDWICH_NORMS, _PLAIN_NORMS)
+HF_TABLE = NameTable(
+    _TOP, _LAYER, _QK_NORM, _SANDWICH_NORMS, _PLAIN_NORMS, {"layers.{}.layer_scalar": "model.layers.{}.layer_scalar"}
+)
 
 
 def hf_names(cfg: GemmaConfig) -> dict[str, str]:

@@ -24,16 +24,23 @@ class NameTable:
     qk_norm: dict[str, str]  # with use_qk_norm
     sandwich_norms: dict[str, str]  # with sandwich_norms
     plain_norms: dict[str, str] = field(default_factory=dict)  # without sandwich_norms
+    layer_scalar: dict[str, str] = field(default_factory=dict)  # with layer_scalar (Gemma 4)
 
     def names(self, cfg: GemmaConfig) -> dict[str, str]:
         layer = dict(self.layer)
         if cfg.use_qk_norm:
             layer.update(self.qk_norm)
         layer.update(self.sandwich_norms if cfg.sandwich_norms else self.plain_norms)
+        if cfg.layer_scalar:
+            layer.update(self.layer_scalar)
         names = dict(self.top)
         for i in range(cfg.num_layers):
-            names.update({k.format(i): v.format(i) for k, v in layer.items()})
+            lacks = set() if cfg.has_v(cfg.layer_types[i]) else {V}  # keys-equal-values: no value projection
+            names.update({k.format(i): v.format(i) for k, v in layer.items() if k not in lacks})
         return names
+
+
+V = "layers.{}.attn.v.weight"  # the value projection's native name, which a keys-equal-values layer lacks
 
 
 def match_tensors(

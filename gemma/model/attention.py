@@ -37,18 +37,22 @@ class Attention(nn.Module):
     def __init__(self, cfg: GemmaConfig, layer: int):
         super().__init__()
         self.layer, self.kind = layer, cfg.layer_types[layer]  # SLIDING or FULL
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kind = self.kind
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads_of(kind), cfg.head_dim_of(kind)
         self.scale = cfg.attn_scale
         self.softcap = cfg.attn_softcap
-        self.q = Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim)
-        self.k = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim)
-        self.v = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim)
-        self.o = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size)
+        hd, kv = self.head_dim, self.num_kv_heads
+        self.q = Linear(cfg.hidden_size, cfg.num_heads * hd)
+        self.k = Linear(cfg.hidden_size, kv * hd)
+        # Keys-equal-values (Gemma 4's full layers): the values are the key projection's raw output.
+        self.v = Linear(cfg.hidden_size, kv * hd) if cfg.has_v(kind) else None
+        self.o = Linear(cfg.num_heads * hd, cfg.hidden_size)
         if cfg.use_qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.q_norm = RMSNorm(hd, cfg.norm_eps, cfg.norm_offset)
+            self.k_norm = RMSNorm(hd, cfg.norm_eps, cfg.norm_offset)
         else:
             self.q_norm = self.k_norm = None
+        self.v_norm = RMSNorm(hd, cfg.norm_eps, 0.0, weight=False) if cfg.use_v_norm else None
         self.kernels = EAGER  # gemma.model.compiled swaps in compiled ones
 
     def forward(
@@ -66,7 +70,9 @@ class Attention(nn.Module):
         Tq = 1 if last_only else T
         q = self.q(x[:, T - Tq :]).view(B, Tq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Tq, hd)
         k = self.k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
-        v = self.v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        v = k if self.v is None else self.v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.v_norm is not None:
+            v = self.v_norm(v)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.kernels.rope(q, cos[:, T - Tq :], sin[:, T - Tq :]), self.kernels.rope(k, cos, sin)

@@ -113,6 +113,15 @@ class GemmaConfig:
     layer_types: tuple[str, ...] = ()  # per layer: "sliding" or "full"; empty means all full
     max_seq_len: int = 8192  # context length the model was trained for
     hf_repo: str | None = None  # the hub repo a preset was read from (informational only)
+    # Gemma 4's differences (the defaults are Gemma 1-3's):
+    norm_offset: float = 1.0  # RMSNorm multiplies by offset + w: 1 (a zero-centred w) or 0 (Gemma 4: w itself)
+    fixed_attn_scale: float | None = None  # the scale of q @ k^T when set (Gemma 4: 1, its q/k norms set the size)
+    use_v_norm: bool = False  # a weightless RMSNorm over head_dim on the values (Gemma 4)
+    full_head_dim: int | None = None  # head_dim of the full-attention layers (Gemma 4: 512); None: head_dim
+    full_kv_heads: int | None = None  # key/value heads of the full-attention layers; None: num_kv_heads
+    full_k_eq_v: bool = False  # full-attention layers take their values from the key projection (no v)
+    rope_full_rotated: float = 1.0  # share of a full layer's head_dim that RoPE turns (Gemma 4: 0.25, proportional)
+    layer_scalar: bool = False  # each layer's output is multiplied by a learned scalar (Gemma 4)
 
     def __post_init__(self):
         # Sizes first, bounded: everything after (the layer list here, the model's tables later) is built from them.
@@ -129,7 +138,8 @@ class GemmaConfig:
             _check_number(name, getattr(self, name))
         for name in ("query_pre_attn_scalar", "attn_softcap", "final_softcap"):
             _check_number(name, getattr(self, name), optional=True)
-        for name in ("use_qk_norm", "sandwich_norms"):
+        self._check_gemma4_fields()
+        for name in ("use_qk_norm", "sandwich_norms", "use_v_norm", "full_k_eq_v", "layer_scalar"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigFieldError(name, f"must be true or false, got {shown(getattr(self, name))}")
         if self.sliding_window is not None:
@@ -154,10 +164,42 @@ class GemmaConfig:
         if SLIDING in self.layer_types and self.sliding_window is None:
             raise ConfigFieldError("sliding_window", "must be a positive integer: the model has sliding layers")
 
+    def _check_gemma4_fields(self) -> None:
+        if self.norm_offset not in (0.0, 1.0) or isinstance(self.norm_offset, bool):
+            raise ConfigFieldError("norm_offset", f"must be 0 or 1, got {shown(self.norm_offset)}")
+        _check_number("fixed_attn_scale", self.fixed_attn_scale, optional=True)
+        if self.full_head_dim is not None:
+            check_size("full_head_dim", self.full_head_dim, MAX_WIDTH)
+            if self.full_head_dim % 2:
+                raise ConfigFieldError("full_head_dim", f"must be even for RoPE, got {self.full_head_dim}")
+        if self.full_kv_heads is not None:
+            check_size("full_kv_heads", self.full_kv_heads, MAX_HEADS)
+            if self.num_heads % self.full_kv_heads:
+                raise ConfigFieldError(
+                    "num_heads", f"({self.num_heads}) is not a multiple of", "full_kv_heads", f" ({self.full_kv_heads})"
+                )
+        rotated = self.rope_full_rotated
+        if isinstance(rotated, bool) or not isinstance(rotated, (int, float)) or not 0 < rotated <= 1:
+            raise ConfigFieldError("rope_full_rotated", f"must be a number in (0, 1], got {shown(rotated)}")
+
     @property
     def attn_scale(self) -> float:
         """The factor applied to q @ k^T."""
+        if self.fixed_attn_scale is not None:
+            return self.fixed_attn_scale
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def head_dim_of(self, kind: str) -> int:
+        """The per-head width of a layer of this kind (SLIDING or FULL)."""
+        return (self.full_head_dim or self.head_dim) if kind == FULL else self.head_dim
+
+    def kv_heads_of(self, kind: str) -> int:
+        """The key/value heads of a layer of this kind."""
+        return (self.full_kv_heads or self.num_kv_heads) if kind == FULL else self.num_kv_heads
+
+    def has_v(self, kind: str) -> bool:
+        """Whether a layer of this kind has its own value projection (not with keys-equal-values)."""
+        return not (self.full_k_eq_v and kind == FULL)
 
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == SLIDING
@@ -171,6 +213,8 @@ class GemmaConfig:
     @property
     def generation(self) -> int:
         """Which HF architecture family the fields describe (1, 2 or 3), for export only."""
+        if self.norm_offset == 0.0:
+            return 4
         if self.use_qk_norm:
             return 3
         if self.sandwich_norms:

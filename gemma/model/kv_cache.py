@@ -46,7 +46,7 @@ class KVCache:
         self.kinds = sorted(set(cfg.layer_types))  # the layer kinds present: SLIDING and/or FULL
         self.layer_kinds = list(cfg.layer_types)  # each layer's kind
         self.sizes = {s: (min(self.window, max_len) if s == SLIDING else max_len) for s in self.kinds}
-        shape = lambda s: (batch, cfg.num_kv_heads, self.sizes[s], cfg.head_dim)  # noqa: E731
+        shape = lambda s: (batch, cfg.kv_heads_of(s), self.sizes[s], cfg.head_dim_of(s))  # noqa: E731
         self.k = [torch.zeros(shape(kind), dtype=dtype, device=device) for kind in self.layer_kinds]
         self.v = [torch.zeros_like(k) for k in self.k]
         self.slot_pos = {s: torch.full((batch, self.sizes[s]), -1, dtype=torch.long, device=device) for s in self.kinds}

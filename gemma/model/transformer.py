@@ -21,15 +21,19 @@ class Block(nn.Module):
 
     def __init__(self, cfg: GemmaConfig, layer: int):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_offset)  # noqa: E731
+        self.attn_norm = norm()
         self.attn = Attention(cfg, layer)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp_norm = norm()
         self.mlp = GeGLU(cfg.hidden_size, cfg.intermediate_size)
         if cfg.sandwich_norms:
-            self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-            self.post_mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+            self.post_attn_norm = norm()
+            self.post_mlp_norm = norm()
         else:
             self.post_attn_norm = self.post_mlp_norm = None
+        # Gemma 4 scales the layer's whole output (the residual stream included) by a learned scalar, kept in the
+        # checkpoint as a buffer.
+        self.layer_scalar = nn.Buffer(torch.ones(1)) if cfg.layer_scalar else None
 
     def forward(self, x, cos, sin, mask, cache=None, last_only: bool = False):
         """(B, T, hidden) -> (B, T, hidden), or (B, 1, hidden) for the last column with `last_only` (all columns
@@ -41,6 +45,8 @@ class Block(nn.Module):
         h = self.mlp(self.mlp_norm(x))
         if self.post_mlp_norm is not None:
             h = self.post_mlp_norm(h)
+        if self.layer_scalar is not None:
+            return (x + h) * self.layer_scalar
         return x + h
 
 
@@ -52,7 +58,7 @@ class Gemma(nn.Module):
         self.config = cfg
         self.embed = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_offset)
         # Recompute each block's activations in the backward pass instead of keeping them (training only).
         self.grad_checkpointing = False
         # The LoRA settings (a lora.config.LoraConfig) once lora.inject has added adapter layers; typed loosely
@@ -78,7 +84,9 @@ class Gemma(nn.Module):
             if kind == SLIDING:
                 inv = rope_inv_freq(cfg.head_dim, cfg.rope_local_theta, 1.0, positions.device)
             else:
-                inv = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, positions.device)
+                inv = rope_inv_freq(
+                    cfg.head_dim_of(FULL), cfg.rope_theta, cfg.rope_scaling, positions.device, cfg.rope_full_rotated
+                )
             out[kind] = rope_cos_sin(positions, inv, dtype)
         return out
 
