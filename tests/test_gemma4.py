@@ -139,3 +139,81 @@ def test_keys_equal_values_layers_have_no_value_projection(pair):
     for i, block in enumerate(ours.layers):
         assert (block.attn.v is None) == (cfg.full_k_eq_v and cfg.layer_types[i] == FULL)
         assert block.attn.head_dim == (24 if cfg.layer_types[i] == FULL else 12)
+
+
+# ---- loading ------------------------------------------------------------------------------------------------------
+
+
+def _hub_shape(config: dict) -> dict:
+    """config.json as the hub ships Gemma 4 (global_head_dim / num_global_key_value_heads, no per_layer_config)."""
+    out = {k: v for k, v in config.items() if k != "per_layer_config"}
+    full = next(iter(config["per_layer_config"].values()))
+    out["global_head_dim"] = full["head_dim"]
+    if config["attention_k_eq_v"]:
+        out["num_global_key_value_heads"] = full["num_key_value_heads"]
+    return out
+
+
+@pytest.mark.parametrize("shape", ["5.24", "hub", "multimodal"])
+def test_an_hf_folder_loads_in_each_config_shape(pair, tmp_path, shape):
+    """transformers' own folder (per_layer_config), the hub's config shape, and the multimodal layout (text under
+    model.language_model., a vision tower skipped by name) all give the same model."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from gemma.formats.checkpoint import load_hf_folder
+
+    hf, ours = pair
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    if shape == "hub":
+        config = _hub_shape(config)
+    elif shape == "multimodal":
+        config = {"model_type": "gemma4", "text_config": _hub_shape(config)}
+        weights = load_file(tmp_path / "model.safetensors")
+        weights = {k.replace("model.", "model.language_model.", 1): v for k, v in weights.items()}
+        weights["model.vision_tower.patch.weight"] = torch.zeros(2, 2)
+        save_file(weights, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    cfg, state = load_hf_folder(tmp_path)
+    assert cfg == ours.config
+    loaded = build_model(cfg, state)
+    ids = tokens(1, 9)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), ours(ids))
+
+
+@pytest.mark.parametrize(
+    "key, value, named",
+    [
+        ("hidden_size_per_layer_input", 8, "per-layer embeddings"),
+        ("num_kv_shared_layers", 2, "KV-shared layers"),
+        ("enable_moe_block", True, "mixture-of-experts"),
+        ("use_bidirectional_attention", "all", "use_bidirectional_attention"),
+    ],
+)
+def test_what_is_not_built_yet_is_refused_by_name(key, value, named):
+    from gemma.errors import GemmaError
+    from gemma.formats.hf_config import from_hf_config
+
+    config = {"model_type": "gemma4_text", "num_hidden_layers": 2, "layer_types": [S, F], key: value}
+    with pytest.raises(GemmaError, match=named) as info:
+        from_hf_config(config)
+    assert "\n" not in str(info.value)
+
+
+def test_our_hf_output_loads_in_transformers(pair, tmp_path, tok):
+    """save_hf writes what transformers' AutoModelForCausalLM loads into the same model, and it reads back as ours."""
+    from gemma.formats.checkpoint import load_hf_folder, save_hf
+
+    hf, ours = pair
+    ids = {"bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}
+    save_hf(tmp_path / "out", ours.config, ours.state_dict(), tok.model_proto, ids)
+    theirs = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    assert type(theirs).__name__ == "Gemma4ForCausalLM"
+    x = tokens(2, 13)
+    with torch.no_grad():
+        assert torch.equal(theirs(x).logits, hf(x).logits)
+    cfg, _ = load_hf_folder(tmp_path / "out")
+    assert cfg == ours.config

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from gemma.errors import GemmaError
+from gemma.formats import hf_gemma4
 from gemma.model.config import (
     FULL,
     MAX_HEADS,
@@ -137,13 +138,17 @@ def _from_hf_config(hf: dict[str, Any], where: str) -> GemmaConfig:
     if not isinstance(hf, dict):
         raise GemmaError(f"{where}: expected a JSON object")
     model_type = hf.get("model_type")
-    if model_type == "gemma3" or "text_config" in hf:
-        # Multimodal Gemma 3: the text tower's settings sit under text_config.
+    if model_type in ("gemma3", "gemma4") or "text_config" in hf:
+        # Multimodal Gemma 3 and 4: the text tower's settings sit under text_config.
         text = hf.get("text_config") or {}
         if not isinstance(text, dict):
             raise GemmaError(f"{where}: field 'text_config' must be an object, got {shown(text)}")
-        text = {"model_type": "gemma3_text", **text}
+        text = {"model_type": "gemma4_text" if model_type == "gemma4" else "gemma3_text", **text}
         return _from_hf_config(text, where + ":text_config")
+    if model_type == "gemma4_text":
+        c = {**hf_gemma4.DEFAULTS, **{k: v for k, v in hf.items() if v is not None or k.endswith("softcapping")}}
+        _check_supported(c, where)
+        return hf_gemma4.from_gemma4_config(c, lambda key, kind=int: _hf_number(c.get(key), key, where, kind), where)
     if not isinstance(model_type, str) or model_type not in _HF_DEFAULTS:
         raise GemmaError(
             f"{where}: model_type {shown(model_type)} is not a Gemma text model "
@@ -195,7 +200,8 @@ def _check_supported(c: dict[str, Any], where: str) -> None:
         raise GemmaError(f"{where}: unsupported activation {shown(act)} (Gemma uses tanh-approximated GELU)")
     if c.get("attention_bias"):
         raise GemmaError(f"{where}: attention_bias is not supported (no Gemma checkpoint uses it)")
-    if c.get("use_bidirectional_attention"):
+    # "vision" (Gemma 4 12B and up) only joins image tokens' attention: no effect on text.
+    if c.get("use_bidirectional_attention") not in (None, False, "vision"):
         raise GemmaError(f"{where}: use_bidirectional_attention (embedding models) is not supported")
     if c.get("tie_word_embeddings") is False:
         raise GemmaError(f"{where}: untied embeddings are not supported (Gemma ties the output head)")
@@ -261,6 +267,12 @@ def to_hf_config(
 ) -> dict[str, Any]:
     """An HF config.json in the hub's shape (transformers 4.x keys, which 5.x reads too)."""
     gen = cfg.generation
+    if gen == 4:
+        ids = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
+        return hf_gemma4.to_gemma4_config(cfg, ids)
+    gemma4_only = (cfg.fixed_attn_scale, cfg.use_v_norm, cfg.full_head_dim, cfg.full_kv_heads, cfg.full_k_eq_v)
+    if any(gemma4_only) or cfg.rope_full_rotated != 1.0 or cfg.layer_scalar:
+        raise GemmaError(f"this architecture has no HF Gemma {gen} equivalent (it has Gemma 4's features)")
     model_type, arch = {
         1: ("gemma", "GemmaForCausalLM"),
         2: ("gemma2", "Gemma2ForCausalLM"),

@@ -139,6 +139,11 @@ class GemmaConfig:
         for name in ("query_pre_attn_scalar", "attn_softcap", "final_softcap"):
             _check_number(name, getattr(self, name), optional=True)
         self._check_gemma4_fields()
+        # One spelling per geometry: a full-layer width or kv-head count equal to the sliding layers' is no override.
+        if self.full_head_dim == self.head_dim:
+            self.full_head_dim = None
+        if self.full_kv_heads == self.num_kv_heads:
+            self.full_kv_heads = None
         for name in ("use_qk_norm", "sandwich_norms", "use_v_norm", "full_k_eq_v", "layer_scalar"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigFieldError(name, f"must be true or false, got {shown(getattr(self, name))}")
@@ -212,7 +217,7 @@ class GemmaConfig:
 
     @property
     def generation(self) -> int:
-        """Which HF architecture family the fields describe (1, 2 or 3), for export only."""
+        """Which HF architecture family the fields describe (1 to 4), for export (and the fp16 rule) only."""
         if self.norm_offset == 0.0:
             return 4
         if self.use_qk_norm:
