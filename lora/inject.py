@@ -22,7 +22,8 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def inject(model: Gemma, cfg: LoraConfig) -> Gemma:
-    """Replace the target projections of every layer with LoRA layers (in place; returns the model).
+    """Replace the target projections of every layer with LoRA layers (in place; returns the model); a layer
+    without one of them (no `v` on Gemma 4's keys-equal-values layers) goes without.
 
     The base weights are shared, not copied, and frozen along with every other base parameter (embedding, norms):
     afterwards only the adapter parameters are trainable. `model.lora_config` records `cfg`.
@@ -35,8 +36,10 @@ def inject(model: Gemma, cfg: LoraConfig) -> Gemma:
         for target in cfg.targets:
             parent_path, _, name = module_path(i, target).rpartition(".")
             parent = model.get_submodule(parent_path)
-            layer = LoRALinear.from_linear(getattr(parent, name), cfg.r, cfg.scale, cfg.dropout, cfg.dora)
-            setattr(parent, name, layer)
+            base = getattr(parent, name)
+            if base is None:  # a projection the layer lacks (Gemma 4's keys-equal-values layers have no v)
+                continue
+            setattr(parent, name, LoRALinear.from_linear(base, cfg.r, cfg.scale, cfg.dropout, cfg.dora))
     model.lora_config = cfg
     return model
 

@@ -95,7 +95,9 @@ def _hf_module(names: dict[str, str], layer: int, target: str) -> str:
 def hf_target_names(model_cfg: GemmaConfig) -> dict[str, str]:
     """Our target name -> peft's target_modules entry: q -> q_proj, ..., down -> down_proj."""
     names = hf_names(model_cfg)
-    return {t: _hf_module(names, 0, t).rpartition(".")[2] for t in ALL_TARGETS}
+    layers = range(model_cfg.num_layers)
+    first = {t: next(i for i in layers if f"{module_path(i, t)}.weight" in names) for t in ALL_TARGETS}  # has it
+    return {t: _hf_module(names, first[t], t).rpartition(".")[2] for t in ALL_TARGETS}
 
 
 def peft_names(model_cfg: GemmaConfig, cfg: LoraConfig) -> dict[str, str]:
@@ -106,6 +108,7 @@ def peft_names(model_cfg: GemmaConfig, cfg: LoraConfig) -> dict[str, str]:
         f"{module_path(i, t)}.{kind}": f"{PEFT_PREFIX}{_hf_module(names, i, t)}.{_PEFT_SUFFIX[kind]}"
         for i in range(model_cfg.num_layers)
         for t in cfg.targets
+        if f"{module_path(i, t)}.weight" in names  # a layer without the projection (Gemma 4's k=v: no v) has none
         for kind in kinds
     }
 
