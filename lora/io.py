@@ -92,11 +92,17 @@ def _hf_module(names: dict[str, str], layer: int, target: str) -> str:
     return names[f"{module_path(layer, target)}.weight"].removesuffix(".weight")
 
 
+def projections(model_cfg: GemmaConfig, names: dict[str, str]) -> list[tuple[int, str]]:
+    """(layer, target) of every projection the model has, in model order, from its name table `names` (Gemma 4's
+    keys-equal-values layers have no v)."""
+    layers = range(model_cfg.num_layers)
+    return [(i, t) for i in layers for t in ALL_TARGETS if f"{module_path(i, t)}.weight" in names]
+
+
 def hf_target_names(model_cfg: GemmaConfig) -> dict[str, str]:
     """Our target name -> peft's target_modules entry: q -> q_proj, ..., down -> down_proj."""
     names = hf_names(model_cfg)
-    layers = range(model_cfg.num_layers)
-    first = {t: next(i for i in layers if f"{module_path(i, t)}.weight" in names) for t in ALL_TARGETS}  # has it
+    first = {t: i for i, t in reversed(projections(model_cfg, names))}  # the first layer with each
     return {t: _hf_module(names, first[t], t).rpartition(".")[2] for t in ALL_TARGETS}
 
 
@@ -106,9 +112,8 @@ def peft_names(model_cfg: GemmaConfig, cfg: LoraConfig) -> dict[str, str]:
     kinds = ("lora_A", "lora_B", "magnitude") if cfg.dora else ("lora_A", "lora_B")
     return {
         f"{module_path(i, t)}.{kind}": f"{PEFT_PREFIX}{_hf_module(names, i, t)}.{_PEFT_SUFFIX[kind]}"
-        for i in range(model_cfg.num_layers)
-        for t in cfg.targets
-        if f"{module_path(i, t)}.weight" in names  # a layer without the projection (Gemma 4's k=v: no v) has none
+        for i, t in projections(model_cfg, names)
+        if t in cfg.targets
         for kind in kinds
     }
 
@@ -199,7 +204,8 @@ def _targets(spec: Any, model_cfg: GemmaConfig, where: str) -> tuple[str, ...]:
     """Our targets from peft's target_modules (a list of names or name suffixes, a regex, or "all-linear"), which
     must select the same projections in every layer."""
     names = hf_names(model_cfg)
-    modules = {(i, t): _spellings(_hf_module(names, i, t)) for i in range(model_cfg.num_layers) for t in ALL_TARGETS}
+    present = projections(model_cfg, names)
+    modules = {(i, t): _spellings(_hf_module(names, i, t)) for i, t in present}
     if spec == "all-linear":  # peft: every linear layer but the output head, i.e. the seven projections
         return ALL_TARGETS
     if isinstance(spec, str):  # peft matches a string as a regex over the whole module path
@@ -227,7 +233,7 @@ def _targets(spec: Any, model_cfg: GemmaConfig, where: str) -> tuple[str, ...]:
     else:
         raise GemmaError(f"{where}: target_modules must be a list of module names or a regex, got {shown(spec)}")
     targets = tuple(t for t in ALL_TARGETS if any(key[1] == t for key in chosen))
-    every_layer = {(i, t) for i in range(model_cfg.num_layers) for t in targets}
+    every_layer = {(i, t) for i, t in present if t in targets}  # each layer that has the projection
     if chosen != every_layer:
         raise GemmaError(
             f"{where}: target_modules {shown(spec)} selects a projection in some layers only "
@@ -368,7 +374,7 @@ def load_adapter(folder: str | Path, model_cfg: GemmaConfig) -> tuple[LoraConfig
     path = _weights_file(folder)
 
     names = hf_names(model_cfg)
-    to_native = {_hf_module(names, i, t): module_path(i, t) for i in range(model_cfg.num_layers) for t in ALL_TARGETS}
+    to_native = {_hf_module(names, i, t): module_path(i, t) for i, t in projections(model_cfg, names)}
     wanted = peft_names(model_cfg, cfg)  # native -> peft key
     base = expected_shapes(model_cfg)
     hf_short = hf_target_names(model_cfg)

@@ -27,11 +27,11 @@ CASES = {
 }
 
 
-def hf_gemma4(case: str, seed: int = 0):
+def hf_gemma4(case: str, seed: int = 0, vocab: int = 96):
     torch.manual_seed(seed)
     cfg = tf.Gemma4TextConfig(
-        vocab_size=96,
-        vocab_size_per_layer_input=96,
+        vocab_size=vocab,
+        vocab_size_per_layer_input=vocab,
         hidden_size=48,
         intermediate_size=96,
         num_hidden_layers=len(LAYERS),
@@ -117,6 +117,25 @@ def test_fp32_logits_match_transformers(pair):
         expected = hf(ids).logits
         got = ours(ids)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bf16_no_worse_than_transformers_bf16(case, tmp_path):
+    from gemma.formats.checkpoint import load_hf_folder
+
+    hf_errs, our_errs = [], []
+    for seed in range(3):  # pooled over seeds: one small model's bf16 rounding is a noisy sample
+        hf = hf_gemma4(case, seed)
+        hf.save_pretrained(tmp_path / str(seed))
+        ours = build_model(*load_hf_folder(tmp_path / str(seed), torch.bfloat16))
+        x = tokens(4, 16, seed=seed)
+        with torch.no_grad():
+            ref = hf(x).logits.float()
+            hf_errs.append((hf.to(torch.bfloat16)(x).logits.float() - ref).abs().mean())
+            our_errs.append((ours(x) - ref).abs().mean())
+    hf_err, our_err = sum(hf_errs), sum(our_errs)
+    # Both round the same ops to bf16; 5% slack absorbs the different summation orders of SDPA vs eager.
+    assert our_err <= hf_err * 1.05, (our_err.item(), hf_err.item())
 
 
 def test_cached_decoding_equals_the_full_forward(pair):
@@ -261,3 +280,52 @@ def test_lora_matches_peft_in_logits_and_gradients(case, tmp_path):
             # summation order leaves at most 1.6e-5; 3e-5 of the largest entry is the bound.
             assert g.abs().max() > 0, name
             torch.testing.assert_close(g, h, rtol=0, atol=3e-5 * h.abs().max().item())
+
+
+# ---- generation and training from a folder ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gemma4_folder(tmp_path_factory, tiny_tokenizer_path):
+    """A tiny Gemma 4 HF folder (keys-equal-values case) with the tiny tokenizer (640 pieces: vocab 1024)."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("gemma4") / "model"
+    hf_gemma4("k=v", vocab=1024).save_pretrained(folder)
+    shutil.copy(tiny_tokenizer_path, folder / "tokenizer.model")
+    return folder
+
+
+def test_a_left_padded_batch_generates_what_each_prompt_does_alone(gemma4_folder):
+    import gemma
+
+    model, tok = gemma.load(gemma4_folder)
+    prompts = [tok.encode("one two three"), tok.encode("a longer prompt than the first one, past the window")]
+    assert len(prompts[0]) != len(prompts[1])
+    together = gemma.generate(model, tok, prompts, max_new_tokens=8, stop_ids=[])
+    alone = [gemma.generate(model, tok, [p], max_new_tokens=8, stop_ids=[])[0] for p in prompts]
+    assert together == alone and all(len(ids) == 8 for ids in together)
+
+
+def test_sft_trains_a_gemma4_folder_and_refuses_fp16(gemma4_folder, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import gemma
+
+    root = Path(__file__).resolve().parent.parent
+    data = root / "examples" / "arith_train.jsonl"
+
+    def sft(*args):
+        cmd = [sys.executable, "-m", "train.sft", "--model", gemma4_folder, "--data", data, *args]
+        env = {**os.environ, "PYTHONPATH": str(root)}
+        return subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=env, cwd=root, timeout=600)
+
+    run = sft("--max-steps", 2, "--batch-size", 2, "--precision", "fp32", "--out", tmp_path / "run")
+    assert run.returncode == 0, run.stderr
+    model, _ = gemma.load(gemma4_folder, adapter=tmp_path / "run" / "adapter")
+    assert sum("lora" in n for n, _ in model.named_parameters()) == 2 * (7 * len(LAYERS) - 2)  # no v on k=v layers
+    refused = sft("--max-steps", 1, "--precision", "fp16", "--out", tmp_path / "fp16")
+    assert refused.returncode == 2 and "exceed fp16's largest value" in refused.stderr.strip().splitlines()[-1]

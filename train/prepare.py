@@ -180,7 +180,11 @@ def check_lora_rank(model, opts: TrainOptions) -> None:
     for i in range(len(model.layers)):
         for target in opts.targets:
             path = module_path(i, target)
-            out_features, in_features = model.get_submodule(path).weight.shape
+            parent, _, name = path.rpartition(".")
+            projection = getattr(model.get_submodule(parent), name)
+            if projection is None:  # a projection the layer lacks (Gemma 4's keys-equal-values layers: no v)
+                continue
+            out_features, in_features = projection.weight.shape
             width = min(in_features, out_features)
             if opts.lora_r > width:
                 raise GemmaError(
