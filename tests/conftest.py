@@ -21,19 +21,20 @@ def tok(tiny_tokenizer_path):
     return Tokenizer(tiny_tokenizer_path)
 
 
+def hf_folder(model, folder, tokenizer_path):
+    """`model` (a transformers model) saved as an HF checkpoint folder with the tiny tokenizer beside it."""
+    model.save_pretrained(folder)
+    shutil.copy(tokenizer_path, folder / "tokenizer.model")
+    return folder
+
+
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory, tiny_tokenizer_path):
     """A tiny Gemma 3 HF checkpoint folder (random weights, written by transformers) with the tiny tokenizer."""
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    hf_model("gemma3").save_pretrained(folder)
-    shutil.copy(tiny_tokenizer_path, folder / "tokenizer.model")
-    return folder
+    return hf_folder(hf_model("gemma3"), tmp_path_factory.mktemp("tiny") / "model", tiny_tokenizer_path)
 
 
 @pytest.fixture(scope="module")
 def tiny_gemma2_folder(tmp_path_factory, tiny_tokenizer_path):
     """A tiny Gemma 2 HF checkpoint folder, as `tiny_folder` (for what Gemma 3 refuses: fp16 training)."""
-    folder = tmp_path_factory.mktemp("tiny2") / "model"
-    hf_model("gemma2").save_pretrained(folder)
-    shutil.copy(tiny_tokenizer_path, folder / "tokenizer.model")
-    return folder
+    return hf_folder(hf_model("gemma2"), tmp_path_factory.mktemp("tiny2") / "model", tiny_tokenizer_path)

@@ -121,21 +121,11 @@ def test_fp32_logits_match_transformers(pair):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bf16_no_worse_than_transformers_bf16(case, tmp_path):
-    from gemma.formats.checkpoint import load_hf_folder
+    from tiny_models import bf16_errors
 
-    hf_errs, our_errs = [], []
-    for seed in range(3):  # pooled over seeds: one small model's bf16 rounding is a noisy sample
-        hf = hf_gemma4(case, seed)
-        hf.save_pretrained(tmp_path / str(seed))
-        ours = build_model(*load_hf_folder(tmp_path / str(seed), torch.bfloat16))
-        x = tokens(4, 16, seed=seed)
-        with torch.no_grad():
-            ref = hf(x).logits.float()
-            hf_errs.append((hf.to(torch.bfloat16)(x).logits.float() - ref).abs().mean())
-            our_errs.append((ours(x) - ref).abs().mean())
-    hf_err, our_err = sum(hf_errs), sum(our_errs)
+    our_err, hf_err = bf16_errors(lambda seed: hf_gemma4(case, seed), tmp_path, lambda seed: tokens(4, 16, seed))
     # Both round the same ops to bf16; 5% slack absorbs the different summation orders of SDPA vs eager.
-    assert our_err <= hf_err * 1.05, (our_err.item(), hf_err.item())
+    assert our_err <= hf_err * 1.05, (our_err, hf_err)
 
 
 def test_cached_decoding_equals_the_full_forward(pair):
@@ -288,12 +278,9 @@ def test_lora_matches_peft_in_logits_and_gradients(case, tmp_path):
 @pytest.fixture(scope="module")
 def gemma4_folder(tmp_path_factory, tiny_tokenizer_path):
     """A tiny Gemma 4 HF folder (keys-equal-values case) with the tiny tokenizer (640 pieces: vocab 1024)."""
-    import shutil
+    from conftest import hf_folder
 
-    folder = tmp_path_factory.mktemp("gemma4") / "model"
-    hf_gemma4("k=v", vocab=1024).save_pretrained(folder)
-    shutil.copy(tiny_tokenizer_path, folder / "tokenizer.model")
-    return folder
+    return hf_folder(hf_gemma4("k=v", vocab=1024), tmp_path_factory.mktemp("gemma4") / "model", tiny_tokenizer_path)
 
 
 def test_a_left_padded_batch_generates_what_each_prompt_does_alone(gemma4_folder):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gemma.formats.checkpoint import build_model, load_hf_folder
-from tiny_models import CASES, hf_model, tokens
+from tiny_models import CASES, bf16_errors, hf_model, tokens
 
 
 def ours_from_hf(case, tmp_path, dtype=torch.float32):
@@ -39,19 +39,9 @@ def test_fp32_logits_match_transformers_sdpa(case, tmp_path):
 
 @pytest.mark.parametrize("case", CASES)
 def test_bf16_no_worse_than_transformers_bf16(case, tmp_path):
-    hf_errs, our_errs = [], []
-    for seed in range(3):  # pooled over seeds: one small model's bf16 rounding is a noisy sample
-        hf = hf_model(case, seed)
-        hf.save_pretrained(tmp_path / str(seed))
-        ours = build_model(*load_hf_folder(tmp_path / str(seed), torch.bfloat16))
-        x = tokens(4, 16, seed=seed)
-        with torch.no_grad():
-            ref = hf(x).logits.float()
-            hf_errs.append((hf.to(torch.bfloat16)(x).logits.float() - ref).abs().mean())
-            our_errs.append((ours(x) - ref).abs().mean())
-    hf_err, our_err = sum(hf_errs), sum(our_errs)
+    our_err, hf_err = bf16_errors(lambda seed: hf_model(case, seed), tmp_path, lambda seed: tokens(4, 16, seed=seed))
     # Both round the same ops to bf16; 5% slack absorbs the different summation orders of SDPA vs eager.
-    assert our_err <= hf_err * 1.05, (our_err.item(), hf_err.item())
+    assert our_err <= hf_err * 1.05, (our_err, hf_err)
 
 
 def test_sliding_window_is_shorter_than_the_sequence(tmp_path):

@@ -103,3 +103,22 @@ def tokens(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
     t = torch.randint(3, VOCAB, (batch, length), generator=g)
     t[:, 0] = 2  # BOS
     return t
+
+
+def bf16_errors(make_hf, folder: Path, make_tokens, seeds: int = 3) -> tuple[float, float]:
+    """(our bf16 logits' error, transformers' bf16 logits' error), each the mean |difference| from transformers'
+    fp32 logits, summed over `seeds` random models (`make_hf(seed)`) and inputs (`make_tokens(seed)`): pooled,
+    since one small model's bf16 rounding is a noisy sample. Ours loads in bf16 from the folder transformers wrote."""
+    from gemma.formats.checkpoint import build_model, load_hf_folder
+
+    ours_err = theirs_err = 0.0
+    for seed in range(seeds):
+        hf = make_hf(seed)
+        hf.save_pretrained(folder / str(seed))
+        ours = build_model(*load_hf_folder(folder / str(seed), torch.bfloat16))
+        x = make_tokens(seed)
+        with torch.no_grad():
+            ref = hf(x).logits.float()
+            theirs_err += float((hf.to(torch.bfloat16)(x).logits.float() - ref).abs().mean())
+            ours_err += float((ours(x) - ref).abs().mean())
+    return ours_err, theirs_err
