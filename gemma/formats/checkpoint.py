@@ -56,14 +56,60 @@ _SANDWICH_NORMS = {
 # Multimodal Gemma 3 checkpoints keep the text tower under a prefix (4.x and 5.x spellings) and carry towers that
 # are not ours to load.
 _TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."))
-_NOT_OURS = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+_NOT_OURS = (
+    "vision_tower.",
+    "multi_modal_projector.",
+    "model.vision_tower.",
+    "model.multi_modal_projector.",
+    "model.audio_tower.",  # Gemma 4's audio tower and the projections into the text model
+    "model.embed_vision.",
+    "model.embed_audio.",
+)
 # The output head is tied to the embedding; a checkpoint that stores a copy of it loses nothing by skipping it.
 _TIED_HEAD = ("lm_head.weight", "language_model.lm_head.weight")
 
 
+# Gemma 4's per-layer embeddings (E2B, E4B) and mixture-of-experts block (26B-A4B).
+_PER_LAYER_TOP = {
+    "per_layer.embed.weight": "model.embed_tokens_per_layer.weight",
+    "per_layer.proj.weight": "model.per_layer_model_projection.weight",
+    "per_layer.proj_norm.weight": "model.per_layer_projection_norm.weight",
+}
+_PER_LAYER = {
+    "layers.{}.ple_gate.weight": "model.layers.{}.per_layer_input_gate.weight",
+    "layers.{}.ple_out.weight": "model.layers.{}.per_layer_projection.weight",
+    "layers.{}.ple_norm.weight": "model.layers.{}.post_per_layer_input_norm.weight",
+}
+_MOE = {
+    "layers.{}.dense_norm.weight": "model.layers.{}.post_feedforward_layernorm_1.weight",
+    "layers.{}.moe.router.weight": "model.layers.{}.router.proj.weight",
+    "layers.{}.moe.router_scale": "model.layers.{}.router.scale",
+    "layers.{}.moe.expert_scale": "model.layers.{}.router.per_expert_scale",
+    "layers.{}.moe.gate_up": "model.layers.{}.experts.gate_up_proj",
+    "layers.{}.moe.down": "model.layers.{}.experts.down_proj",
+    "layers.{}.moe.in_norm.weight": "model.layers.{}.pre_feedforward_layernorm_2.weight",
+    "layers.{}.moe.out_norm.weight": "model.layers.{}.post_feedforward_layernorm_2.weight",
+}
+
 HF_TABLE = NameTable(
-    _TOP, _LAYER, _QK_NORM, _SANDWICH_NORMS, _PLAIN_NORMS, {"layers.{}.layer_scalar": "model.layers.{}.layer_scalar"}
+    _TOP,
+    _LAYER,
+    _QK_NORM,
+    _SANDWICH_NORMS,
+    _PLAIN_NORMS,
+    {"layers.{}.layer_scalar": "model.layers.{}.layer_scalar"},
+    _PER_LAYER_TOP,
+    _PER_LAYER,
+    _MOE,
 )
+# Released E2B files still carry keys and values for the layers that reuse another's (transformers ignores them too);
+# they are dropped by name, any other unexpected tensor is still an error.
+_DEAD_KV = ("k_proj", "v_proj", "k_norm", "v_norm")
+
+
+def dead_kv_keys(cfg: GemmaConfig) -> set[str]:
+    """The HF keys (text spelling) of the unused k/v tensors that a KV-sharing layer may come with."""
+    return {f"model.layers.{i}.self_attn.{n}.weight" for i in range(cfg.first_shared, cfg.num_layers) for n in _DEAD_KV}
 
 
 def hf_names(cfg: GemmaConfig) -> dict[str, str]:
@@ -243,10 +289,11 @@ def load_hf_folder(
     config = folder / "config.json"
     cfg = from_hf_config(read_json(config, "config file"), str(config))
     to_native = {v: k for k, v in hf_names(cfg).items()}
+    dead = dead_kv_keys(cfg)
 
     def native(key: str) -> str | None:
         plain = hf_text_key(key)
-        return None if plain is None else to_native[plain]
+        return None if plain is None or plain in dead else to_native[plain]
 
     state = read_state_dict(
         _safetensors_files(folder), cfg, native, dtype, show=hf_names(cfg).get, where=str(config), fields=HF_FIELDS

@@ -91,6 +91,13 @@ HF_FIELDS = {
     "final_softcap": "final_logit_softcapping",
     "max_seq_len": "max_position_embeddings",
     "hf_repo": "_name_or_path",
+    # Gemma 4's
+    "kv_shared_layers": "num_kv_shared_layers",
+    "double_wide_mlp": "use_double_wide_mlp",
+    "per_layer_input_size": "hidden_size_per_layer_input",
+    "per_layer_vocab_size": "vocab_size_per_layer_input",
+    "experts_per_token": "top_k_experts",
+    "expert_intermediate_size": "moe_intermediate_size",
 }
 
 
@@ -138,21 +145,22 @@ def _from_hf_config(hf: dict[str, Any], where: str) -> GemmaConfig:
     if not isinstance(hf, dict):
         raise GemmaError(f"{where}: expected a JSON object")
     model_type = hf.get("model_type")
-    if model_type in ("gemma3", "gemma4") or "text_config" in hf:
+    if model_type in _MULTIMODAL or "text_config" in hf:
         # Multimodal Gemma 3 and 4: the text tower's settings sit under text_config.
         text = hf.get("text_config") or {}
         if not isinstance(text, dict):
             raise GemmaError(f"{where}: field 'text_config' must be an object, got {shown(text)}")
-        text = {"model_type": "gemma4_text" if model_type == "gemma4" else "gemma3_text", **text}
+        text = {"model_type": _MULTIMODAL.get(model_type, "gemma3_text"), **text}
         return _from_hf_config(text, where + ":text_config")
-    if model_type == "gemma4_text":
-        c = {**hf_gemma4.DEFAULTS, **{k: v for k, v in hf.items() if v is not None or k.endswith("softcapping")}}
+    if model_type in hf_gemma4.DEFAULTS:
+        given = {k: v for k, v in hf.items() if v is not None or k.endswith("softcapping")}
+        c = {**hf_gemma4.DEFAULTS[model_type], **given}
         _check_supported(c, where)
         return hf_gemma4.from_gemma4_config(c, lambda key, kind=int: _hf_number(c.get(key), key, where, kind), where)
     if not isinstance(model_type, str) or model_type not in _HF_DEFAULTS:
         raise GemmaError(
             f"{where}: model_type {shown(model_type)} is not a Gemma text model "
-            f"(expected one of {', '.join(_HF_DEFAULTS)}, or gemma3)"
+            f"(expected one of {', '.join([*_HF_DEFAULTS, *hf_gemma4.DEFAULTS, *_MULTIMODAL])})"
         )
     c = {**_HF_DEFAULTS[model_type], **{k: v for k, v in hf.items() if v is not None or k.endswith("softcapping")}}
     _check_supported(c, where)
@@ -191,6 +199,10 @@ def _from_hf_config(hf: dict[str, Any], where: str) -> GemmaConfig:
         max_seq_len=num("max_position_embeddings"),
         hf_repo=name if isinstance(name, str) and name else None,  # informational: anything else is dropped
     )
+
+
+# Multimodal model_type -> its text_config's.
+_MULTIMODAL = {"gemma3": "gemma3_text", "gemma4": "gemma4_text", "gemma4_unified": "gemma4_unified_text"}
 
 
 def _check_supported(c: dict[str, Any], where: str) -> None:

@@ -1,7 +1,7 @@
 """HF's config.json of a Gemma 4 text decoder (`gemma4_text`, or the text_config of the multimodal `gemma4`) as a
 GemmaConfig, in both shapes transformers writes: the hub's (`global_head_dim`, `num_global_key_value_heads`) and
-5.24's (`per_layer_config`, one entry per full-attention layer). What our model does not implement yet (per-layer
-embeddings, KV-shared layers, the MoE block) is refused by name; hf_config's own checks refuse the rest.
+5.24's (`per_layer_config`, one entry per full-attention layer), and back in 5.24's shape. hf_config's own checks
+refuse what our model does not implement (bidirectional attention).
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from typing import Any, Callable
 from gemma.errors import GemmaError
 from gemma.model.config import FULL, MAX_HEADS, MAX_LAYERS, MAX_WIDTH, SLIDING, GemmaConfig, check_size, shown
 
-# transformers 5.24's Gemma4TextConfig defaults, for keys a config.json leaves out.
-DEFAULTS: dict[str, Any] = dict(
+# transformers 5.24's defaults for keys a config.json leaves out: Gemma4TextConfig's (E2B, E4B, 26B-A4B, 31B) and
+# Gemma4UnifiedTextConfig's (12B: the same decoder without per-layer embeddings or experts).
+_TEXT: dict[str, Any] = dict(
     vocab_size=262144,
     hidden_size=2304,
     intermediate_size=9216,
@@ -25,26 +26,32 @@ DEFAULTS: dict[str, Any] = dict(
     rms_norm_eps=1e-6,
     sliding_window=512,
     attention_k_eq_v=False,
+    hidden_size_per_layer_input=256,  # a gemma4_text config.json without the key has PLE
+    vocab_size_per_layer_input=262144,
+    num_kv_shared_layers=0,
+    use_double_wide_mlp=False,
+    enable_moe_block=False,
 )
+_UNIFIED = {**_TEXT, "max_position_embeddings": 262144, "sliding_window": 1024, "hidden_size_per_layer_input": 0}
+DEFAULTS: dict[str, dict[str, Any]] = {"gemma4_text": _TEXT, "gemma4_unified_text": _UNIFIED}
 _LAYER_TYPES = {"sliding_attention": SLIDING, "full_attention": FULL}
-_NOT_YET = (  # (key, what it is): a true / non-zero value is refused until the model implements it
-    ("hidden_size_per_layer_input", "per-layer embeddings (E2B, E4B)"),
-    ("num_kv_shared_layers", "KV-shared layers (E2B, E4B)"),
-    ("enable_moe_block", "the mixture-of-experts block (26B-A4B)"),
-    ("use_double_wide_mlp", "the double-wide MLP of KV-shared layers (E2B)"),
-)
 
 
 def from_gemma4_config(c: dict[str, Any], number: Callable[..., Any], where: str) -> GemmaConfig:
     """A GemmaConfig from a gemma4_text config (`c`, the file's keys over DEFAULTS); `number(key, kind)` reads a
     number or fails naming the key."""
-    for key, what in _NOT_YET:
-        if c.get(key):
-            raise GemmaError(f"{where}: {what} ({key} = {shown(c[key])}) is not supported yet")
     n = check_size("num_layers", number("num_hidden_layers"), MAX_LAYERS)
     types = layer_types(c, n, where)
     full_head_dim, full_kv = full_geometry(c, types, number, where)
     full_rope, local_rope = rope(c, where)
+    ple = _count(c, "hidden_size_per_layer_input", number)
+    moe = _flag(c, "enable_moe_block", where)
+    shared = _count(c, "num_kv_shared_layers", number)
+    if shared >= n:
+        raise GemmaError(
+            f"{where}: num_kv_shared_layers ({shared}) leaves no layer that makes its own keys and values "
+            f"(of {n}; a drafter that reads another model's is not supported)"
+        )
     return GemmaConfig(
         vocab_size=number("vocab_size"),
         hidden_size=number("hidden_size"),
@@ -71,7 +78,26 @@ def from_gemma4_config(c: dict[str, Any], number: Callable[..., Any], where: str
         full_k_eq_v=bool(c.get("attention_k_eq_v")),
         rope_full_rotated=full_rope["rotated"],
         layer_scalar=True,
+        kv_shared_layers=shared,
+        double_wide_mlp=_flag(c, "use_double_wide_mlp", where),
+        per_layer_input_size=ple,
+        per_layer_vocab_size=number("vocab_size_per_layer_input") if ple else None,
+        num_experts=number("num_experts") if moe else 0,
+        experts_per_token=number("top_k_experts") if moe else 0,
+        expert_intermediate_size=number("moe_intermediate_size") if moe else 0,
     )
+
+
+def _count(c: dict[str, Any], key: str, number: Callable[..., Any]) -> int:
+    """A size that may be 0 (or null: 0)."""
+    return number(key) if c.get(key) else 0
+
+
+def _flag(c: dict[str, Any], key: str, where: str) -> bool:
+    value = c.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise GemmaError(f"{where}: field {key!r} must be true or false, got {shown(value)}")
+    return bool(value)
 
 
 def layer_types(c: dict[str, Any], n: int, where: str) -> tuple[str, ...]:
@@ -174,10 +200,14 @@ def to_gemma4_config(cfg: GemmaConfig, token_ids: dict[str, int]) -> dict[str, A
             },
             "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_theta},
         },
-        "hidden_size_per_layer_input": 0,
-        "num_kv_shared_layers": 0,
-        "enable_moe_block": False,
-        "use_double_wide_mlp": False,
+        "hidden_size_per_layer_input": cfg.per_layer_input_size,
+        "vocab_size_per_layer_input": cfg.per_layer_vocab_size or cfg.vocab_size,
+        "num_kv_shared_layers": cfg.kv_shared_layers,
+        "use_double_wide_mlp": cfg.double_wide_mlp,
+        "enable_moe_block": bool(cfg.num_experts),
+        "num_experts": cfg.num_experts or None,
+        "top_k_experts": cfg.experts_per_token or None,
+        "moe_intermediate_size": cfg.expert_intermediate_size or None,
         "attention_bias": False,
         "attention_dropout": 0.0,
         "tie_word_embeddings": True,

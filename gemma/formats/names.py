@@ -25,6 +25,9 @@ class NameTable:
     sandwich_norms: dict[str, str]  # with sandwich_norms
     plain_norms: dict[str, str] = field(default_factory=dict)  # without sandwich_norms
     layer_scalar: dict[str, str] = field(default_factory=dict)  # with layer_scalar (Gemma 4)
+    per_layer_top: dict[str, str] = field(default_factory=dict)  # with per_layer_input_size (PLE): the model's
+    per_layer: dict[str, str] = field(default_factory=dict)  # ... and each layer's
+    moe: dict[str, str] = field(default_factory=dict)  # with num_experts: each layer's
 
     def names(self, cfg: GemmaConfig) -> dict[str, str]:
         layer = dict(self.layer)
@@ -33,14 +36,27 @@ class NameTable:
         layer.update(self.sandwich_norms if cfg.sandwich_norms else self.plain_norms)
         if cfg.layer_scalar:
             layer.update(self.layer_scalar)
+        if cfg.per_layer_input_size:
+            layer.update(self.per_layer)
+        if cfg.num_experts:
+            layer.update(self.moe)
         names = dict(self.top)
+        if cfg.per_layer_input_size:
+            names.update(self.per_layer_top)
         for i in range(cfg.num_layers):
-            lacks = set() if cfg.has_v(cfg.layer_types[i]) else {V}  # keys-equal-values: no value projection
-            names.update({k.format(i): v.format(i) for k, v in layer.items() if k not in lacks})
+            names.update({k.format(i): v.format(i) for k, v in layer.items() if k not in lacks(cfg, i)})
         return names
 
 
 V = "layers.{}.attn.v.weight"  # the value projection's native name, which a keys-equal-values layer lacks
+KV_OWN = ("layers.{}.attn.k.weight", V, "layers.{}.attn.k_norm.weight")  # what a KV-sharing layer lacks
+
+
+def lacks(cfg: GemmaConfig, layer: int) -> set[str]:
+    """The per-layer native names (templates) that `layer` of `cfg` has no tensor for."""
+    if cfg.reuses_kv(layer):
+        return set(KV_OWN)
+    return set() if cfg.has_v(cfg.layer_types[layer]) else {V}
 
 
 def match_tensors(

@@ -42,17 +42,17 @@ class Attention(nn.Module):
         self.scale = cfg.attn_scale
         self.softcap = cfg.attn_softcap
         hd, kv = self.head_dim, self.num_kv_heads
+        # KV sharing (Gemma 4 E2B, E4B): a reusing layer attends with the keys and values that the last earlier
+        # layer of its kind (a storing one) produced in the same pass, so it has no k, v or k_norm of its own.
+        self.reuses_kv, self.stores_kv = cfg.reuses_kv(layer), cfg.stores_kv(layer)
         self.q = Linear(cfg.hidden_size, cfg.num_heads * hd)
-        self.k = Linear(cfg.hidden_size, kv * hd)
+        self.k = None if self.reuses_kv else Linear(cfg.hidden_size, kv * hd)
         # Keys-equal-values (Gemma 4's full layers): the values are the key projection's raw output.
-        self.v = Linear(cfg.hidden_size, kv * hd) if cfg.has_v(kind) else None
+        self.v = Linear(cfg.hidden_size, kv * hd) if cfg.has_v(kind) and not self.reuses_kv else None
         self.o = Linear(cfg.num_heads * hd, cfg.hidden_size)
-        if cfg.use_qk_norm:
-            self.q_norm = RMSNorm(hd, cfg.norm_eps, cfg.norm_offset)
-            self.k_norm = RMSNorm(hd, cfg.norm_eps, cfg.norm_offset)
-        else:
-            self.q_norm = self.k_norm = None
-        self.v_norm = RMSNorm(hd, cfg.norm_eps, 0.0, weight=False) if cfg.use_v_norm else None
+        self.q_norm = RMSNorm(hd, cfg.norm_eps, cfg.norm_offset) if cfg.use_qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.norm_eps, cfg.norm_offset) if cfg.use_qk_norm and not self.reuses_kv else None
+        self.v_norm = RMSNorm(hd, cfg.norm_eps, 0.0, weight=False) if cfg.use_v_norm and not self.reuses_kv else None
         self.kernels = EAGER  # gemma.model.compiled swaps in compiled ones
 
     def forward(
@@ -63,23 +63,33 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        shared: dict | None = None,
     ) -> torch.Tensor:
         """(B, T, hidden) -> (B, T, hidden); with `last_only`, (B, 1, hidden): every column's keys and values (for
-        the cache), the query and output of the last column only."""
+        the cache), the query and output of the last column only. `shared` carries the keys, values and mask of
+        each kind's storing layer to the layers that reuse them ({kind: (k, v, mask)}, filled in this pass)."""
         B, T, _ = x.shape
         Tq = 1 if last_only else T
         q = self.q(x[:, T - Tq :]).view(B, Tq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Tq, hd)
-        k = self.k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
-        v = k if self.v is None else self.v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if self.v_norm is not None:
-            v = self.v_norm(v)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.kernels.rope(q, cos[:, T - Tq :], sin[:, T - Tq :]), self.kernels.rope(k, cos, sin)
-        if cache is not None:
-            k, v, mask = cache.update(self.layer, self.kind, k, v)  # (B, KV, S, hd), mask (B, 1, T, S)
-        if mask is not None and Tq < T:
-            mask = mask[:, :, T - Tq :]
+            q = self.q_norm(q)
+        q = self.kernels.rope(q, cos[:, T - Tq :], sin[:, T - Tq :])
+        if self.reuses_kv:
+            k, v, mask = shared[self.kind]
+        else:
+            k = self.k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+            v = k if self.v is None else self.v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            if self.v_norm is not None:
+                v = self.v_norm(v)
+            if self.k_norm is not None:
+                k = self.k_norm(k)
+            k = self.kernels.rope(k, cos, sin)
+            if cache is not None:
+                k, v, mask = cache.update(self.layer, self.kind, k, v)  # (B, KV, S, hd), mask (B, 1, T, S)
+            if self.stores_kv:
+                shared[self.kind] = (k, v, mask)
+        if mask is not None and mask.shape[2] > Tq:
+            mask = mask[:, :, -Tq:]
         out = attend(q, k, v, mask, self.scale, self.softcap)  # (B, H, Tq, hd)
         return self.o(out.transpose(1, 2).reshape(B, Tq, self.num_heads * self.head_dim))
 

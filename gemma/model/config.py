@@ -122,6 +122,13 @@ class GemmaConfig:
     full_k_eq_v: bool = False  # full-attention layers take their values from the key projection (no v)
     rope_full_rotated: float = 1.0  # share of a full layer's head_dim that RoPE turns (Gemma 4: 0.25, proportional)
     layer_scalar: bool = False  # each layer's output is multiplied by a learned scalar (Gemma 4)
+    kv_shared_layers: int = 0  # the last this many layers attend with the K/V of the last earlier layer of their kind
+    double_wide_mlp: bool = False  # the KV-sharing layers' MLP is 2 x intermediate_size wide (Gemma 4 E2B)
+    per_layer_input_size: int = 0  # width of each layer's per-layer embedding (PLE; Gemma 4 E2B, E4B: 256); 0: none
+    per_layer_vocab_size: int | None = None  # rows of the per-layer embedding table; None: vocab_size
+    num_experts: int = 0  # experts of the MoE block beside each layer's dense MLP (Gemma 4 26B-A4B: 128); 0: none
+    experts_per_token: int = 0  # experts each token is routed to (top-k)
+    expert_intermediate_size: int = 0  # each expert's GeGLU inner width
 
     def __post_init__(self):
         # Sizes first, bounded: everything after (the layer list here, the model's tables later) is built from them.
@@ -168,6 +175,12 @@ class GemmaConfig:
             )
         if SLIDING in self.layer_types and self.sliding_window is None:
             raise ConfigFieldError("sliding_window", "must be a positive integer: the model has sliding layers")
+        shared = set(self.layer_types[self.first_shared :])
+        if not shared <= set(self.layer_types[: self.first_shared]):
+            raise ConfigFieldError(
+                "kv_shared_layers",
+                f"({self.kv_shared_layers}) leaves no earlier layer of kind {sorted(shared)[0]!r} to take K/V from",
+            )
 
     def _check_gemma4_fields(self) -> None:
         if self.norm_offset not in (0.0, 1.0) or isinstance(self.norm_offset, bool):
@@ -186,6 +199,23 @@ class GemmaConfig:
         rotated = self.rope_full_rotated
         if isinstance(rotated, bool) or not isinstance(rotated, (int, float)) or not 0 < rotated <= 1:
             raise ConfigFieldError("rope_full_rotated", f"must be a number in (0, 1], got {shown(rotated)}")
+        for name in ("kv_shared_layers", "per_layer_input_size", "num_experts"):
+            value = getattr(self, name)
+            if value != 0 or isinstance(value, bool):
+                check_size(name, value, MAX_LAYERS if name == "kv_shared_layers" else MAX_WIDTH)
+        if self.kv_shared_layers >= self.num_layers:
+            raise ConfigFieldError(
+                "kv_shared_layers", f"({self.kv_shared_layers}) must be below", "num_layers", f" ({self.num_layers})"
+            )
+        if self.per_layer_vocab_size is not None:
+            check_size("per_layer_vocab_size", self.per_layer_vocab_size, MAX_VOCAB)
+        if self.num_experts:
+            check_size("experts_per_token", self.experts_per_token, self.num_experts)
+            check_size("expert_intermediate_size", self.expert_intermediate_size, MAX_WIDTH)
+        elif self.experts_per_token or self.expert_intermediate_size:
+            raise ConfigFieldError("experts_per_token", "is set, but", "num_experts", " is 0")
+        if not isinstance(self.double_wide_mlp, bool):
+            raise ConfigFieldError("double_wide_mlp", f"must be true or false, got {shown(self.double_wide_mlp)}")
 
     @property
     def attn_scale(self) -> float:
@@ -205,6 +235,29 @@ class GemmaConfig:
     def has_v(self, kind: str) -> bool:
         """Whether a layer of this kind has its own value projection (not with keys-equal-values)."""
         return not (self.full_k_eq_v and kind == FULL)
+
+    @property
+    def first_shared(self) -> int:
+        """The first layer that reuses another's keys and values (num_layers when none does)."""
+        return self.num_layers - self.kv_shared_layers
+
+    def reuses_kv(self, layer: int) -> bool:
+        """Whether `layer` attends with the keys and values of an earlier layer (it has no k, v of its own and
+        writes no cache)."""
+        return layer >= self.first_shared
+
+    def stores_kv(self, layer: int) -> bool:
+        """Whether later layers attend with this layer's keys and values: the last layer of its kind before the
+        first sharing one (when any layer shares)."""
+        if not self.kv_shared_layers or self.reuses_kv(layer):
+            return False
+        kind = self.layer_types[layer]
+        return kind not in self.layer_types[layer + 1 : self.first_shared]
+
+    def intermediate_of(self, layer: int) -> int:
+        """The dense MLP's inner width at `layer` (twice intermediate_size on KV-sharing layers with
+        double_wide_mlp)."""
+        return self.intermediate_size * (2 if self.double_wide_mlp and self.reuses_kv(layer) else 1)
 
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == SLIDING

@@ -46,8 +46,12 @@ class KVCache:
         self.kinds = sorted(set(cfg.layer_types))  # the layer kinds present: SLIDING and/or FULL
         self.layer_kinds = list(cfg.layer_types)  # each layer's kind
         self.sizes = {s: (min(self.window, max_len) if s == SLIDING else max_len) for s in self.kinds}
-        shape = lambda s: (batch, cfg.kv_heads_of(s), self.sizes[s], cfg.head_dim_of(s))  # noqa: E731
-        self.k = [torch.zeros(shape(kind), dtype=dtype, device=device) for kind in self.layer_kinds]
+
+        # A layer that reuses another's keys and values (KV sharing) writes none: its buffers are empty.
+        def shape(i: int, s: str) -> tuple[int, ...]:
+            return (batch, 0 if cfg.reuses_kv(i) else cfg.kv_heads_of(s), self.sizes[s], cfg.head_dim_of(s))
+
+        self.k = [torch.zeros(shape(i, kind), dtype=dtype, device=device) for i, kind in enumerate(self.layer_kinds)]
         self.v = [torch.zeros_like(k) for k in self.k]
         self.slot_pos = {s: torch.full((batch, self.sizes[s]), -1, dtype=torch.long, device=device) for s in self.kinds}
         self.length = 0  # columns fed so far

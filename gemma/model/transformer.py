@@ -1,4 +1,4 @@
-"""The Gemma decoder (generations 1, 2 and 3), built from the modules in layers.py and attention.py."""
+"""The Gemma decoder (generations 1 to 4), built from the modules in layers.py and attention.py."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ from gemma.errors import GemmaError
 from gemma.model.attention import Attention, attention_mask
 from gemma.model.config import FULL, SLIDING, GemmaConfig
 from gemma.model.kv_cache import KVCache
-from gemma.model.layers import Embedding, GeGLU, RMSNorm, rope_cos_sin, rope_inv_freq, softcap
+from gemma.model.layers import Embedding, GeGLU, Linear, RMSNorm, gelu_mul, rope_cos_sin, rope_inv_freq, softcap
+from gemma.model.moe import MoE
 
 
 class Block(nn.Module):
     """One decoder layer. Gemma 1: norm -> attn -> add, norm -> mlp -> add. Gemma 2/3 also normalise each
-    sublayer's output before the residual add ("sandwich" norms)."""
+    sublayer's output before the residual add ("sandwich" norms). Gemma 4 may add a mixture of experts beside the
+    MLP, then a per-layer input (PLE) after it, and scales the layer's output by a learned scalar."""
 
     def __init__(self, cfg: GemmaConfig, layer: int):
         super().__init__()
@@ -25,29 +27,69 @@ class Block(nn.Module):
         self.attn_norm = norm()
         self.attn = Attention(cfg, layer)
         self.mlp_norm = norm()
-        self.mlp = GeGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = GeGLU(cfg.hidden_size, cfg.intermediate_of(layer))
         if cfg.sandwich_norms:
             self.post_attn_norm = norm()
             self.post_mlp_norm = norm()
         else:
             self.post_attn_norm = self.post_mlp_norm = None
+        # The MoE block reads the residual (not the MLP's normed input); its output and the dense MLP's are each
+        # normed, then summed before post_mlp_norm.
+        self.moe = MoE(cfg) if cfg.num_experts else None
+        self.dense_norm = norm() if cfg.num_experts else None
+        if cfg.per_layer_input_size:
+            self.ple_gate = Linear(cfg.hidden_size, cfg.per_layer_input_size)
+            self.ple_out = Linear(cfg.per_layer_input_size, cfg.hidden_size)
+            self.ple_norm = norm()
+        else:
+            self.ple_gate = self.ple_out = self.ple_norm = None
         # Gemma 4 scales the layer's whole output (the residual stream included) by a learned scalar, kept in the
         # checkpoint as a buffer.
         self.layer_scalar = nn.Buffer(torch.ones(1)) if cfg.layer_scalar else None
 
-    def forward(self, x, cos, sin, mask, cache=None, last_only: bool = False):
+    def forward(self, x, cos, sin, mask, cache=None, last_only: bool = False, per_layer=None, shared=None):
         """(B, T, hidden) -> (B, T, hidden), or (B, 1, hidden) for the last column with `last_only` (all columns
-        still go into the cache)."""
-        h = self.attn(self.attn_norm(x), cos, sin, mask, cache, last_only)
+        still go into the cache). `per_layer` (B, T, P) is this layer's PLE input; `shared` the KV-sharing store
+        (see Attention.forward)."""
+        h = self.attn(self.attn_norm(x), cos, sin, mask, cache, last_only, shared)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x = (x[:, -1:] if last_only else x) + h
         h = self.mlp(self.mlp_norm(x))
+        if self.moe is not None:
+            h = self.dense_norm(h) + self.moe(x.flatten(0, 1)).view_as(x)
         if self.post_mlp_norm is not None:
             h = self.post_mlp_norm(h)
+        x = x + h
+        if self.ple_gate is not None:
+            per_layer = per_layer[:, -1:] if last_only else per_layer
+            x = x + self.ple_norm(self.ple_out(gelu_mul(self.ple_gate(x), per_layer)))
         if self.layer_scalar is not None:
-            return (x + h) * self.layer_scalar
-        return x + h
+            return x * self.layer_scalar
+        return x
+
+
+class PerLayerInputs(nn.Module):
+    """Gemma 4's per-layer embeddings (PLE; E2B, E4B): for each token, one P-wide input per layer, the sum of a
+    token part (its row of a packed (vocab, layers x P) table, x sqrt(P)) and a context part (the scaled token
+    embedding projected to layers x P, x hidden ** -0.5, RMS-normed over each layer's P), x 2 ** -0.5."""
+
+    def __init__(self, cfg: GemmaConfig):
+        super().__init__()
+        L, P = cfg.num_layers, cfg.per_layer_input_size
+        self.embed = nn.Embedding(cfg.per_layer_vocab_size or cfg.vocab_size, L * P)
+        self.proj = Linear(cfg.hidden_size, L * P)
+        self.proj_norm = RMSNorm(P, cfg.norm_eps, cfg.norm_offset)
+
+    def forward(self, tokens: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+        """(B, T, layers, P) from the tokens (B, T) and their scaled embeddings (B, T, hidden)."""
+        B, T = tokens.shape
+        P = self.proj_norm.weight.shape[0]
+        rows = self.embed(tokens)
+        rows = rows * torch.tensor(P**0.5, dtype=rows.dtype)  # the scale in the table's dtype, as the reference
+        context = self.proj(embedded) * embedded.shape[-1] ** -0.5
+        context = self.proj_norm(context.view(B, T, -1, P))
+        return (context + rows.view(B, T, -1, P)) * 2**-0.5
 
 
 class Gemma(nn.Module):
@@ -57,6 +99,7 @@ class Gemma(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.per_layer = PerLayerInputs(cfg) if cfg.per_layer_input_size else None
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_offset)
         # Recompute each block's activations in the backward pass instead of keeping them (training only).
@@ -130,17 +173,26 @@ class Gemma(nn.Module):
                 FULL: attention_mask(positions, None, segment_ids),
                 SLIDING: attention_mask(positions, cfg.sliding_window, segment_ids),
             }
+        per_layer = self.per_layer(tokens, x) if self.per_layer is not None else None
+        shared = {} if cfg.kv_shared_layers else None
         checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         last = len(self.layers) - 1
         for i, block in enumerate(self.layers):
+            if last_only and i == cfg.first_shared and x.shape[1] > 1:
+                # From the first KV-sharing layer on no layer makes keys or values, so nothing reads the other
+                # columns again: only the last one goes on.
+                x = x[:, -1:]
+                rope = {kind: (cos[:, -1:], sin[:, -1:]) for kind, (cos, sin) in rope.items()}
+                masks = {kind: None if m is None else m[:, :, -1:] for kind, m in masks.items()}
+                per_layer = None if per_layer is None else per_layer[:, -1:]
             kind = cfg.layer_types[i]
+            args = (x, *rope[kind], masks[kind], cache, last_only and i == last and x.shape[1] > 1)
+            args += (None if per_layer is None else per_layer[:, :, i], shared)
             if checkpointing:
-                x = torch.utils.checkpoint.checkpoint(
-                    block, x, *rope[kind], masks[kind], cache, last_only and i == last, use_reentrant=False
-                )
+                x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
             else:
-                x = block(x, *rope[kind], masks[kind], cache, last_only and i == last)
-        if last_only and not self.layers:
+                x = block(*args)
+        if last_only and x.shape[1] > 1:
             x = x[:, -1:]
         return self.norm(x)
 
