@@ -418,3 +418,28 @@ def test_sft_trains_a_gemma4_folder_and_refuses_fp16(gemma4_folder, tmp_path):
     assert sum("lora" in n for n, _ in model.named_parameters()) == 2 * projection_count(model.config)
     refused = sft("--max-steps", 1, "--precision", "fp16", "--out", tmp_path / "fp16")
     assert refused.returncode == 2 and "exceed fp16's largest value" in refused.stderr.strip().splitlines()[-1]
+
+
+# ---- presets ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, published", [("4-e2b", 4.63), ("4-e4b", 7.46), ("4-12b", 11.91), ("4-26b-a4b", 25.23), ("4-31b", 30.70)]
+)
+def test_presets_have_the_published_parameter_counts_and_transformers_tensors(name, published):
+    """Each preset, built on the meta device, has the published text parameter count, and transformers' model from
+    our config.json of it has the same tensors by name and shape."""
+    from gemma.formats.hf_config import from_hf_config, to_hf_config
+    from gemma.model import Gemma, preset
+
+    cfg = preset(name)
+    hf_cfg = to_hf_config(cfg)
+    with torch.device("meta"):
+        ours = Gemma(cfg)
+        theirs = tf.Gemma4ForCausalLM(tf.Gemma4TextConfig(**hf_cfg))
+    n = sum(p.numel() for p in ours.parameters())
+    assert round(n / 1e9, 2) == published
+    mine = {hf_names(cfg)[k]: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert mine == {k: tuple(v.shape) for k, v in theirs.state_dict().items() if k != "lm_head.weight"}
+    assert from_hf_config(hf_cfg) == cfg
+    assert cfg.hf_repo.startswith("google/gemma-4-")

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gemma.model.config import GemmaConfig, preset
+from gemma.model.config import PRESETS, GemmaConfig, preset
 from gemma.cli import pick_device
 from gemma.errors import GemmaError
 from lora.inject import adapter_state_dict
@@ -176,13 +176,20 @@ def start(opts) -> Dist:
     return Dist(device=device, world=world, rank=rank, mode=opts.distributed)
 
 
+def fsdp_units(model) -> list[nn.Module]:
+    """The modules FSDP shards as units of their own: each block, and Gemma 4's per-layer embeddings (the E2B
+    table is half the model; as a unit it is gathered only while it computes, before the first block, and it
+    needs no gradient)."""
+    return [*model.layers, *([model.per_layer] if model.per_layer is not None else [])]
+
+
 class Replicas:
     """A loss module as every process runs it: as is (one process), under DDP, or sharded by FSDP2.
 
     `module(batch)` returns the summed token loss of a micro-batch. It is this module, not the Gemma model, that
     is wrapped: the loss path calls `model.hidden_states` and the chunked loss rather than `model.forward`, which
-    would bypass a wrapper around the model itself. FSDP2 shards each block in `blocks` and, through the root
-    wrapper, what is left (the embedding, which is also the tied output head, and the final norm).
+    would bypass a wrapper around the model itself. FSDP2 shards each unit in `blocks` (`fsdp_units`) and, through
+    the root wrapper, what is left (the embedding, which is also the tied output head, and the final norm).
     """
 
     def __init__(self, module: nn.Module, blocks, d: Dist, precision: str):
@@ -320,13 +327,20 @@ _GB = 1e9
 
 
 def parameter_counts(cfg: GemmaConfig, lora_r: int = 16) -> dict[str, int]:
-    """Parameters of the base model (embedding, one block, total) and of a LoRA adapter on all seven projections."""
-    h, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    norms = (4 if cfg.sandwich_norms else 2) * h + (2 * cfg.head_dim if cfg.use_qk_norm else 0)
-    block = h * q + 2 * h * kv + q * h + 3 * h * i + norms
-    embed = cfg.vocab_size * h
-    lora = lora_r * ((h + q) * 2 + (h + kv) * 2 + (h + i) * 3)  # q, o; k, v; gate, up, down
-    return {"embed": embed, "block": block, "total": embed + cfg.num_layers * block + h, "lora": cfg.num_layers * lora}
+    """Parameters of the base model (`total`; `embed`: the embedding and final norm, FSDP's root group;
+    `per_layer`: Gemma 4's per-layer embeddings; `block`: the largest block) and of a rank-`lora_r` adapter on all
+    seven projections where a layer has them, read off the model built on the meta device (no memory)."""
+    from gemma.model import Gemma
+
+    with torch.device("meta"):
+        model = Gemma(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    blocks = [sum(p.numel() for p in block.parameters()) for block in model.layers]
+    per_layer = sum(p.numel() for p in model.per_layer.parameters()) if model.per_layer is not None else 0
+    projections = [m for block in model.layers for m in (*block.attn.children(), *block.mlp.children())]
+    lora = sum(lora_r * (m.in_features + m.out_features) for m in projections if isinstance(m, nn.Linear))
+    embed = total - sum(blocks) - per_layer
+    return {"embed": embed, "per_layer": per_layer, "block": max(blocks), "total": total, "lora": lora}
 
 
 def memory_per_gpu(cfg: GemmaConfig, processes: int = 1, mode: str = "ddp", lora_r: int = 16) -> float:
@@ -335,19 +349,17 @@ def memory_per_gpu(cfg: GemmaConfig, processes: int = 1, mode: str = "ddp", lora
     One process or DDP: the bf16 base, and per adapter parameter 4 bytes of fp32 weight, 4 of gradient, 4 of DDP's
     gradient bucket (one process has none) and 8 of AdamW state. FSDP over N processes: 1/N of the base and of the
     adapter's 16 bytes, plus what is gathered while it computes: the root group (the embedding, kept whole through
-    the forward and backward passes because it is also the output head) and two blocks (the one computing and the
-    one prefetched).
+    the forward and backward passes because it is also the output head) and either two blocks (the one computing
+    and the one prefetched) or, before the first block, Gemma 4's per-layer embeddings, whichever is larger.
     """
     n = parameter_counts(cfg, lora_r)
     if mode == "fsdp":
         sharded = (2 * n["total"] + 16 * n["lora"]) / processes
-        return (sharded + 2 * n["embed"] + 2 * 2 * n["block"]) / _GB
+        return (sharded + 2 * n["embed"] + 2 * max(2 * n["block"], n["per_layer"])) / _GB
     return (2 * n["total"] + (20 if processes > 1 else 16) * n["lora"]) / _GB
 
 
-def memory_table(
-    names=("2b", "7b", "2-2b", "2-9b", "2-27b", "3-270m", "3-1b", "3-4b", "3-12b", "3-27b"), lora_r: int = 16
-) -> str:
+def memory_table(names=PRESETS, lora_r: int = 16) -> str:
     """The README's table of memory per GPU for each preset, as markdown."""
     rows = [
         "| preset | base params | LoRA r16 params | 1 GPU | DDP, any N | FSDP 2 | FSDP 4 | FSDP 8 |",

@@ -187,7 +187,7 @@ def build_setup(run: prepare.Run) -> prepare.Setup:
     DDP or FSDP), AdamW over the adapter (FSDP: over its shards) and the fp16 gradient scaler."""
     opts, d = run.opts, run.d
     model, tokenizer, max_len = prepare.load_model(run)
-    replicas = distributed.Replicas(LossModule(model, opts.precision), model.layers, d, opts.precision)
+    replicas = distributed.Replicas(LossModule(model, opts.precision), distributed.fsdp_units(model), d, opts.precision)
     optimizer = torch.optim.AdamW(
         replicas.params, lr=opts.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=opts.weight_decay
     )

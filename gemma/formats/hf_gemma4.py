@@ -78,6 +78,7 @@ def from_gemma4_config(c: dict[str, Any], number: Callable[..., Any], where: str
         full_k_eq_v=bool(c.get("attention_k_eq_v")),
         rope_full_rotated=full_rope["rotated"],
         layer_scalar=True,
+        hf_repo=name if isinstance(name := c.get("_name_or_path"), str) and name else None,  # informational
         kv_shared_layers=shared,
         double_wide_mlp=_flag(c, "use_double_wide_mlp", where),
         per_layer_input_size=ple,
@@ -130,8 +131,11 @@ def full_geometry(
     if not isinstance(per_layer, dict):
         raise GemmaError(f"{where}: field 'per_layer_config' must be an object, got {shown(per_layer)}")
     full = [i for i, kind in enumerate(types) if kind == FULL]
-    entries = [per_layer.get(str(i), per_layer.get(i)) for i in full]
-    if set(map(str, per_layer)) - set(map(str, full)) or any(not isinstance(e, dict) for e in entries):
+    # Keys are layer indices as strings, zero-padded to the widest one ("04", ..., "34") when transformers writes
+    # a model of ten layers or more.
+    by_layer = {int(k) if isinstance(k, str) and k.isdecimal() else k: v for k, v in per_layer.items()}
+    entries = [by_layer.get(i) for i in full]
+    if set(by_layer) - set(full) or any(not isinstance(e, dict) for e in entries):
         raise GemmaError(f"{where}: field 'per_layer_config' must hold one object per full-attention layer {full}")
     shapes = {(e.get("head_dim", c.get("head_dim")), e.get("num_key_value_heads")) for e in entries}
     if len(shapes) > 1:
@@ -212,5 +216,6 @@ def to_gemma4_config(cfg: GemmaConfig, token_ids: dict[str, int]) -> dict[str, A
         "attention_dropout": 0.0,
         "tie_word_embeddings": True,
         **token_ids,
+        **({"_name_or_path": cfg.hf_repo} if cfg.hf_repo else {}),
         "torch_dtype": "float32",
     }

@@ -324,6 +324,28 @@ _GEMMA3 = dict(
 _GEMMA3_SMALL = dict(_GEMMA3, vocab_size=262144, sliding_window=512, max_seq_len=32768)  # 270m, 1b: text only
 _GEMMA3_LARGE = dict(_GEMMA3, vocab_size=262208, sliding_window=1024, max_seq_len=131072, rope_scaling=8.0)
 
+# Gemma 4: RMSNorm by w, attention scale 1 (q/k norms set the size), a weightless v norm, 256-wide heads on sliding
+# layers and 512-wide ones with proportional RoPE (a quarter of the pairs turn) on full layers, layer scalars.
+_GEMMA4 = dict(
+    vocab_size=262144,
+    head_dim=256,
+    full_head_dim=512,
+    rope_theta=1_000_000.0,
+    rope_local_theta=10_000.0,
+    rope_full_rotated=0.25,
+    final_softcap=30.0,
+    use_qk_norm=True,
+    sandwich_norms=True,
+    norm_offset=0.0,
+    fixed_attn_scale=1.0,
+    use_v_norm=True,
+    layer_scalar=True,
+)
+# E2B and E4B (128K context, window 512): per-layer embeddings and KV-sharing layers; 12B, 26B-A4B and 31B (256K,
+# window 1024): keys-equal-values full layers with their own kv-head count.
+_GEMMA4_E = dict(_GEMMA4, sliding_window=512, max_seq_len=131072, per_layer_input_size=256, per_layer_vocab_size=262144)
+_GEMMA4_LARGE = dict(_GEMMA4, sliding_window=1024, max_seq_len=262144, full_k_eq_v=True, layer_pattern=6)
+
 # Each preset mirrors the public config.json of the repo it names, https://huggingface.co/<hf_repo>/blob/main/
 # config.json (for the multimodal Gemma 3 sizes, its `text_config`), as GemmaConfig keywords.
 PRESET_CONFIGS: dict[str, dict[str, Any]] = {
@@ -435,12 +457,71 @@ PRESET_CONFIGS: dict[str, dict[str, Any]] = {
         head_dim=128,
         query_pre_attn_scalar=168,
     ),
+    # Gemma 4 (text_config of each repo's config.json; 4-12b's is a gemma4_unified one). Their text parameter
+    # counts are the published ones: 4.63B (2.35B of them the per-layer table), 7.46B, 11.91B, 25.23B, 30.70B.
+    "4-e2b": dict(
+        _GEMMA4_E,
+        hf_repo="google/gemma-4-E2B",
+        hidden_size=1536,
+        intermediate_size=6144,
+        double_wide_mlp=True,  # 12288 on the 20 KV-sharing layers
+        num_layers=35,
+        num_heads=8,
+        num_kv_heads=1,
+        kv_shared_layers=20,
+        layer_pattern=5,
+    ),
+    "4-e4b": dict(
+        _GEMMA4_E,
+        hf_repo="google/gemma-4-E4B",
+        hidden_size=2560,
+        intermediate_size=10240,
+        num_layers=42,
+        num_heads=8,
+        num_kv_heads=2,
+        kv_shared_layers=18,
+        layer_pattern=6,
+    ),
+    "4-12b": dict(
+        _GEMMA4_LARGE,
+        hf_repo="google/gemma-4-12B",
+        hidden_size=3840,
+        intermediate_size=15360,
+        num_layers=48,
+        num_heads=16,
+        num_kv_heads=8,
+        full_kv_heads=1,
+    ),
+    "4-26b-a4b": dict(
+        _GEMMA4_LARGE,
+        hf_repo="google/gemma-4-26B-A4B",
+        hidden_size=2816,
+        intermediate_size=2112,
+        num_layers=30,
+        num_heads=16,
+        num_kv_heads=8,
+        full_kv_heads=2,
+        num_experts=128,
+        experts_per_token=8,
+        expert_intermediate_size=704,
+    ),
+    "4-31b": dict(
+        _GEMMA4_LARGE,
+        hf_repo="google/gemma-4-31B",
+        hidden_size=5376,
+        intermediate_size=21504,
+        num_layers=60,
+        num_heads=32,
+        num_kv_heads=16,
+        full_kv_heads=4,
+    ),
 }
 PRESETS = tuple(PRESET_CONFIGS)
 
 
 def preset(name: str) -> GemmaConfig:
-    """The architecture of a named model (`2b 7b 2-2b 2-9b 2-27b 3-270m 3-1b 3-4b 3-12b 3-27b`)."""
+    """The architecture of a named model (`2b 7b 2-2b 2-9b 2-27b 3-270m 3-1b 3-4b 3-12b 3-27b`, and Gemma 4's
+    `4-e2b 4-e4b 4-12b 4-26b-a4b 4-31b`)."""
     if name not in PRESET_CONFIGS:
         raise GemmaError(f"unknown model size {name!r}; choose one of {' '.join(PRESETS)}")
     fields = dict(PRESET_CONFIGS[name])
