@@ -206,8 +206,14 @@ def _targets(spec: Any, model_cfg: GemmaConfig, where: str) -> tuple[str, ...]:
     names = hf_names(model_cfg)
     present = projections(model_cfg, names)
     modules = {(i, t): _spellings(_hf_module(names, i, t)) for i, t in present}
-    if spec == "all-linear":  # peft: every linear layer but the output head, i.e. the seven projections
-        return ALL_TARGETS
+    if spec == "all-linear":  # peft: every linear layer but the output head
+        extra = [what for what, has in _OTHER_LINEARS if has(model_cfg)]
+        if extra:
+            raise GemmaError(
+                f"{where}: target_modules 'all-linear' on this model also adapts {' and '.join(extra)}, which is "
+                f"not supported; an adapter on the seven projections lists them (q_proj, ..., down_proj)"
+            )
+        return ALL_TARGETS  # for Gemma 1-4 without them: the seven projections
     if isinstance(spec, str):  # peft matches a string as a regex over the whole module path
         chosen = _regex_targets(spec, modules, where)
         if not chosen:
@@ -226,6 +232,11 @@ def _targets(spec: Any, model_cfg: GemmaConfig, where: str) -> tuple[str, ...]:
             hits = by_tail.get(entry)
             if not hits:
                 supported = ", ".join(hf_target_names(model_cfg).values())
+                if entry.rpartition(".")[2] in _FROZEN_MODULES:
+                    raise GemmaError(
+                        f"{where}: target module {shown(entry)} is not supported: the MoE experts and router and "
+                        f"the per-layer embeddings stay frozen (LoRA applies to {supported})"
+                    )
                 raise GemmaError(
                     f"{where}: target module {shown(entry)} is not in the model (LoRA applies to {supported})"
                 )
@@ -240,6 +251,25 @@ def _targets(spec: Any, model_cfg: GemmaConfig, where: str) -> tuple[str, ...]:
             f"(per-layer targets are not supported)"
         )
     return targets
+
+
+# The linear layers beside the seven projections, which peft's "all-linear" adapts too (Gemma 4).
+_OTHER_LINEARS = (
+    ("the per-layer embeddings' projections", lambda c: bool(c.per_layer_input_size)),
+    ("the MoE router", lambda c: bool(c.num_experts)),
+)
+
+
+# Gemma 4 modules that peft could adapt and we keep frozen (an adapter naming one is refused by name).
+_FROZEN_MODULES = {
+    "experts",
+    "gate_up_proj",
+    "router",
+    "proj",
+    "per_layer_input_gate",
+    "per_layer_projection",
+    "per_layer_model_projection",
+}
 
 
 def _regex_targets(spec: str, modules: dict[tuple[int, str], tuple[str, ...]], where: str) -> set:
@@ -294,17 +324,24 @@ def read_peft_config(path: Path, model_cfg: GemmaConfig) -> tuple[LoraConfig, st
     for key, value in data.items():
         if key in _USED or key in _INFORMATIONAL:
             continue
-        if not any(value is v or (type(value) is type(v) and value == v) for v in _NEUTRAL):
+        neutral = any(value is v or (type(value) is type(v) and value == v) for v in _NEUTRAL)
+        if key == "target_parameters" and not neutral:  # peft's LoRA on 3-D parameters: the MoE experts
+            raise GemmaError(
+                f"{where}: target_parameters={shown(value)} (an adapter on the MoE experts' weights) is not "
+                f"supported: the experts stay frozen; adapt the projections ({','.join(ALL_TARGETS)}) instead"
+            )
+        if not neutral:
             raise GemmaError(
                 f"{where}: {key}={shown(value)} is not supported "
                 f"(only LoRA on the {','.join(ALL_TARGETS)} projections of every layer)"
             )
+    targets = _targets(data.get("target_modules"), model_cfg, where)  # its errors name `where` already
     try:
         cfg = LoraConfig(
             r=data.get("r", 8),
             alpha=data.get("lora_alpha", 8),
             dropout=data.get("lora_dropout", 0.0),
-            targets=_targets(data.get("target_modules"), model_cfg, where),
+            targets=targets,
             rslora=bool(data.get("use_rslora", False)),
             dora=bool(data.get("use_dora", False)),
         )

@@ -374,6 +374,70 @@ def test_lora_matches_peft_in_logits_and_gradients(case, tmp_path):
             torch.testing.assert_close(g, h, rtol=0, atol=(atol * 3) * h.abs().max().item())
 
 
+@pytest.mark.parametrize(
+    "case, peft_kwargs, named",
+    [
+        # peft writes its "all-linear" out as the module names it found, the router's `proj` among them
+        ("all", {"target_modules": "all-linear"}, "json: target module '[a-z_]+' is not supported: the MoE"),
+        ("moe", {"target_modules": "all-linear"}, "target module 'proj' is not supported: the MoE experts and router"),
+        ("moe", {"target_modules": "all-linear", "written": True}, "'all-linear' on this model also adapts the MoE"),
+        ("moe", {"target_modules": [], "target_parameters": ["experts.gate_up_proj"]}, "experts stay frozen"),
+        ("moe", {"target_modules": ["q_proj", "experts"]}, "'experts' is not supported: the MoE experts"),
+        ("E", {"target_modules": ["per_layer_input_gate"]}, "per-layer embeddings stay frozen"),
+    ],
+)
+def test_an_adapter_on_what_stays_frozen_is_refused(case, peft_kwargs, named, tmp_path):
+    """peft can adapt the experts (target_parameters), and its "all-linear" also takes the router and the
+    per-layer embeddings' projections: we keep those frozen, and such an adapter is refused by name."""
+    import json
+
+    import peft
+
+    from gemma.errors import GemmaError
+    from lora.io import load_adapter
+
+    hf = hf_gemma4(case)
+    kwargs = dict(peft_kwargs)
+    written = kwargs.pop("written", False)  # target_modules as a file may say it (peft resolves it first)
+    if written or kwargs["target_modules"] and kwargs["target_modules"] != "all-linear":  # peft refuses these
+        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 2, **kwargs}
+        (tmp_path / "a").mkdir()
+        (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
+    else:
+        peft.get_peft_model(hf, peft.LoraConfig(r=2, task_type="CAUSAL_LM", **kwargs)).save_pretrained(tmp_path / "a")
+    with pytest.raises(GemmaError, match=named) as info:
+        load_adapter(tmp_path / "a", our_config(hf))
+    assert "\n" not in str(info.value) and str(info.value).count("adapter_config.json") == 1
+
+
+@pytest.mark.parametrize("case", ["E", "all"])
+def test_gradient_checkpointing_gives_the_same_gradients(case):
+    """Recomputing each block in the backward pass changes no gradient, though KV sharing hands keys and values
+    from one block to later ones."""
+    import torch.nn.functional as F
+
+    import lora
+
+    model = ours_from(hf_gemma4(case))
+    lora.inject(model, lora.LoraConfig(r=4, alpha=8))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora" in name:
+                p.normal_(0.0, 0.1)
+    model.train()
+    x = tokens(2, 13)
+    grads = []
+    for checkpointing in (False, True):
+        model.grad_checkpointing = checkpointing
+        model.zero_grad()
+        F.cross_entropy(model(x).flatten(0, 1), torch.roll(x, -1, dims=1).flatten()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * projection_count(model.config)
+    for name, g in grads[0].items():
+        assert torch.equal(g, grads[1][name]), name
+
+
 # ---- generation and training from a folder ---------------------------------------------------------------------
 
 
