@@ -32,7 +32,8 @@ def tiny_generator_weights(case: str, tokenizer: Tokenizer, folder: Path, seed: 
     vocab = tokenizer.vocab_size
     cfg = dataclasses.replace(cfg, vocab_size=vocab)
     state["embed.weight"] = state["embed.weight"][:vocab].clone() * EMBED_SCALE
-    state["norm.weight"] = (state["norm.weight"] + 1) * FINAL_NORM_SCALE - 1  # RMSNorm multiplies by 1 + w
+    offset = cfg.norm_offset  # RMSNorm multiplies by offset + w (Gemma 1-3: 1 + w; Gemma 4: w)
+    state["norm.weight"] = (state["norm.weight"] + offset) * FINAL_NORM_SCALE - offset
     return cfg, state
 
 

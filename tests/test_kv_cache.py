@@ -28,7 +28,10 @@ def test_cached_logits_equal_uncached(model, chunks):
         for n in chunks:
             got.append(model(x[:, at : at + n], cache=cache))
             at += n
-    torch.testing.assert_close(torch.cat(got, dim=1), full, atol=1e-5, rtol=1e-5)
+    # Gemma 4's post-norms amplify summation-order rounding: on this model transformers' own one-token-at-a-time
+    # decoding differs from its full pass by 1.3e-5 (ours: 1.5e-5). 1e-5 for Gemma 1-3.
+    tol = 3e-5 if model.config.generation == 4 else 1e-5
+    torch.testing.assert_close(torch.cat(got, dim=1), full, atol=tol, rtol=1e-5)
 
 
 @pytest.mark.parametrize("chunks", [(16,), (3,), (1,), (4, 9), (2, 1, 12)])

@@ -60,14 +60,26 @@ def test_quantized_model_stays_close_and_generates(case, tok, tmp_path):
         quantize_model(model)
         got = model(ids)
         quantized_greedy = generate(model, tok, [prompt], max_new_tokens=12)[0]
-    assert not any(isinstance(m, Linear) for m in model.modules())
+    projections = [m for block in model.layers for m in (*block.attn.children(), *block.mlp.children())]
+    assert not any(isinstance(m, Linear) for m in projections)
     assert isinstance(model.embed, Int8Embedding)
-    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 7 * model.config.num_layers
+    cfg = model.config
+    present = (
+        7 * cfg.num_layers
+        - 2 * cfg.kv_shared_layers
+        - sum(b.attn.v is None and b.attn.k is not None for b in model.layers)
+    )
+    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == present
+    if cfg.num_experts or cfg.per_layer_input_size:  # Gemma 4: the router and per-layer projections stay float
+        assert all(isinstance(b.moe.router, Linear) and isinstance(b.ple_gate, Linear) for b in model.layers)
     assert model.dtype == torch.float32 and not any(p.requires_grad for p in model.parameters())
     # int8 rounding moves the logits by a small fraction of their spread; the top choice rarely changes
     rel = float((got - want).norm() / want.norm())
-    assert rel < 0.05, rel
-    assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) >= 0.8
+    # With experts, int8 rounding flips the expert choice of 1-2 of the 32 tokens per layer here (4 experts, close
+    # router scores), and a flipped token's logits move far: 0.18 and 75% measured, against 0.03 and 91% for Gemma 3.
+    moe = bool(cfg.num_experts)
+    assert rel < (0.25 if moe else 0.05), rel
+    assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) >= (0.7 if moe else 0.8)
     assert len(quantized_greedy) == len(greedy)
 
 

@@ -63,10 +63,33 @@ def hf_config(case: str):
             },
             **common,
         )
+    if case == "gemma4":  # every Gemma 4 branch at once (the parity configs are in test_gemma4.py)
+        return tf.Gemma4TextConfig(
+            hidden_size=64,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_global_key_value_heads=1,
+            attention_k_eq_v=True,
+            head_dim=16,
+            global_head_dim=32,
+            sliding_window=5,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"] * 2,  # the last forced full
+            final_logit_softcapping=30.0,
+            vocab_size_per_layer_input=VOCAB,
+            hidden_size_per_layer_input=8,
+            num_kv_shared_layers=2,
+            use_double_wide_mlp=True,
+            enable_moe_block=True,
+            num_experts=4,
+            top_k_experts=2,
+            moe_intermediate_size=16,
+            **common,
+        )
     raise ValueError(case)
 
 
-CASES = ("gemma1-mqa", "gemma1-mha", "gemma2", "gemma3")
+CASES = ("gemma1-mqa", "gemma1-mha", "gemma2", "gemma3", "gemma4")
 
 
 def hf_model(case: str, seed: int = 0, attn: str = "eager"):
@@ -75,20 +98,31 @@ def hf_model(case: str, seed: int = 0, attn: str = "eager"):
 
     cfg = hf_config(case)
     cfg._attn_implementation = attn
+    cfg._experts_implementation = "eager"
     cls = {
         "gemma1-mqa": tf.GemmaForCausalLM,
         "gemma1-mha": tf.GemmaForCausalLM,
         "gemma2": tf.Gemma2ForCausalLM,
         "gemma3": tf.Gemma3ForCausalLM,
+        "gemma4": tf.Gemma4ForCausalLM,
     }[case]
     torch.manual_seed(seed)
     model = cls(cfg).eval()
+    # Gemma 1-3 keep zero-centred norm weights (x (1 + w)); Gemma 4's multiply directly, as do its router scales.
+    centre = 1.0 if case == "gemma4" else 0.0
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                p.copy_(torch.randn_like(p) * 0.5)  # zero-centred norm weights, but not zero
+            if name.endswith(("norm.weight", "router.scale", "per_expert_scale")) or "layernorm" in name:
+                p.copy_(centre + torch.randn_like(p) * 0.5)  # not their constant initial value
             else:
-                p.copy_(torch.randn_like(p) * (0.5 if "embed" in name else 0.15))
+                p.copy_(torch.randn_like(p) * (0.5 if "embed" in name and case != "gemma4" else 0.15))
+            if case == "gemma4" and name.endswith(("q_norm.weight", "k_norm.weight")):
+                # Gemma 4 scales q @ k^T by 1: with q/k norm weights near 1, these 16-wide heads would see logits
+                # up to ~36, a softmax so sharp that float32 rounding in the keys moves the outputs by 1e-4.
+                p.copy_(0.5 + torch.randn_like(p) * 0.1)
+        for name, b in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.uniform_(0.5, 1.5)
     return model
 
 

@@ -95,7 +95,10 @@ def quantize_model(model: Gemma, mode: str = "int8") -> Gemma:
         raise GemmaError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
     if model.quantized:
         raise GemmaError(f"the model is already quantized ({model.quantized})")
-    for module in list(model.modules()):
+    # The seven projections of each block (attention and MLP). Gemma 4's other linear layers stay as they are: the
+    # per-layer embeddings' (quantizing them degrades the output badly, llama.cpp found) and the MoE router (its
+    # top-k choice flips on small changes); so do the experts' 3-D weights.
+    for module in [m for block in model.layers for m in (block.attn, block.mlp)]:
         for name, child in list(module.named_children()):
             if isinstance(child, Linear) or isinstance(child, AdaptedLinear) and child.merged:  # plain or merged
                 setattr(module, name, Int8Linear(child.weight))
