@@ -133,6 +133,36 @@ def test_two_processes_match_one_at_the_same_global_batch(tiny_folder, nine, one
     assert resolved["world_size"] == 2 and resolved["global_batch"] == 4 and resolved["distributed"] == mode
 
 
+def test_fsdp_on_gemma4_matches_one_process(tiny_tokenizer_path, nine, tmp_path):
+    """A Gemma 4 with every branch (per-layer embeddings, their own FSDP unit; KV sharing; frozen experts) trains
+    under FSDP as on one process."""
+    from conftest import hf_folder
+    from test_gemma4 import hf_gemma4
+
+    folder = hf_folder(hf_gemma4("all", vocab=1024), tmp_path / "model", tiny_tokenizer_path)
+    one = sft("--model", folder, "--data", nine, *COMMON, "--grad-accum", 4, "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun(
+        "--model",
+        folder,
+        "--data",
+        nine,
+        *COMMON,
+        "--grad-accum",
+        2,
+        "--distributed",
+        "fsdp",
+        "--out",
+        tmp_path / "two",
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = adapter(tmp_path / "one"), adapter(tmp_path / "two")
+    assert a.keys() == b.keys() and not any("experts" in k or "router" in k for k in a)
+    assert max(b[k].abs().max().item() for k in b if "lora_B" in k) > 1e-3  # it trained
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0, msg=k)
+
+
 def _interrupt_after(cmd: list[str], metrics_path: Path, lines: int) -> subprocess.CompletedProcess:
     """Start torchrun, send it SIGINT (as Ctrl-C does) once the run has logged `lines` steps."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)

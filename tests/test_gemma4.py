@@ -441,12 +441,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(case):
 # ---- generation and training from a folder ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def gemma4_folder(tmp_path_factory, tiny_tokenizer_path):
-    """A tiny Gemma 4 HF folder (keys-equal-values case) with the tiny tokenizer (640 pieces: vocab 1024)."""
+@pytest.fixture(scope="module", params=["k=v", "all"])
+def gemma4_folder(request, tmp_path_factory, tiny_tokenizer_path):
+    """A tiny Gemma 4 HF folder (the keys-equal-values case, and the one with every branch) with the tiny
+    tokenizer (640 pieces: vocab 1024)."""
     from conftest import hf_folder
 
-    return hf_folder(hf_gemma4("k=v", vocab=1024), tmp_path_factory.mktemp("gemma4") / "model", tiny_tokenizer_path)
+    folder = tmp_path_factory.mktemp("gemma4") / "model"
+    return hf_folder(hf_gemma4(request.param, vocab=1024), folder, tiny_tokenizer_path)
 
 
 def test_a_left_padded_batch_generates_what_each_prompt_does_alone(gemma4_folder):

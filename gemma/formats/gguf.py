@@ -1,14 +1,19 @@
-"""GGUF files (llama.cpp's format): the config, weights and tokenizer of Gemma 1, 2 and 3.
+"""GGUF files (llama.cpp's format): the config, weights and tokenizer of Gemma 1, 2 and 3, and the config and weights
+of Gemma 4.
 
 `read_gguf(path)` gives what the other loaders give: a GemmaConfig, a state dict with native names, and a Tokenizer.
+A Gemma 4 file (architecture `gemma4`) reads through `gguf_config` and `read_gguf_weights` into exactly the config
+and state dict its HF folder gives; its tokenizer (BPE with merges) is not one our sentencepiece Tokenizer can hold,
+so `read_gguf` refuses it.
 Weights of any type the `gguf` package can dequantize (F32, F16, BF16, Q4_0 ... Q8_0, the K-quants, ...) come back
 as float tensors of the requested dtype, converted slice by slice so a load never holds more than the result plus
 a few megabytes. Loading is strict, as for safetensors: a missing, unexpected or wrong-shaped tensor is a
 GemmaError naming it.
 
 What a GGUF file means is what llama.cpp, its reference runtime, does with it. Where the metadata leaves something
-out (query_pre_attn_scalar, which layers slide, the local RoPE base) we derive it the way llama.cpp does; each such
-place says so.
+out (query_pre_attn_scalar, which layers slide, the local RoPE base; for Gemma 4 which layers take their values from
+the keys, and how much of a full-attention head RoPE turns) we derive it the way llama.cpp does; each such place says
+so.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from gemma.files import regular_file
 from gemma.formats.names import NameTable, match_tensors
 from gemma.tokenizer import Tokenizer
 
-ARCHITECTURES = ("gemma", "gemma2", "gemma3")
+ARCHITECTURES = ("gemma", "gemma2", "gemma3", "gemma4")
 
 # ---- the name table: native name -> GGUF name ({} is the layer index) ---------------------------------------------
 # GGUF names come from llama.cpp's tensor map (gguf.constants.TENSOR_NAMES). No q/k permutation is involved: the
@@ -64,11 +69,53 @@ _SANDWICH_NORMS = {
     "layers.{}.post_attn_norm.weight": "blk.{}.post_attention_norm.weight",
     "layers.{}.post_mlp_norm.weight": "blk.{}.post_ffw_norm.weight",
 }
+# Gemma 4's layer scalar, per-layer embeddings (PLE) and mixture-of-experts block. llama.cpp's converter
+# (conversion/gemma.py, Gemma4Model) names them through gguf's tensor map, after renaming what the map cannot: the
+# scalar gets a ".weight", router.scale becomes ffn_gate_inp.scale and per_expert_scale ffn_down_exps.scale. It
+# transforms none of them: the experts keep HF's fused [E, 2I, H] gate_up (gate first) and [E, H, I] down.
+_LAYER_SCALAR = {"layers.{}.layer_scalar": "blk.{}.layer_output_scale.weight"}
+_PER_LAYER_TOP = {
+    "per_layer.embed.weight": "per_layer_token_embd.weight",
+    "per_layer.proj.weight": "per_layer_model_proj.weight",
+    "per_layer.proj_norm.weight": "per_layer_proj_norm.weight",
+}
+_PER_LAYER = {
+    "layers.{}.ple_gate.weight": "blk.{}.inp_gate.weight",
+    "layers.{}.ple_out.weight": "blk.{}.proj.weight",
+    "layers.{}.ple_norm.weight": "blk.{}.post_norm.weight",
+}
+_MOE = {
+    "layers.{}.dense_norm.weight": "blk.{}.post_ffw_norm_1.weight",
+    "layers.{}.moe.router.weight": "blk.{}.ffn_gate_inp.weight",
+    "layers.{}.moe.router_scale": "blk.{}.ffn_gate_inp.scale",
+    "layers.{}.moe.expert_scale": "blk.{}.ffn_down_exps.scale",
+    "layers.{}.moe.gate_up": "blk.{}.ffn_gate_up_exps.weight",
+    "layers.{}.moe.down": "blk.{}.ffn_down_exps.weight",
+    "layers.{}.moe.in_norm.weight": "blk.{}.pre_ffw_norm_2.weight",
+    "layers.{}.moe.out_norm.weight": "blk.{}.post_ffw_norm_2.weight",
+}
 # The output head is tied to the embedding; a file that stores a copy of it loses nothing when it is skipped.
 _TIED_HEAD = "output.weight"
+# Gemma 4's proportional RoPE as llama.cpp runs it: one frequency factor per rotation pair of a full-attention head,
+# 1 for a pair that turns and ~1e30 for one that must not (convert: Gemma4Model.generate_extra_tensors). It is part
+# of the config (rope_full_rotated), checked against it, and not a weight.
+_ROPE_FREQS = "rope_freqs.weight"
+# Released E2B checkpoints carry keys and values for the layers that reuse another's; the converter carries them into
+# the GGUF file and llama.cpp loads them unused (attn_k and attn_k_norm are optional on those layers, attn_v on all).
+# They are dropped by name, as the HF loader drops them.
+_DEAD_KV = ("attn_k.weight", "attn_v.weight", "attn_k_norm.weight")
 
 
-GGUF_TABLE = NameTable(_TOP, _LAYER, _QK_NORM, _SANDWICH_NORMS)
+GGUF_TABLE = NameTable(
+    _TOP,
+    _LAYER,
+    _QK_NORM,
+    _SANDWICH_NORMS,
+    layer_scalar=_LAYER_SCALAR,
+    per_layer_top=_PER_LAYER_TOP,
+    per_layer=_PER_LAYER,
+    moe=_MOE,
+)
 
 
 def gguf_names(cfg: GemmaConfig) -> dict[str, str]:
@@ -77,8 +124,14 @@ def gguf_names(cfg: GemmaConfig) -> dict[str, str]:
 
 
 def _is_norm(native_name: str) -> bool:
-    # llama.cpp's converter stores every Gemma RMSNorm weight (q/k norms included) as weight + 1.
+    # llama.cpp's converter stores what each Gemma RMSNorm multiplies by: weight + 1 for Gemma 1-3 (q/k norms
+    # included), the weight itself for Gemma 4 (its norm_shift is 0). Either way that is norm_offset + weight.
     return native_name.endswith("norm.weight")
+
+
+def _dead_kv(cfg: GemmaConfig) -> set[str]:
+    """The GGUF names of the unused keys and values that the KV-sharing layers of a converted file may carry."""
+    return {f"blk.{i}.{name}" for i in range(cfg.first_shared, cfg.num_layers) for name in _DEAD_KV}
 
 
 # ---- opening a file ---------------------------------------------------------------------------------------------
@@ -156,6 +209,35 @@ class _Meta:
     def string(self, key: str, default: Any = _REQUIRED) -> Any:
         return self._scalar(key, default, (str,), "a string")
 
+    def decimal(self, key: str, default: Any = _REQUIRED) -> Any:
+        """A number as the converter was given it: a float32 value (1e-6 is stored as 9.99999997e-07) read back as
+        the shortest decimal that float32 rounds to it. The models compute in float32 at most, so nothing changes
+        but the config, which then equals the one read from the HF folder."""
+        value = self.number(key, default)
+        field = self.fields.get(key)
+        if value is default or field is None or field.types[-1] != _gguf().GGUFValueType.FLOAT32:
+            return value
+        return float(str(np.float32(value)))
+
+    def per_layer(self, key: str, groups: list[str], default: Any = _REQUIRED) -> dict[str, int]:
+        """An integer llama.cpp reads per layer (get_key_or_arr: one value for all, or an array of one per layer) as
+        the value of each group of layers (`groups`: each layer's); layers of a group that differ are refused."""
+        value = self.get(key, default)
+        if not isinstance(value, list):
+            value = [self.integer(key, default)] * len(groups)
+        elif len(value) != len(groups) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+            raise GemmaError(
+                f"{self.where}: metadata {key!r} should be an integer or one per layer ({len(groups)}), "
+                f"got {shown(value)}"
+            )
+        out: dict[str, int] = {}
+        for group, v in zip(groups, value):
+            if out.setdefault(group, v) != v:
+                raise GemmaError(
+                    f"{self.where}: metadata {key!r} differs among the {group} layers ({shown(value)}); not supported"
+                )
+        return out
+
 
 # llama.cpp's defaults for keys a Gemma 2 file may leave out (llama-model.cpp, LLM_ARCH_GEMMA2).
 _GEMMA2_DEFAULTS = {"sliding_window": 4096, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
@@ -165,7 +247,8 @@ _GEMMA2_DEFAULTS = {"sliding_window": 4096, "attn_logit_softcapping": 50.0, "fin
 # (transformers assumes 256, which is right for every Gemma 2/3 release except the two 27Bs.)
 _LAYERS_27B = {"gemma2": 46, "gemma3": 62}
 # Gemma 3's sliding-window layers use RoPE base 10000 whatever rope.freq_base (the global base) says; llama.cpp
-# hard-codes it as well, unless the file has rope.freq_base_swa.
+# hard-codes it as well, unless the file has rope.freq_base_swa. For gemma4 it is the default of llama_hparams'
+# rope_freq_base_train_swa, which gemma4's loader does not set from the global base either.
 _GEMMA3_LOCAL_THETA = 10_000.0
 
 
@@ -188,13 +271,26 @@ def gguf_fields(arch: str) -> dict[str, str]:
         "layer_types": "attention.sliding_window_pattern",
         "max_seq_len": "context_length",
     }
+    if arch == "gemma4":  # per-kind head widths (key_length is the full layers'), and Gemma 4's own keys
+        keys.update(
+            head_dim="attention.key_length_swa",
+            full_head_dim="attention.key_length",
+            full_kv_heads="attention.head_count_kv",
+            kv_shared_layers="attention.shared_kv_layers",
+            per_layer_input_size="embedding_length_per_layer_input",
+            num_experts="expert_count",
+            experts_per_token="expert_used_count",
+            expert_intermediate_size="expert_feed_forward_length",
+        )
     return {"vocab_size": "tokenizer.ggml.tokens", **{k: f"{arch}.{v}" for k, v in keys.items()}}
 
 
 def gguf_config(reader, where: str = "GGUF file", vocab_size: int | None = None) -> GemmaConfig:
-    """The GemmaConfig a GGUF file's metadata describes (gemma, gemma2 and gemma3 architectures).
+    """The GemmaConfig a GGUF file's metadata describes (gemma, gemma2, gemma3 and gemma4 architectures).
 
-    `vocab_size` defaults to the length of the token list, else the rows of token_embd.
+    `vocab_size` defaults to the length of the token list, else the rows of token_embd. For gemma4 a few things come
+    from the tensors, as llama.cpp takes them: their names (no attn_v: keys equal values; layer_output_scale), and the
+    rope_freqs values (how much of a full-attention head RoPE turns), the only tensor data read here.
     """
     meta = _Meta(reader, where)
     arch = meta.string("general.architecture")
@@ -203,6 +299,10 @@ def gguf_config(reader, where: str = "GGUF file", vocab_size: int | None = None)
             f"{where}: architecture {arch!r} is not a Gemma text model (supported: {', '.join(ARCHITECTURES)})"
         )
     try:
+        if arch == "gemma4":
+            from gemma.formats.gguf_gemma4 import gemma4_config
+
+            return gemma4_config(reader, meta, where, vocab_size)
         return _gguf_config(reader, meta, arch, where, vocab_size)
     except ConfigFieldError as exc:  # the dataclass's own checks, named by the metadata key
         raise exc.spelled(where, gguf_fields(arch), "metadata") from None
@@ -344,11 +444,14 @@ def _shape(t) -> tuple[int, ...]:
 def read_gguf_weights(
     reader, cfg: GemmaConfig, where: str = "GGUF file", dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor]:
-    """The native state dict of the file's tensors, strictly checked against `cfg` before anything is converted."""
+    """The native state dict of the file's tensors, strictly checked against `cfg` before anything is converted.
+
+    A gemma4 file's rope_freqs must be what cfg's rope_full_rotated implies; it is checked, not returned."""
     if not dtype.is_floating_point:
         raise GemmaError(f"dtype must be a floating-point type, got {dtype}")
     # The layer count and the embedding against the tensor infos first, before any table is built from cfg.
-    fields = gguf_fields(_Meta(reader, where).string("general.architecture", "gemma"))
+    arch = _Meta(reader, where).string("general.architecture", "gemma")
+    fields = gguf_fields(arch)
     check_layer_count(cfg, [t.name for t in reader.tensors], where, fields["num_layers"], "the file")
     embed = next((t for t in reader.tensors if t.name == _TOP["embed.weight"]), None)
     if embed is not None:
@@ -359,18 +462,25 @@ def read_gguf_weights(
     shapes = expected_shapes(cfg)
     assert set(shapes) == set(names), "gguf_names and the model disagree"
 
+    # Not weights: a stored copy of the tied head, unused keys and values of KV-sharing layers, gemma4's rope_freqs.
+    skipped = {_TIED_HEAD} | _dead_kv(cfg) | ({_ROPE_FREQS} if arch == "gemma4" else set())
+
     def native_name(name: str) -> str | None:
-        return None if name == _TIED_HEAD else to_native[name]  # KeyError: unexpected
+        return None if name in skipped else to_native[name]  # KeyError: unexpected
 
     match_tensors(((where, t.name, _shape(t)) for t in reader.tensors), native_name, shapes, where, names.get)
-    found = {to_native[t.name]: t for t in reader.tensors if t.name != _TIED_HEAD}
+    if arch == "gemma4" and FULL in cfg.layer_types:
+        from gemma.formats.gguf_gemma4 import check_rope_freqs
+
+        check_rope_freqs(reader, cfg, where)
+    found = {to_native[t.name]: t for t in reader.tensors if t.name not in skipped}
 
     state: dict[str, torch.Tensor] = {}
     for native in shapes:  # the model's order
         t = found[native]
         out = torch.empty(shapes[native], dtype=dtype)
         try:
-            _dequantize_into(out, t.data, t.tensor_type, 1.0 if _is_norm(native) else 0.0)
+            _dequantize_into(out, t.data, t.tensor_type, cfg.norm_offset if _is_norm(native) else 0.0)
         except NotImplementedError:
             raise GemmaError(
                 f"{where}: tensor {t.name!r} has type {t.tensor_type.name}, which the installed gguf "
@@ -406,6 +516,13 @@ def gguf_tokenizer_proto(reader, where: str | None = None) -> bytes:
     where = where or str(getattr(reader.data, "filename", None) or "GGUF file")
     meta = _Meta(reader, where)
     kind = meta.string("tokenizer.ggml.model", None)
+    if kind == "gemma4":
+        # Gemma 4's vocabulary is BPE by merge rank (tokenizer.ggml.merges) over pieces that a sentencepiece model
+        # would pick by score: converting it would tokenize some text differently.
+        raise GemmaError(
+            f"{where}: tokenizer model 'gemma4' (BPE with merges) cannot be read into our sentencepiece tokenizer "
+            "yet; gguf_config and read_gguf_weights read the model from this file, without a tokenizer"
+        )
     if kind != "llama":
         raise GemmaError(f"{where}: tokenizer model {kind!r} is not sentencepiece ('llama'); not supported")
     tokens = meta.get("tokenizer.ggml.tokens")

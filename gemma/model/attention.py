@@ -63,11 +63,12 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,
         cache: KVCache | None = None,
         last_only: bool = False,
-        shared: dict | None = None,
-    ) -> torch.Tensor:
-        """(B, T, hidden) -> (B, T, hidden); with `last_only`, (B, 1, hidden): every column's keys and values (for
-        the cache), the query and output of the last column only. `shared` carries the keys, values and mask of
-        each kind's storing layer to the layers that reuse them ({kind: (k, v, mask)}, filled in this pass)."""
+        shared: tuple | None = None,
+    ) -> tuple[torch.Tensor, tuple | None]:
+        """(B, T, hidden) -> ((B, T, hidden), kv); with `last_only`, (B, 1, hidden): every column's keys and values
+        (for the cache), the query and output of the last column only. KV sharing: a reusing layer attends with
+        `shared`, the (keys, values, mask) that its kind's storing layer returned as `kv` in this pass (other layers
+        return None). Passed by value, not through a shared dict: FSDP and checkpointing see them as inputs."""
         B, T, _ = x.shape
         Tq = 1 if last_only else T
         q = self.q(x[:, T - Tq :]).view(B, Tq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Tq, hd)
@@ -75,7 +76,7 @@ class Attention(nn.Module):
             q = self.q_norm(q)
         q = self.kernels.rope(q, cos[:, T - Tq :], sin[:, T - Tq :])
         if self.reuses_kv:
-            k, v, mask = shared[self.kind]
+            k, v, mask = shared
         else:
             k = self.k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
             v = k if self.v is None else self.v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -86,12 +87,11 @@ class Attention(nn.Module):
             k = self.kernels.rope(k, cos, sin)
             if cache is not None:
                 k, v, mask = cache.update(self.layer, self.kind, k, v)  # (B, KV, S, hd), mask (B, 1, T, S)
-            if self.stores_kv:
-                shared[self.kind] = (k, v, mask)
+        kv = (k, v, mask) if self.stores_kv else None
         if mask is not None and mask.shape[2] > Tq:
             mask = mask[:, :, -Tq:]
         out = attend(q, k, v, mask, self.scale, self.softcap)  # (B, H, Tq, hd)
-        return self.o(out.transpose(1, 2).reshape(B, Tq, self.num_heads * self.head_dim))
+        return self.o(out.transpose(1, 2).reshape(B, Tq, self.num_heads * self.head_dim)), kv
 
 
 def attend(

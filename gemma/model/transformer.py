@@ -48,10 +48,10 @@ class Block(nn.Module):
         self.layer_scalar = nn.Buffer(torch.ones(1)) if cfg.layer_scalar else None
 
     def forward(self, x, cos, sin, mask, cache=None, last_only: bool = False, per_layer=None, shared=None):
-        """(B, T, hidden) -> (B, T, hidden), or (B, 1, hidden) for the last column with `last_only` (all columns
-        still go into the cache). `per_layer` (B, T, P) is this layer's PLE input; `shared` the KV-sharing store
-        (see Attention.forward)."""
-        h = self.attn(self.attn_norm(x), cos, sin, mask, cache, last_only, shared)
+        """(B, T, hidden) -> ((B, T, hidden), kv), or (B, 1, hidden) for the last column with `last_only` (all
+        columns still go into the cache). `per_layer` (B, T, P) is this layer's PLE input; `shared` and `kv` the
+        keys and values that KV-sharing layers reuse (see Attention.forward)."""
+        h, kv = self.attn(self.attn_norm(x), cos, sin, mask, cache, last_only, shared)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x = (x[:, -1:] if last_only else x) + h
@@ -65,8 +65,8 @@ class Block(nn.Module):
             per_layer = per_layer[:, -1:] if last_only else per_layer
             x = x + self.ple_norm(self.ple_out(gelu_mul(self.ple_gate(x), per_layer)))
         if self.layer_scalar is not None:
-            return x * self.layer_scalar
-        return x
+            x = x * self.layer_scalar
+        return x, kv
 
 
 class PerLayerInputs(nn.Module):
@@ -174,7 +174,7 @@ class Gemma(nn.Module):
                 SLIDING: attention_mask(positions, cfg.sliding_window, segment_ids),
             }
         per_layer = self.per_layer(tokens, x) if self.per_layer is not None else None
-        shared = {} if cfg.kv_shared_layers else None
+        shared = {}  # kind -> the (keys, values, mask) of its storing layer, for the layers that reuse them
         checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         last = len(self.layers) - 1
         for i, block in enumerate(self.layers):
@@ -187,11 +187,13 @@ class Gemma(nn.Module):
                 per_layer = None if per_layer is None else per_layer[:, -1:]
             kind = cfg.layer_types[i]
             args = (x, *rope[kind], masks[kind], cache, last_only and i == last and x.shape[1] > 1)
-            args += (None if per_layer is None else per_layer[:, :, i], shared)
+            args += (None if per_layer is None else per_layer[:, :, i], shared.get(kind) if cfg.reuses_kv(i) else None)
             if checkpointing:
-                x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+                x, kv = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
             else:
-                x = block(*args)
+                x, kv = block(*args)
+            if kv is not None:
+                shared[kind] = kv
         if last_only and x.shape[1] > 1:
             x = x[:, -1:]
         return self.norm(x)
