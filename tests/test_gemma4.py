@@ -462,6 +462,22 @@ def test_a_left_padded_batch_generates_what_each_prompt_does_alone(gemma4_folder
     assert together == alone and all(len(ids) == 8 for ids in together)
 
 
+def test_a_folder_with_only_tokenizer_json_says_so(gemma4_folder, tmp_path):
+    """The hub's Gemma 4 repos ship tokenizer.json (BPE) rather than tokenizer.model: a clear error until the
+    tokenizer.json reader exists."""
+    import shutil
+
+    import gemma
+    from gemma.errors import GemmaError
+
+    folder = tmp_path / "hub"
+    shutil.copytree(gemma4_folder, folder)
+    (folder / "tokenizer.model").unlink()
+    (folder / "tokenizer.json").write_text("{}")
+    with pytest.raises(GemmaError, match="tokenizer.json, Gemma 4's BPE tokenizer, is not supported yet"):
+        gemma.load(folder)
+
+
 def test_sft_trains_a_gemma4_folder_and_refuses_fp16(gemma4_folder, tmp_path):
     import os
     import subprocess

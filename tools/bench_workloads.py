@@ -106,10 +106,12 @@ def random_folder(size: str, seed: int = 0) -> Path:
         torch.set_default_dtype(default)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.normal_(0.0, 0.1)
-            elif name == "embed.weight":
+            if name.endswith("norm.weight"):  # around what the norm multiplies by at init (1 + w, or w for Gemma 4)
+                p.normal_(1.0 - cfg.norm_offset, 0.1)
+            elif name.endswith(("embed.weight", "moe.gate_up", "moe.down")):  # the experts start uninitialised
                 p.normal_(0.0, 0.03)
+            elif name.endswith(("router_scale", "expert_scale")):
+                p.fill_(1.0)
     names = hf_names(cfg)
     state = {names[k]: v.contiguous() for k, v in model.state_dict().items()}
     with atomic_dir(folder, force=True) as tmp:

@@ -147,6 +147,11 @@ def load_weights(
         raise GemmaError(f"{path}: not a model folder or a .gguf file")
     tok_path = path / "tokenizer.model"
     if not tok_path.exists():
+        if (path / "tokenizer.json").exists():  # Gemma 4's hub repos ship only this
+            raise GemmaError(
+                f"{path}: no tokenizer.model (its tokenizer.json, Gemma 4's BPE tokenizer, is not supported yet; "
+                "put a sentencepiece tokenizer.model beside it)"
+            )
         raise GemmaError(f"{path}: no tokenizer.model")
     if folder_kind(path) == "native":
         cfg, state = checkpoint.load_native_folder(path, dtype)
