@@ -374,6 +374,45 @@ def test_lora_matches_peft_in_logits_and_gradients(case, tmp_path):
             torch.testing.assert_close(g, h, rtol=0, atol=(atol * 3) * h.abs().max().item())
 
 
+@pytest.mark.parametrize("case", ["E", "moe", "all"])
+def test_a_peft_adapter_loads_with_peft_logits(case, tmp_path):
+    """The other way: an adapter peft made on transformers' model (its seven projection names, no v on k=v layers,
+    no k/v on KV-sharing ones) loads onto ours, unmerged and merged, with peft's logits."""
+    import peft
+
+    from lora.io import apply_adapter
+
+    hf = hf_gemma4(case)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    theirs = peft.get_peft_model(
+        hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    )
+    theirs.save_pretrained(tmp_path / "adapter")
+    x = tokens(2, 13)
+    with torch.no_grad():
+        expected = theirs.eval()(x).logits
+        for merge in (False, True):
+            ours = apply_adapter(ours_from(hf_gemma4(case)), tmp_path / "adapter", merge=merge)
+            atol = 3e-5 if "hidden_size_per_layer_input" in CASES[case] else 1e-5  # as in the test above
+            torch.testing.assert_close(ours(x), expected, rtol=0, atol=atol * (2 if merge else 1))
+
+
+def test_sharded_and_native_folders_of_gemma4_load_bit_identically(tmp_path, tok):
+    """HF out in shards (with an index) and native out, of the config with every branch: both load back into the
+    same tensors."""
+    from gemma.formats.checkpoint import load_hf_folder, load_native_folder, save_hf, save_native
+
+    ours = ours_from(hf_gemma4("all"))
+    ids = {"bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}
+    save_hf(tmp_path / "hf", ours.config, ours.state_dict(), tok.model_proto, ids, shard_bytes=20_000)
+    save_native(tmp_path / "native", ours.config, ours.state_dict(), tok.model_proto)
+    assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 1
+    for cfg, state in (load_hf_folder(tmp_path / "hf"), load_native_folder(tmp_path / "native")):
+        assert cfg == ours.config
+        assert state.keys() == ours.state_dict().keys()
+        assert all(torch.equal(state[k], v) for k, v in ours.state_dict().items())
+
+
 @pytest.mark.parametrize(
     "case, peft_kwargs, named",
     [
