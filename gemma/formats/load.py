@@ -21,7 +21,7 @@ from gemma.errors import GemmaError
 from gemma.files import regular_file
 from gemma.model import Gemma
 from gemma.model.quantize import MODES as QUANTIZE_MODES, quantize_model
-from gemma.tokenizer import Tokenizer
+from gemma.tokenizer import JSON_FILE, MODEL_FILE, Tokenizer
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -39,6 +39,8 @@ HUB_FILES = [
     "*.safetensors",
     "model.safetensors.index.json",
     "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
     "generation_config.json",
 ]
 
@@ -145,14 +147,11 @@ def load_weights(
 
             return read_gguf(path, dtype or torch.float32)
         raise GemmaError(f"{path}: not a model folder or a .gguf file")
-    tok_path = path / "tokenizer.model"
-    if not tok_path.exists():
-        if (path / "tokenizer.json").exists():  # Gemma 4's hub repos ship only this
-            raise GemmaError(
-                f"{path}: no tokenizer.model (its tokenizer.json, Gemma 4's BPE tokenizer, is not supported yet; "
-                "put a sentencepiece tokenizer.model beside it)"
-            )
-        raise GemmaError(f"{path}: no tokenizer.model")
+    # sentencepiece's file where a folder has it (Gemma 1-3), else tokenizer.json (Gemma 4's hub repos ship only
+    # that one).
+    tok_path = next((path / name for name in (MODEL_FILE, JSON_FILE) if (path / name).exists()), None)
+    if tok_path is None:
+        raise GemmaError(f"{path}: no tokenizer.model or tokenizer.json")
     if folder_kind(path) == "native":
         cfg, state = checkpoint.load_native_folder(path, dtype)
     else:
