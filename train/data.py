@@ -393,7 +393,9 @@ def _longest_prefix(text: str, fits) -> str:
     return text[:lo]
 
 
-def load_dataset(path, tokenizer, max_len: int, train_on_prompt: bool = False) -> tuple[list[Example], DataStats]:
+def load_dataset(
+    path, tokenizer, max_len: int, train_on_prompt: bool = False, train_on_thoughts: bool = True
+) -> tuple[list[Example], DataStats]:
     """Read, convert and encode every record of a data file; records with nothing to train on are counted and skipped.
 
     A file that yields no example at all raises GemmaError (with the counts saying why).
@@ -401,11 +403,23 @@ def load_dataset(path, tokenizer, max_len: int, train_on_prompt: bool = False) -
     stats, examples = DataStats(), []
     for where, record in _read_located(path):
         stats.records += 1
-        messages = record_messages(record, where)
-        if not any(m["role"] == "model" for m in messages):
-            stats.dropped_no_model_turn += 1
-            continue
-        example, truncated = encode_messages(messages, tokenizer, max_len, train_on_prompt)
+        if tokenizer.chat_format == 4:  # Gemma 4's format: tools, tool calls and reasoning too
+            from train.data_gemma4 import encode_gemma4, gemma4_record
+
+            messages, tools = gemma4_record(record, where)
+            if not any(m.get("role") in ("assistant", "model") for m in messages):
+                stats.dropped_no_model_turn += 1
+                continue
+            example, truncated = encode_gemma4(
+                messages, tools, tokenizer, max_len, train_on_prompt, train_on_thoughts, where
+            )
+        else:
+            _refuse_gemma4_fields(record, where)
+            messages = record_messages(record, where)
+            if not any(m["role"] == "model" for m in messages):
+                stats.dropped_no_model_turn += 1
+                continue
+            example, truncated = encode_messages(messages, tokenizer, max_len, train_on_prompt)
         if example is None:
             stats.dropped_too_long += 1
             continue
@@ -417,6 +431,24 @@ def load_dataset(path, tokenizer, max_len: int, train_on_prompt: bool = False) -
     if not examples:
         raise GemmaError(f"{os.fspath(path)}: no example to train on with max_len {max_len} ({stats.summary()})")
     return examples, stats
+
+
+def _refuse_gemma4_fields(record, where: str) -> None:
+    """Tools, tool calls and reasoning need Gemma 4's chat format: with a Gemma 1-3 tokenizer they would be lost."""
+    if not isinstance(record, Mapping):
+        return
+    messages = record.get("messages") if isinstance(record.get("messages"), list) else []
+    keys = {"tools"} & set(record) | {k for m in messages if isinstance(m, Mapping) for k in m} & {
+        "tool_calls",
+        "reasoning_content",
+        "reasoning",
+    }
+    roles = {m.get("role") for m in messages if isinstance(m, Mapping)} & {"tool", "developer"}
+    found = sorted(keys) or sorted(roles)
+    if found:
+        raise GemmaError(
+            f"{where}: {found[0]!r} needs Gemma 4's chat format, and this model's tokenizer is Gemma 1-3's"
+        )
 
 
 # ---- packing and batching ----

@@ -30,7 +30,9 @@ def _opt(default, help: str, **kw):
 @dataclass
 class TrainOptions:
     # what to train
-    size: str | None = _opt(None, "model preset (2b 7b 2-2b 2-9b 2-27b 3-270m 3-1b 3-4b 3-12b 3-27b)")
+    size: str | None = _opt(
+        None, "model preset (2b 7b 2-2b 2-9b 2-27b 3-270m 3-1b 3-4b 3-12b 3-27b 4-e2b 4-e4b 4-12b 4-26b-a4b 4-31b)"
+    )
     model: str | None = _opt(
         None, "model source: HF folder, native folder, .gguf, HF repo id (default: --size, else 3-270m)"
     )
@@ -53,6 +55,9 @@ class TrainOptions:
     )
     packing: bool = _opt(False, "pack several records into each sequence (attention stays within a record)")
     train_on_prompt: bool = _opt(False, "also train on the prompt tokens, not only the model turns")
+    train_on_thoughts: bool = _opt(
+        True, "Gemma 4: train on the model turns' thoughts (reasoning_content) too; --no-train-on-thoughts masks them"
+    )
     # optimisation
     lr: float = _opt(2e-4, "peak learning rate (AdamW)")
     warmup_ratio: float = _opt(0.03, "fraction of the steps spent warming up linearly (then cosine decay)")

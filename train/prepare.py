@@ -207,11 +207,13 @@ def load_data(run: Run, tokenizer, max_len: int) -> Data:
 
 def read_data(opts: TrainOptions, tokenizer, max_len: int, log) -> tuple[list[Example], list[Example]]:
     """(training examples, eval examples): --data encoded, --eval-data or an --eval-split of --data, packing."""
-    train, stats = load_dataset(opts.data, tokenizer, max_len, opts.train_on_prompt)
+    train, stats = load_dataset(opts.data, tokenizer, max_len, opts.train_on_prompt, opts.train_on_thoughts)
     log(f"train data: {stats.summary()}")
     eval_: list[Example] = []
     if opts.eval_data:
-        eval_, eval_stats = load_dataset(opts.eval_data, tokenizer, max_len, opts.train_on_prompt)
+        eval_, eval_stats = load_dataset(
+            opts.eval_data, tokenizer, max_len, opts.train_on_prompt, opts.train_on_thoughts
+        )
         log(f"eval data: {eval_stats.summary()}")
     elif opts.eval_split > 0:
         train, eval_ = split_eval(train, opts.eval_split, opts.seed)

@@ -176,11 +176,8 @@ class Tokenizer:
     def chat_parts(self, messages, add_generation_prompt: bool = True, tools=None, enable_thinking: bool = False):
         """The chat template as marker ids (int) and the text spans between them (str)."""
         if self.chat_format == 4:
-            missing = [p for p, i in self._gemma4.items() if i is None]
-            if missing:
-                raise GemmaError(f"{self._where}: tokenizer has no {missing[0]} piece (Gemma 4's chat markers)")
             return gemma4.chat_parts(
-                self._gemma4, self._bos_id, messages, add_generation_prompt, tools, enable_thinking
+                self._markers4(), self._bos_id, messages, add_generation_prompt, tools, enable_thinking
             )
         if self._start_id is None or self._end_id is None:
             raise GemmaError(f"{self._where}: tokenizer has no chat pieces (<start_of_turn>/<end_of_turn>)")
@@ -189,6 +186,20 @@ class Tokenizer:
         if enable_thinking:
             raise GemmaError("chat: thinking needs Gemma 4's chat format (this tokenizer is Gemma 1-3's)")
         return gemma3.chat_parts(self._bos_id, self._start_id, self._end_id, messages, add_generation_prompt)
+
+    def _markers4(self) -> dict[str, int]:
+        missing = [p for p, i in self._gemma4.items() if i is None]
+        if missing:
+            raise GemmaError(f"{self._where}: tokenizer has no {missing[0]} piece (Gemma 4's chat markers)")
+        return self._gemma4
+
+    def tagged_chat(self, messages, tools=None) -> list[tuple[int | str, str]]:
+        """Gemma 4's rendering of a whole conversation (no generation prompt) as (part, tag) pairs, the tag saying
+        who writes the part: "prompt", "model" or "thought" (gemma.tokenizer.gemma4.Parts); for training masks."""
+        if self.chat_format != 4:
+            raise GemmaError("chat: tagged conversations are Gemma 4's (this tokenizer is Gemma 1-3's)")
+        parts = gemma4.render(self._markers4(), self._bos_id, messages, False, tools, False)
+        return list(zip(parts.out, parts.tags))
 
     def render_chat(self, messages, add_generation_prompt: bool = True, tools=None, enable_thinking: bool = False):
         """The chat template as text, as transformers renders it (for debugging and tests)."""

@@ -45,27 +45,42 @@ _STANDARD_KEYS = ("description", "type", "properties", "required", "nullable")
 
 
 class Parts:
-    """The rendered chat: marker ids and the text between them (adjacent text joined into one span, as the
-    reference tokenizes the rendered string, splitting it only at markers)."""
+    """The rendered chat: marker ids and the text between them, each tagged with who writes it: "prompt" (the
+    template, the user, the tools' responses), "model" (what a model turn generates: its content, tool calls and
+    closing marker) or "thought" (its reasoning). Adjacent text of one tag is one span; `merged` joins all adjacent
+    text, as the reference tokenizes the rendered string, splitting it only at markers."""
 
     def __init__(self, ids: Mapping[str, int]):
-        self.ids, self.out = ids, []
+        self.ids, self.out, self.tags, self.tag = ids, [], [], "prompt"
+
+    def _add(self, part) -> None:
+        self.out.append(part)
+        self.tags.append(self.tag)
 
     def mark(self, piece: str) -> None:
-        self.out.append(self.ids[piece])
+        self._add(self.ids[piece])
 
     def text(self, s: str) -> None:
         if not s:
             return
-        if self.out and isinstance(self.out[-1], str):
+        if self.out and isinstance(self.out[-1], str) and self.tags[-1] == self.tag:
             self.out[-1] += s
         else:
-            self.out.append(s)
+            self._add(s)
 
     def quoted(self, s: str) -> None:
         self.mark(Q)
         self.text(s)
         self.mark(Q)
+
+    def merged(self) -> list:
+        joined: list = []
+        for part in self.out:
+            if isinstance(part, str) and joined and isinstance(joined[-1], str):
+                joined[-1] += part
+            else:
+                joined.append(part)
+        return joined
 
 
 def _get(d: Any, key: str) -> Any:
@@ -383,6 +398,18 @@ def chat_parts(
     enable_thinking: bool = False,
 ) -> list:
     """The official template's rendering of `messages` (and `tools`), as marker ids and text spans."""
+    return render(ids, bos, messages, add_generation_prompt, tools, enable_thinking).merged()
+
+
+def render(
+    ids: Mapping[str, int],
+    bos: int,
+    messages,
+    add_generation_prompt: bool = True,
+    tools=None,
+    enable_thinking: bool = False,
+) -> Parts:
+    """The rendering as tagged Parts (what training needs to know: which spans a model turn generates)."""
     check_messages(messages)
     if tools is not None and (not isinstance(tools, Sequence) or isinstance(tools, (str, bytes))):
         raise GemmaError("chat: tools must be a list of function schemas")
@@ -390,7 +417,7 @@ def chat_parts(
         if not isinstance(tool, Mapping):
             raise GemmaError(f"chat: tool {i} is not an object (an OpenAI function schema)")
     out = Parts(ids)
-    out.out.append(bos)
+    out._add(bos)
     prev_type = None  # what the last thing written was: think, tool, tool_call, tool_response
     turns = list(messages)
     first = messages[0]["role"] in ("system", "developer")
@@ -428,11 +455,14 @@ def chat_parts(
         if not (role == "model" and prev_non_tool_role == "assistant"):  # consecutive assistants: one model turn
             out.mark("<|turn>")
             out.text(role + "\n")
+        model = role == "model"
         thinking = message.get("reasoning") or message.get("reasoning_content")
         if thinking and i > last_user:
+            out.tag = "thought" if model else "prompt"
             out.mark("<|channel>")
             out.text("thought\n" + thinking + "\n")
             out.mark("<channel|>")
+        out.tag = "model" if model else "prompt"
         calls = message.get("tool_calls")
         if calls:
             _calls(out, calls, where)
@@ -447,21 +477,25 @@ def chat_parts(
                 for call in calls:
                     if _get(call, "id") == follow.get("tool_call_id"):
                         name = call["function"]["name"]
+                out.tag = "prompt"  # the tools' answers, not the model's
                 _response_block(out, str(name), _tool_body(follow.get("content"), f"message {k + offset}"))
                 responded = True
                 prev_type = "tool_response"
-        content = _text_of(message.get("content"), role == "model", where)
+        out.tag = "model" if model else "prompt"
+        content = _text_of(message.get("content"), model, where)
         out.text(content)
         has_content = bool(content.strip())
         following = next((m["role"] for m in turns[i + 1 :] if m["role"] != "tool"), None)
         continues = role == "model" and following == "assistant" and (not calls or responded)
         if prev_type == "tool_call" and not responded:
-            out.mark("<|tool_response>")
+            out.mark("<|tool_response>")  # where the model stops for the tools to run
         elif continues:
             pass
         elif not (responded and not has_content and following is None):
             out.mark("<turn|>")
+            out.tag = "prompt"
             out.text("\n")
+        out.tag = "prompt"
         prev_non_tool_role = message["role"]
 
     if add_generation_prompt:
@@ -471,4 +505,4 @@ def chat_parts(
         elif prev_type == "tool_response" and enable_thinking:
             out.mark("<|channel>")
             out.text("thought\n")
-    return out.out
+    return out
