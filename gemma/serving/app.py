@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import StreamingResponse
 
 from gemma.generation.engine import Delta, EngineBusy, EngineClosed, Finish
+from gemma.generation.replies import Reply, ReplyStream, openai_tool_calls, parse_reply
 from gemma.errors import GemmaError
 from gemma.generation.sampling import SamplingParams
 from gemma.serving.guard import AllowedHosts, Guard, error_response
@@ -41,9 +42,11 @@ from gemma.serving.protocol import (
     CompletionRequest,
     TextGenerateRequest,
     chat_messages,
+    chat_options,
     checked_sampling,
     completion_prompt,
     engine_params,
+    gemma3_messages,
     parse_body,
     refuse_unsupported,
     sampling_settings,
@@ -179,7 +182,8 @@ def stream_reply(gen, delta_chunk, final_chunk, with_usage: bool, first: dict | 
                 yield sse(first)
             while (event := await gen.next_event()) is not None:
                 if isinstance(event, Delta):
-                    yield sse(delta_chunk(event.text))
+                    for chunk in _chunks(delta_chunk(event.text)):
+                        yield sse(chunk)
                     continue
                 if event.reason == "error":
                     yield sse(
@@ -194,7 +198,9 @@ def stream_reply(gen, delta_chunk, final_chunk, with_usage: bool, first: dict | 
                     )
                 else:
                     # A generation stopped by the shutdown ends as vLLM ends an aborted one.
-                    final = final_chunk("abort" if gen.aborted else event.reason)
+                    *before, final = _chunks(final_chunk("abort" if gen.aborted else event.reason))
+                    for chunk in before:
+                        yield sse(chunk)
                     yield sse(final)
                     if with_usage and event.reason != "abort":  # our own Finish("abort") has no counts
                         yield sse(
@@ -206,6 +212,11 @@ def stream_reply(gen, delta_chunk, final_chunk, with_usage: bool, first: dict | 
             gen.cancel()
 
     return EventStream(events())
+
+
+def _chunks(made) -> list[dict]:
+    """A chunk maker's result as a list (a maker may give one chunk, several, or none)."""
+    return made if isinstance(made, list) else [made]
 
 
 async def finish_reply(gen):
@@ -322,37 +333,73 @@ async def chat_completions(http: Request):
     engine = state.engine
     body = await parse_body(http, ChatRequest)
     refuse_unsupported(body)
-    prompt = await encode(engine.tokenizer.apply_chat, chat_messages(body))
+    tok = engine.tokenizer
+    options = chat_options(body)
+    messages = chat_messages(body)
+    gemma4 = tok.chat_format == 4  # tools, thinking and tool calls in and out
+    if gemma4:
+        prompt = await encode(partial(tok.apply_chat, **options), messages)
+    else:
+        if options["tools"] or options["enable_thinking"]:
+            raise ApiError(400, "tools and thinking need a Gemma 4 model", "tools" if options["tools"] else None)
+        prompt = await encode(tok.apply_chat, gemma3_messages(messages))
     max_new = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     gen = generation(http, prompt, sampling_settings(body, len(prompt), engine.context, max_new, engine.vocab_limit))
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     chunk = partial(chat_chunk, ident, created, state.model_name)
-    if body.stream:
+    first = chunk({"role": "assistant", "content": ""})
+    if body.stream and not gemma4:
         return stream_reply(
-            gen,
-            lambda text: chunk({"content": text}),
-            lambda reason: chunk({}, reason),
-            include_usage(body),
-            first=chunk({"role": "assistant", "content": ""}),
+            gen, lambda text: chunk({"content": text}), lambda reason: chunk({}, reason), include_usage(body), first
         )
+    if body.stream:
+        replies = ReplyStream()
+
+        def deltas(text: str) -> list[dict]:
+            return _reply_chunks(chunk, *replies.feed(text))
+
+        def final(reason: str) -> list[dict]:
+            reasoning, content, reply = replies.finish()
+            out = _reply_chunks(chunk, reasoning, content)
+            if reply.tool_calls:
+                calls = [{"index": n, **c} for n, c in enumerate(openai_tool_calls(reply, f"call_{ident[9:21]}"))]
+                out.append(chunk({"tool_calls": calls}))
+            return out + [chunk({}, _reason(reason, reply))]
+
+        return stream_reply(gen, deltas, final, include_usage(body), first)
     finish = await finish_reply(gen)
     if not isinstance(finish, Finish):
         return finish
+    message: dict[str, Any] = {"role": "assistant", "content": finish.text}
+    reason = finish.reason
+    if gemma4:
+        reply = parse_reply(finish.text)
+        message["content"] = reply.content if reply.content or not reply.tool_calls else None
+        if reply.reasoning is not None:
+            message["reasoning_content"] = reply.reasoning
+        if reply.tool_calls:
+            message["tool_calls"] = openai_tool_calls(reply, f"call_{ident[9:21]}")
+        reason = _reason(reason, reply)
     return {
         "id": ident,
         "object": "chat.completion",
         "created": created,
         "model": state.model_name,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": finish.text},
-                "logprobs": None,
-                "finish_reason": finish.reason,
-            }
-        ],
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": reason}],
         "usage": usage(finish.prompt_tokens, finish.completion_tokens),
     }
+
+
+def _reply_chunks(chunk, reasoning: str, content: str) -> list[dict]:
+    """Stream chunks of a Gemma 4 reply's new thought and answer text (none when there is none)."""
+    return ([chunk({"reasoning_content": reasoning})] if reasoning else []) + (
+        [chunk({"content": content})] if content else []
+    )
+
+
+def _reason(reason: str, reply: Reply) -> str:
+    """OpenAI's finish_reason: "tool_calls" when a turn that stopped by itself called tools."""
+    return "tool_calls" if reply.tool_calls and reason == "stop" else reason
 
 
 def completion_chunk(ident: str, created: int, model_name: str, text: str, finish_reason: str | None = None) -> dict:

@@ -132,10 +132,25 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str | dict[str, Any] = "{}"  # OpenAI sends a JSON string; an object is taken too
+
+
+class ToolCall(_Body):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    # Gemma 4: an assistant's tool calls and thought, a tool message's answer to a call
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
 
 
 class StreamOptions(_Body):
@@ -170,6 +185,7 @@ class ChatRequest(_Sampling):
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # as vLLM: {"enable_thinking": true}
 
 
 class CompletionRequest(_Sampling):
@@ -204,8 +220,6 @@ def refuse_unsupported(body: _Sampling) -> None:
         "logit_bias": (None, {}),
         "logprobs": (None, False, 0),
         "top_logprobs": (None, 0),
-        "tools": (None, []),
-        "tool_choice": (None, "none", "auto"),
         "echo": (None, False),
         "suffix": (None, ""),
         "best_of": (None, 1),
@@ -220,18 +234,75 @@ def refuse_unsupported(body: _Sampling) -> None:
 
 
 def chat_messages(body: ChatRequest) -> list[dict]:
-    """The messages as apply_chat takes them: text parts joined, "developer" as "system"."""
+    """The messages as apply_chat takes them: text parts joined (Gemma 1-3: "developer" as "system"; only user,
+    assistant and system turns, the last from the user). Tool calls and responses, and thoughts, are Gemma 4's:
+    their `arguments` are decoded from JSON here, as the template needs objects."""
     if not body.messages:
         raise ApiError(400, "messages must hold at least one message", "messages")
     out = []
     for i, m in enumerate(body.messages):
-        if m.content is None:
+        text = m.content if isinstance(m.content, str) or m.content is None else "\n".join(p.text for p in m.content)
+        if text is None and not m.tool_calls:
             raise ApiError(400, f"messages.{i}: a message needs content", "messages")
-        text = m.content if isinstance(m.content, str) else "\n".join(part.text for part in m.content)
-        out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+        message: dict[str, Any] = {"role": m.role, "content": text}
+        if m.tool_calls:
+            message["tool_calls"] = [_call(c, i, n) for n, c in enumerate(m.tool_calls)]
+        for key in ("tool_call_id", "reasoning_content", "name"):
+            if getattr(m, key) is not None:
+                message[key] = getattr(m, key)
+        out.append(message)
+    if out[-1]["role"] not in ("user", "tool"):
+        raise ApiError(400, "the last message must be from the user (or a tool's answer)", "messages")
+    return out
+
+
+def gemma3_messages(messages: list[dict]) -> list[dict]:
+    """Messages for Gemma 1-3's format: role and content, "developer" as "system"; tool turns are refused."""
+    out = []
+    for i, m in enumerate(messages):
+        if m["role"] == "tool" or m.get("tool_calls") or m.get("reasoning_content"):
+            raise ApiError(400, f"messages.{i}: tool calls and thoughts need a Gemma 4 model", "messages")
+        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]})
     if out[-1]["role"] != "user":
         raise ApiError(400, "the last message must be from the user", "messages")
     return out
+
+
+def _call(call: ToolCall, i: int, n: int) -> dict:
+    arguments = call.function.arguments
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments or "{}")
+        except json.JSONDecodeError as exc:
+            raise ApiError(
+                400, f"messages.{i}.tool_calls.{n}: arguments are not valid JSON ({exc})", "messages"
+            ) from None
+        if not isinstance(arguments, dict):
+            raise ApiError(400, f"messages.{i}.tool_calls.{n}: arguments must be a JSON object", "messages")
+    out = {"type": "function", "function": {"name": call.function.name, "arguments": arguments}}
+    return out if call.id is None else {"id": call.id, **out}
+
+
+def chat_options(body: ChatRequest) -> dict[str, Any]:
+    """apply_chat's tools and enable_thinking from the request: tool_choice "auto" (the default) or "none" (the
+    model is not shown the tools); chat_template_kwargs may set enable_thinking (as vLLM takes it)."""
+    choice = body.tool_choice
+    if choice not in (None, "auto", "none"):
+        shown_choice = json.dumps(choice) if not isinstance(choice, str) else repr(choice)
+        raise ApiError(400, f'tool_choice {shown_choice} is not supported (only "auto" or "none")', "tool_choice")
+    if body.tools is not None and not all(isinstance(t, dict) for t in body.tools):
+        raise ApiError(400, "tools must be a list of function schemas (objects)", "tools")
+    kwargs = dict(body.chat_template_kwargs or {})
+    unknown = sorted(set(kwargs) - {"enable_thinking"})
+    if unknown:
+        raise ApiError(
+            400, f"chat_template_kwargs {unknown[0]!r} is not supported (only enable_thinking)", "chat_template_kwargs"
+        )
+    thinking = kwargs.get("enable_thinking", False)
+    if not isinstance(thinking, bool):
+        raise ApiError(400, "chat_template_kwargs.enable_thinking must be true or false", "chat_template_kwargs")
+    tools = None if choice == "none" else (body.tools or None)
+    return {"tools": tools, "enable_thinking": thinking}
 
 
 def completion_prompt(body: CompletionRequest, tokenizer) -> list[int]:
