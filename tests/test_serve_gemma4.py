@@ -15,7 +15,8 @@ import time
 
 import openai
 import pytest
-import torch
+
+from scripted import reply_ids
 
 TOOLS = [
     {
@@ -30,37 +31,15 @@ TOOLS = [
 ASK = {"role": "user", "content": "What is the weather in Paris?"}
 
 
-class Script:
-    """Replaces a model's output head: each call writes the next id of `ids` (every row, every column)."""
-
-    def __init__(self, model):
-        self.model, self.ids, self.n = model, [], 0
-        model.logits = self
-
-    def say(self, ids: list[int]) -> None:
-        self.ids, self.n = list(ids), 0
-
-    def __call__(self, h):
-        out = torch.zeros(*h.shape[:2], self.model.config.vocab_size)
-        out[..., self.ids[min(self.n, len(self.ids) - 1)]] = 50.0
-        self.n += 1
-        return out
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     import uvicorn
 
-    from gemma.formats.checkpoint import build_model
     from gemma.generation.engine import Engine
     from gemma.serving.app import create_app
-    from gemma.tokenizer import Tokenizer
-    from test_gemma4 import our_config, hf_gemma4
-    from tiny_tokenizer import build_gemma4_tokenizer_json
+    from scripted import Script, tiny_gemma4
 
-    tok = Tokenizer(build_gemma4_tokenizer_json(tmp_path_factory.mktemp("tok")) / "tokenizer.json")
-    hf = hf_gemma4("all", vocab=1024)
-    model = build_model(our_config(hf), {k: v for k, v in _native(hf).items()})
+    tok, model = tiny_gemma4(tmp_path_factory.mktemp("tok"))
     script = Script(model)
     engine = Engine(model, tok, max_batch=1, threads=1)
     sock = socket.socket()
@@ -77,22 +56,6 @@ def served(tmp_path_factory):
     server.should_exit = True
     thread.join(10)
     engine.close()
-
-
-def _native(hf) -> dict:
-    from gemma.formats.checkpoint import hf_names
-    from test_gemma4 import our_config
-
-    theirs = hf.state_dict()
-    return {native: theirs[name].clone() for native, name in hf_names(our_config(hf)).items()}
-
-
-def reply_ids(tok, *spans, stop: str = "<turn|>") -> list[int]:
-    """A scripted model turn: text spans and marker pieces ("<|...>" names), ending at a stop id."""
-    ids = []
-    for span in spans:
-        ids += [tok.marker_id(span)] if tok.marker_id(span) is not None else tok.encode_content(span)
-    return ids + [tok.marker_id(stop)]
 
 
 def call_reply(tok) -> list[int]:

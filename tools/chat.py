@@ -1,6 +1,6 @@
 """Chat with a Gemma model in the terminal.
 
-    python tools/chat.py [--model SRC] [--adapter DIR] [--system TEXT] [--prompt TEXT] [--raw] [sampling flags]
+    python tools/chat.py [--model SRC] [--adapter DIR] [--system TEXT] [--prompt TEXT] [--raw] [--think] [sampling]
 
 Interactive by default: type a message, the reply streams back; the conversation's KV cache is kept between
 turns, so each turn only feeds the model its new tokens. When the conversation outgrows the context (--max-len),
@@ -9,7 +9,8 @@ Ctrl-C stops a reply, not the program. Input is read line by line, so it can be 
 
 With --prompt TEXT it answers once, prints only the reply and exits; the text is exactly what `gemma.generate`
 gives for the same settings. --raw feeds the text as is, with no chat template (a base model continues it).
-Notices, statistics (--stats) and errors go to stderr, replies to stdout.
+Notices, statistics (--stats) and errors go to stderr, replies to stdout. With --think (Gemma 4) the model thinks
+before it answers: its thought is shown apart, on stderr (dimmed at a terminal), and the answer on stdout.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", metavar="TEXT", default=None, help="answer this once, print the reply, exit")
     p.add_argument("--system", metavar="TEXT", default=None, help="a system prompt (folded into the first turn)")
     p.add_argument("--raw", action="store_true", help="no chat template: the model continues the text")
+    p.add_argument("--think", action="store_true", help="Gemma 4: think before answering (thought shown on stderr)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="reply length limit (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default; so is anything below 1e-5)")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
@@ -59,6 +61,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--stats", action="store_true", help="print token counts and tokens/s after each reply")
     return p
+
+
+def thoughts_apart(pieces: Iterable[str], err: TextIO) -> Iterable[str]:
+    """The answer's pieces of a Gemma 4 reply, its thought written to `err` as it comes (dimmed at a terminal)."""
+    from gemma.generation.replies import ReplyStream
+
+    dim = err.isatty() if hasattr(err, "isatty") else False
+    stream, thought = ReplyStream(), False
+
+    def show(text: str) -> None:
+        nonlocal thought
+        if text:
+            err.write(("\x1b[2m" if dim and not thought else "") + text)
+            err.flush()
+            thought = True
+
+    def end_thought() -> None:
+        nonlocal thought
+        if thought:
+            err.write(("\x1b[0m" if dim else "") + "\n")
+            err.flush()
+            thought = False
+
+    try:
+        for piece in pieces:
+            reasoning, answer = stream.feed(piece)
+            show(reasoning)
+            if answer:
+                end_thought()
+                yield answer
+        reasoning, answer, _ = stream.finish()
+        show(reasoning)
+        end_thought()
+        if answer:
+            yield answer
+    finally:
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            close()
+        end_thought()
 
 
 def write_stream(pieces: Iterable[str], out: TextIO) -> bool:
@@ -88,9 +130,12 @@ def one_shot(model, tokenizer, args, params, out: TextIO, err: TextIO) -> int:
         ids = tokenizer.encode(args.prompt)
     else:
         system = [{"role": "system", "content": args.system}] if args.system else []
-        ids = tokenizer.apply_chat(system + [{"role": "user", "content": args.prompt}])
+        thinking = {"enable_thinking": True} if args.think else {}
+        ids = tokenizer.apply_chat(system + [{"role": "user", "content": args.prompt}], **thinking)
     stats = GenerationStats()
     pieces = stream_generate(model, tokenizer, ids, params=params, stats=stats)
+    if args.think:
+        pieces = thoughts_apart(pieces, err)
     finished = write_stream(pieces, out)
     if args.stats:
         print(stats.summary(), file=err)
@@ -127,7 +172,7 @@ def read_lines(stdin: TextIO, err: TextIO) -> Iterable[str]:
         yield line.rstrip("\r\n")
 
 
-def chat_loop(session, lines: Iterable[str], out: TextIO, err: TextIO, stats: bool = False) -> int:
+def chat_loop(session, lines: Iterable[str], out: TextIO, err: TextIO, stats: bool = False, think: bool = False) -> int:
     """Run the interactive conversation over `lines`; returns the exit status."""
     for line in lines:
         text = line.strip()
@@ -150,7 +195,7 @@ def chat_loop(session, lines: Iterable[str], out: TextIO, err: TextIO, stats: bo
         except GemmaError as exc:  # e.g. a message longer than the context: say so and carry on
             print(f"error: {exc}", file=err)
             continue
-        if not write_stream(reply, out):
+        if not write_stream(thoughts_apart(reply, err) if think else reply, out):
             print("[stopped]", file=err)
         if stats:
             print(f"[{session.stats.summary()}]", file=err)
@@ -184,6 +229,8 @@ def check_args(args):
     one SamplingParams."""
     if args.max_len is not None and args.max_len < 1:
         raise GemmaError(f"--max-len must be a positive integer, got {args.max_len}")
+    if args.think and args.raw:
+        raise GemmaError("--think needs the chat template (not --raw)")
     params = sampling_params(args)
     # Bytes that are not UTF-8 reach Python as lone surrogates (`--prompt $'\xff'`): no tokenizer can take them.
     for name, texts in (("--prompt", [args.prompt]), ("--system", [args.system]), ("--stop", args.stop)):
@@ -219,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         system=args.system,
         raw=args.raw,
         params=params,
+        enable_thinking=args.think,
         notify=lambda message: print(f"[{message}]", file=sys.stderr),
     )
     print(f"{loaded}\n[/help for commands, /exit to quit]", file=sys.stderr)
@@ -228,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     # UnicodeDecodeError that would end the program.
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="surrogateescape")
-    return chat_loop(session, read_lines(sys.stdin, sys.stderr), sys.stdout, sys.stderr, args.stats)
+    return chat_loop(session, read_lines(sys.stdin, sys.stderr), sys.stdout, sys.stderr, args.stats, args.think)
 
 
 if __name__ == "__main__":

@@ -42,8 +42,15 @@ class ChatSession:
         stop_strings: Sequence[str] | None = None,
         notify: Callable[[str], None] | None = None,
         params: SamplingParams | None = None,
+        enable_thinking: bool = False,
     ):
         self.model, self.tokenizer = model, tokenizer
+        # Gemma 4's thinking mode: each reply may start with a thought, which the template drops from the history;
+        # so after such a reply the conversation is encoded afresh (without it) instead of extending the cache.
+        self.enable_thinking = enable_thinking
+        if enable_thinking and (raw or getattr(tokenizer, "chat_format", 3) != 4):
+            raise GemmaError("thinking needs a Gemma 4 model and its chat template (not --raw)")
+        self._reencode = False
         self.params = sampling_params(
             params,
             max_new_tokens=max_new_tokens,
@@ -89,6 +96,9 @@ class ChatSession:
                 "the message is not valid text (it holds bytes that are not UTF-8, or a lone "
                 "surrogate); nothing was sent"
             )
+        if self._reencode:  # the last reply thought: the history is rendered without its thought
+            self.cache.reset()
+            self.tokens, self._reencode = [], False
         new = self._turn_tokens(text)
         if len(self.tokens) + len(new) + self.params.max_new_tokens > self.max_len:
             new = self._drop_oldest(text)
@@ -129,6 +139,7 @@ class ChatSession:
             steps.close()
             if not self.raw:
                 self.messages += [{"role": "user", "content": text}, {"role": "model", "content": stream.text}]
+                self._reencode = self.enable_thinking
 
     def _turn_tokens(self, text: str) -> list[int]:
         """The ids that follow `tokens` for a new user message."""
@@ -136,12 +147,13 @@ class ChatSession:
         if self.raw:
             return tok.encode(text, bos=not self.tokens)
         user = {"role": "user", "content": text}
+        thinking = {"enable_thinking": True} if self.enable_thinking else {}
         if not self.tokens:
-            return tok.apply_chat(self.system + self.messages + [user])
+            return tok.apply_chat(self.system + self.messages + [user], **thinking)
         # The template only appends, so the new turn is the difference of two renderings; it follows the model's
         # own ids after the markers that close a model turn (from the last <end_of_turn> on).
-        before = tok.apply_chat(self.system + self.messages, add_generation_prompt=False)
-        after = tok.apply_chat(self.system + self.messages + [user])
+        before = tok.apply_chat(self.system + self.messages, add_generation_prompt=False, **thinking)
+        after = tok.apply_chat(self.system + self.messages + [user], **thinking)
         close = before[len(before) - 1 - before[::-1].index(tok.end_of_turn_id) :]
         return close + after[len(before) :]
 
@@ -158,7 +170,8 @@ class ChatSession:
             user = {"role": "user", "content": text}
             kept = self.messages[2:]  # the oldest turn goes at least, then more until the rest fits
             while True:
-                ids = self.tokenizer.apply_chat(self.system + kept + [user])
+                thinking = {"enable_thinking": True} if self.enable_thinking else {}
+                ids = self.tokenizer.apply_chat(self.system + kept + [user], **thinking)
                 if len(ids) <= room:
                     break
                 if not kept:
