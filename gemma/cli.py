@@ -94,6 +94,8 @@ def load_model(args):
     )
     model.eval()
     seconds = time.perf_counter() - start
+    if tokenizer.template_note:
+        print(f"note: {tokenizer.template_note}", file=sys.stderr)
     return model, tokenizer, f"loaded {source} ({precision_label(args)}, {device}) in {seconds:.1f}s"
 
 

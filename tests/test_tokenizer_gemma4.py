@@ -304,3 +304,18 @@ def test_real_vocabulary_as_tokenizer_json_equals_transformers_and_sentencepiece
     assert ours.decode(ids) == text
     conversation = [{"role": "user", "content": text[:2000]}, {"role": "assistant", "content": text[2000:4000]}]
     assert ours.apply_chat(conversation) == sp.apply_chat(conversation)  # Gemma 3's format from either file
+
+
+def test_a_folder_template_is_recognised_or_named(folder, tmp_path):
+    """apply_chat renders the official format; a folder that ships another template gets a note saying so."""
+    from gemma.tokenizer.templates import template_note
+
+    copy = tmp_path / "t"
+    shutil.copytree(folder, copy)
+    assert template_note(copy, 4) is None  # transformers' tokenizer_config.json carries no template here
+    (copy / "chat_template.jinja").write_text(TEMPLATE + "\n")
+    assert template_note(copy, 4) is None  # the official one
+    (copy / "chat_template.jinja").write_text("{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}")
+    assert "ships its own chat template, which is not Gemma's; chat uses Gemma 4's current format" in template_note(
+        copy, 4
+    )

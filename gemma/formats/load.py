@@ -22,6 +22,7 @@ from gemma.files import regular_file
 from gemma.model import Gemma
 from gemma.model.quantize import MODES as QUANTIZE_MODES, quantize_model
 from gemma.tokenizer import JSON_FILE, MODEL_FILE, Tokenizer
+from gemma.tokenizer.templates import template_note
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -157,6 +158,7 @@ def load_weights(
     else:
         cfg, state = checkpoint.load_hf_folder(path, dtype)
     tokenizer = Tokenizer(tok_path)
+    tokenizer.template_note = template_note(path, tokenizer.chat_format)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise GemmaError(
             f"{tok_path}: the tokenizer has {tokenizer.vocab_size} pieces but the model's "

@@ -53,6 +53,8 @@ class Tokenizer:
 
     def _init(self, vocab, where: str, roles: dict[str, str] | None = None):
         self._vocab, self._where = vocab, where
+        # Set by the folder loader when the folder ships a chat template other than the official one rendered here.
+        self.template_note: str | None = None
         roles = roles or {}
         found = {}
         for name in ("bos", "eos", "pad"):
