@@ -150,3 +150,31 @@ def test_gemma3_tokenizers_refuse_tool_records(tmp_path):
     path.write_text(json.dumps(RECORD) + "\n")
     with pytest.raises(GemmaError, match="'reasoning_content' needs Gemma 4's chat format"):
         load_dataset(path, Tokenizer.from_bytes(tiny_tokenizer_proto()), 4096)
+
+
+def test_sft_trains_on_tool_records_from_the_command_line(tmp_path):
+    """python -m train.sft on a Gemma 4 folder with only tokenizer.json, on tool-use records, with
+    --no-train-on-thoughts: it trains, and its adapter loads back."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import gemma
+    from test_gemma4 import hf_gemma4
+    from tiny_tokenizer import build_gemma4_tokenizer_json
+
+    folder = tmp_path / "model"
+    hf_gemma4("E", vocab=1024).save_pretrained(folder)
+    build_gemma4_tokenizer_json(folder)
+    data = tmp_path / "tools.jsonl"
+    data.write_text((json.dumps(RECORD) + "\n") * 4)
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "train.sft", "--model", folder, "--data", data, "--max-steps", 2, "--batch-size", 2]
+    cmd += ["--precision", "fp32", "--lora-r", 4, "--no-train-on-thoughts", "--out", tmp_path / "run"]
+    run = subprocess.run(
+        list(map(str, cmd)), capture_output=True, text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)}
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    model, tok = gemma.load(folder, adapter=tmp_path / "run" / "adapter")
+    assert tok.chat_format == 4 and any("lora" in n for n, _ in model.named_parameters())
