@@ -28,6 +28,7 @@ import transformers as tf
 from safetensors.torch import load_file
 
 from gemma.errors import GemmaError
+from tiny_gguf import add_value
 from gemma.formats.checkpoint import build_model, hf_names
 from gemma.formats.gguf import gguf_config, open_gguf, read_gguf, read_gguf_weights
 from test_gemma4 import CASES, hf_gemma4, ours_from, tokens
@@ -148,18 +149,8 @@ def convert(hf, folder, name="model.gguf", *, outtype=Q.F32, drop=(), extra=None
     path = folder / name
     writer = gguf.GGUFWriter(str(path), "gemma4")
     for key, value in kv.items():
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)
-        elif isinstance(value, float):
-            writer.add_float32(key, value)
-        elif isinstance(value, str):
-            writer.add_string(key, value)
-        else:
-            writer.add_array(key, list(value))
+        if value is not None:
+            add_value(writer, key, value)
 
     # Gemma4Model.generate_extra_tensors: ROPE_FREQS, used by the full layers only
     turning = int(h["global_head_dim"] * rope[F]["partial_rotary_factor"] / 2)

@@ -250,7 +250,7 @@ def metadata(arch: str, layers: int | None = None) -> dict:
     return kv
 
 
-def _add(writer: gguf.GGUFWriter, key: str, value) -> None:
+def add_value(writer: gguf.GGUFWriter, key: str, value) -> None:
     if isinstance(value, bool):
         writer.add_bool(key, value)
     elif isinstance(value, int):
@@ -308,7 +308,7 @@ def write_tiny_gguf(
     writer = gguf.GGUFWriter(str(path), arch)
     for key, value in kv.items():
         if key not in drop_meta:
-            _add(writer, key, value)
+            add_value(writer, key, value)
 
     if with_tensors:
         for name, value in source.items():

@@ -178,9 +178,9 @@ class Tokenizer:
     def chat_parts(self, messages, add_generation_prompt: bool = True, tools=None, enable_thinking: bool = False):
         """The chat template as marker ids (int) and the text spans between them (str)."""
         if self.chat_format == 4:
-            return gemma4.chat_parts(
+            return gemma4.render(
                 self._markers4(), self._bos_id, messages, add_generation_prompt, tools, enable_thinking
-            )
+            ).merged()
         if self._start_id is None or self._end_id is None:
             raise GemmaError(f"{self._where}: tokenizer has no chat pieces (<start_of_turn>/<end_of_turn>)")
         if tools:

@@ -389,18 +389,6 @@ def check_messages(messages: Any) -> None:
             )
 
 
-def chat_parts(
-    ids: Mapping[str, int],
-    bos: int,
-    messages,
-    add_generation_prompt: bool = True,
-    tools=None,
-    enable_thinking: bool = False,
-) -> list:
-    """The official template's rendering of `messages` (and `tools`), as marker ids and text spans."""
-    return render(ids, bos, messages, add_generation_prompt, tools, enable_thinking).merged()
-
-
 def render(
     ids: Mapping[str, int],
     bos: int,
@@ -409,7 +397,8 @@ def render(
     tools=None,
     enable_thinking: bool = False,
 ) -> Parts:
-    """The rendering as tagged Parts (what training needs to know: which spans a model turn generates)."""
+    """The official template's rendering of `messages` (and `tools`) as tagged Parts: `.merged()` gives the marker
+    ids and text spans that apply_chat encodes; the tags say which spans a model turn writes (for training)."""
     check_messages(messages)
     if tools is not None and (not isinstance(tools, Sequence) or isinstance(tools, (str, bytes))):
         raise GemmaError("chat: tools must be a list of function schemas")
