@@ -348,7 +348,7 @@ TEXT = "Hi 😀 今天 龘, 你好！ é ✓ 🚀🚀 end"
 
 def test_text_has_byte_fallback_pieces(tok):
     ids = tok.encode(TEXT, bos=False)
-    assert sum(tok._sp.is_byte(i) for i in ids) >= 12  # emoji and rare characters go through byte fallback
+    assert sum(tok.is_byte(i) for i in ids) >= 12  # emoji and rare characters go through byte fallback
 
 
 def test_stream_pieces_are_whole_characters_and_join_to_the_text(tok):
@@ -364,7 +364,7 @@ def test_stream_pieces_are_whole_characters_and_join_to_the_text(tok):
 def test_incremental_decoder_joins_to_decode_on_any_ids(tok):
     # Random ids (byte pieces, controls, markers, broken UTF-8): the pieces still join to decode() of the whole.
     rng = random.Random(0)
-    byte_ids = [i for i in range(tok.vocab_size) if tok._sp.is_byte(i)]
+    byte_ids = [i for i in range(tok.vocab_size) if tok.is_byte(i)]
     for _ in range(200):
         ids = [
             rng.choice(byte_ids) if rng.random() < 0.5 else rng.randrange(tok.vocab_size)
@@ -470,7 +470,7 @@ def test_real_270m_stream_of_chinese_and_emoji():
         assert all("\ufffd" not in p for p in pieces)
     text = "今天 龘 🦩 𠜎 😀 emoji"  # the rare characters and 🦩 are byte-fallback pieces in Gemma 3's vocabulary
     scripted = tok.encode(text, bos=False)
-    assert sum(tok._sp.is_byte(i) for i in scripted) >= 10
+    assert sum(tok.is_byte(i) for i in scripted) >= 10
     pieces = list(
         stream_generate(Scripted(scripted + [tok.eos_id], tok.vocab_size), tok, [tok.bos_id], max_new_tokens=50)
     )

@@ -195,6 +195,7 @@ def test_ids_equal_transformers_on_mixed_text(tok, hf):
         "rare: Ωμέγα ✓ 𝄞 ¿qué?",
         "<|turn>user\nhi<turn|> markers in text",
     ]
+    assert any(tok.is_byte(i) for i in tok.encode("😀", bos=False))  # byte fallback
     for text in texts:
         assert tok.encode(text, bos=False) == hf.encode(text, add_special_tokens=False), text
         assert tok.decode(tok.encode(text)) == text

@@ -136,6 +136,10 @@ class Tokenizer:
             ids.append(self._gemma4["<|tool_response>"])
         return tuple(dict.fromkeys(i for i in ids if i is not None))
 
+    def is_byte(self, i: int) -> bool:
+        """Whether id `i` is a byte-fallback piece (<0x41>): one byte of a character the vocabulary lacks."""
+        return self._vocab.is_byte(i)
+
     def marker_id(self, piece: str) -> int | None:
         """The id of one of Gemma 4's markers (`<|channel>`, `<|tool_call>`, ...), None when the vocabulary lacks it."""
         return self._gemma4.get(piece)

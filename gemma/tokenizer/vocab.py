@@ -18,6 +18,7 @@ import sentencepiece as spm
 from gemma.errors import GemmaError
 
 JSON_FILE = "tokenizer.json"
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")  # a byte-fallback piece, as both formats name them
 MODEL_FILE = "tokenizer.model"
 
 
@@ -95,6 +96,9 @@ class SentencePieceVocab(_Guarded):
     def piece(self, i: int) -> str:
         return self._sp.id_to_piece(i)
 
+    def is_byte(self, i: int) -> bool:
+        return self._sp.is_byte(i)
+
     def encode(self, text: str) -> list[int]:
         """sentencepiece's encoding; text it cannot take (a lone surrogate, which has no UTF-8 form) is a
         GemmaError."""
@@ -153,6 +157,9 @@ class JsonVocab(_Guarded):
 
     def piece(self, i: int) -> str:
         return self._tok.id_to_token(i)
+
+    def is_byte(self, i: int) -> bool:
+        return bool(_BYTE_PIECE.fullmatch(self._tok.id_to_token(i) or ""))
 
     def _run(self, tok, text: str) -> list[int]:
         error = _lone_surrogate_error(text)
