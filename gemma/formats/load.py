@@ -42,6 +42,7 @@ HUB_FILES = [
     "tokenizer.model",
     "tokenizer.json",
     "tokenizer_config.json",
+    "chat_template.jinja",  # only to say when it is not the official template (gemma.tokenizer.templates)
     "generation_config.json",
 ]
 
