@@ -411,9 +411,11 @@ def save_hf(
     dtype: torch.dtype | None = None,
     force: bool = False,
     shard_bytes: int = SHARD_BYTES,
+    tokenizer_config: dict | None = None,
 ) -> None:
     """An HF folder that transformers loads: config.json (hub shape), model.safetensors (sharded with an index
-    past `shard_bytes`), tokenizer.model and generation_config.json."""
+    past `shard_bytes`), the tokenizer (tokenizer.model or tokenizer.json, and with `tokenizer_config` its
+    tokenizer_config.json) and generation_config.json."""
     names = hf_names(cfg)
     unknown = sorted(set(state) - set(names))
     if unknown:
@@ -454,3 +456,5 @@ def save_hf(
             },
         )
         write_tokenizer(tmp, tokenizer_proto)
+        if tokenizer_config is not None:  # what transformers' tokenizer needs to add <bos> and chat as we do
+            write_json(tmp / "tokenizer_config.json", tokenizer_config)

@@ -35,7 +35,8 @@ def write_model(
         ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
         if tokenizer.end_of_turn_id is not None:
             ids["end_of_turn_id"] = tokenizer.end_of_turn_id
-        save_hf(dst, cfg, state, tokenizer.files, ids, dtype=dtype, force=force)
+        config = tokenizer.hf_tokenizer_config(cfg.generation)
+        save_hf(dst, cfg, state, tokenizer.files, ids, dtype=dtype, force=force, tokenizer_config=config)
     else:
         raise GemmaError(f"unknown output format {to!r}; choose one of {', '.join(FORMATS)}")
     return dst

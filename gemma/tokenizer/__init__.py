@@ -90,6 +90,26 @@ class Tokenizer:
             raise GemmaError(f"{self._where}: a tokenizer.json tokenizer has no sentencepiece model")
         return self.files[MODEL_FILE]
 
+    def hf_tokenizer_config(self, generation: int) -> dict:
+        """tokenizer_config.json for an exported HF folder, as Google's repos carry it: <bos> added, the special
+        tokens by name, the generation's official chat template; transformers' tokenizer then encodes and
+        apply_chat_templates as this one does."""
+        from gemma.tokenizer.templates import official_template
+
+        names = {f"{role}_token": self._vocab.piece(i) for role, i in (("bos", self._bos_id), ("eos", self._eos_id))}
+        names["pad_token"] = self._vocab.piece(self._pad_id)
+        unk = self._vocab.token_id("<unk>")
+        if unk is not None:
+            names["unk_token"] = "<unk>"
+        return {
+            "tokenizer_class": "GemmaTokenizer",
+            "add_bos_token": True,
+            "add_eos_token": False,
+            **names,
+            "clean_up_tokenization_spaces": False,
+            "chat_template": official_template(generation),
+        }
+
     def save(self, path):
         """Write the vocabulary file atomically (gemma.writing: a temporary file beside it, renamed into place) into
         a folder that exists."""
