@@ -183,9 +183,16 @@ def test_sft_writes_adapter_metrics_and_config(tiny_folder, tmp_path):
     assert "eval_loss" in lines[1] and "eval_loss" in lines[3]
     config = json.loads((out / "config.json").read_text())
     assert config["lora_r"] == 4 and config["resolved"]["total_steps"] == 4
-    assert (out / "adapter" / "adapter_config.json").exists()
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(Path(tiny_folder).resolve())  # peft finds its base
     model, _ = gemma.load(tiny_folder, adapter=out / "adapter")  # the adapter loads back
     assert sum(p.numel() for n, p in model.named_parameters() if "lora" in n) > 0
+    import peft
+
+    theirs = peft.AutoPeftModelForCausalLM.from_pretrained(out / "adapter")  # finds its base by itself
+    assert sum(p.numel() for n, p in theirs.named_parameters() if "lora" in n) == sum(
+        p.numel() for n, p in model.named_parameters() if "lora" in n
+    )
 
 
 def test_fp16_with_data_smaller_than_one_window(tiny_gemma2_folder, tmp_path):
@@ -359,6 +366,17 @@ def test_fp16_is_refused_for_gemma3_before_the_weights_are_read(tiny_folder, tmp
     assert lines[-1].startswith("error: --precision fp16: this model's activations (Gemma 3 and later) exceed")
     assert "use --precision bf16" in lines[-1]
     assert not (tmp_path / "run").exists()
+
+
+def test_adapters_name_their_base_as_peft_finds_it(tmp_path):
+    """A preset by its hub repo id (not "3-270m"), a local folder by its absolute path, a repo id as given."""
+    from train.options import TrainOptions
+
+    assert TrainOptions(size="3-270m").base_name == "google/gemma-3-270m"
+    assert TrainOptions().base_name == "google/gemma-3-270m"  # the default model
+    assert TrainOptions(size="4-e2b").base_name == "google/gemma-4-E2B"
+    assert TrainOptions(model="google/gemma-2-2b-it").base_name == "google/gemma-2-2b-it"
+    assert TrainOptions(model=str(tmp_path)).base_name == str(tmp_path.resolve())
 
 
 def test_fp16_overflows_follows_the_generation():

@@ -394,7 +394,7 @@ def evaluate(run: prepare.Run, setup: prepare.Setup, data: prepare.Data, state: 
 def write_adapter(run: prepare.Run, setup: prepare.Setup, folder: Path) -> None:
     """Every process calls it (FSDP gathers the shards); rank 0 writes."""
     with ckpt.writing(folder, "adapter"):
-        setup.replicas.save_adapter(setup.model, folder, run.opts.source)
+        setup.replicas.save_adapter(setup.model, folder, run.opts.base_name)
 
 
 def save(run: prepare.Run, setup: prepare.Setup, state: RunState) -> Path:
@@ -417,7 +417,7 @@ def save(run: prepare.Run, setup: prepare.Setup, state: RunState) -> Path:
         run.run_dir,
         state.step,
         payload,
-        lambda folder: replicas.write_adapter(model, folder, gathered, opts.source),
+        lambda folder: replicas.write_adapter(model, folder, gathered, opts.base_name),
         opts.keep_last,
         own,
         d,

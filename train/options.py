@@ -142,6 +142,19 @@ class TrainOptions:
     def source(self) -> str:
         return self.model or self.size or "3-270m"
 
+    @property
+    def base_name(self) -> str:
+        """The base model as an adapter names it (peft's base_model_name_or_path): a preset by its hub repo id
+        (`google/gemma-3-270m`, which peft and transformers can find, not `3-270m`), a local folder or file by its
+        absolute path, a repo id as given."""
+        from gemma.model.config import PRESETS, preset
+
+        source = self.source
+        if source in PRESETS and not Path(source).exists():
+            return preset(source).hf_repo
+        path = Path(source).expanduser()
+        return str(path.resolve()) if path.exists() else source
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
