@@ -46,6 +46,9 @@ def test_a_gemma4_export_tokenizes_in_transformers_as_ours(tmp_path):
     convert(tmp_path / "src", tmp_path / "hf", "hf")
     _, ours = gemma.load(tmp_path / "hf")
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "hf")
+    assert generation.eos_token_id == list(ours.stop_ids)  # <eos>, <turn|> and <|tool_response>
+    assert ours.marker_id("<|tool_response>") in generation.eos_token_id
     tools = [{"type": "function", "function": {"name": "now", "description": "The time."}}]
     for messages in CONVERSATIONS:
         for kwargs in ({}, {"tools": tools, "enable_thinking": True}):

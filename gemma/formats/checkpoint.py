@@ -451,7 +451,11 @@ def save_hf(
             tmp / "generation_config.json",
             {
                 "bos_token_id": token_ids["bos_token_id"],
-                "eos_token_id": [token_ids["eos_token_id"], token_ids.get("end_of_turn_id", token_ids["eos_token_id"])],
+                # Every id that ends a reply: <eos> and the end-of-turn marker (Gemma 4: also <|tool_response>).
+                "eos_token_id": list(
+                    token_ids.get("stop_ids")
+                    or [token_ids["eos_token_id"], token_ids.get("end_of_turn_id", token_ids["eos_token_id"])]
+                ),
                 "pad_token_id": token_ids["pad_token_id"],
             },
         )

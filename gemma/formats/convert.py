@@ -35,6 +35,7 @@ def write_model(
         ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
         if tokenizer.end_of_turn_id is not None:
             ids["end_of_turn_id"] = tokenizer.end_of_turn_id
+        ids["stop_ids"] = list(tokenizer.stop_ids)
         config = tokenizer.hf_tokenizer_config(cfg.generation)
         save_hf(dst, cfg, state, tokenizer.files, ids, dtype=dtype, force=force, tokenizer_config=config)
     else:
