@@ -276,12 +276,14 @@ def test_transformers_reads_the_same_tensors(case):
             assert torch.equal(tensor, want[name]), name
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+# transformers' GGUF loader does not load the experts, router.scale or per_expert_scale: the MoE cases are left out.
+DENSE = sorted(name for name, fields in CASES.items() if "num_experts" not in fields)
+
+
+@pytest.mark.parametrize("name", DENSE)
 def test_transformers_gives_the_same_logits(name, tmp_path):
     """With the layer scalars at their initial 1 (which transformers leaves them at), its model read from the file
     and ours read from the file give the HF model's logits. Not for MoE: it cannot load the experts."""
-    if "num_experts" in CASES[name]:
-        pytest.skip("transformers' GGUF loader does not load the experts, router.scale or per_expert_scale")
     hf = hf_gemma4(name)
     for key, buffer in hf.named_buffers():
         if key.endswith("layer_scalar"):

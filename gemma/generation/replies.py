@@ -33,7 +33,7 @@ class Reply:
 
 
 class _Malformed(ValueError):
-    pass
+    """A call block that does not parse (it then stays text)."""
 
 
 class _Reader:

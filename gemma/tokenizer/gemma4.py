@@ -478,9 +478,7 @@ def render(
         continues = role == "model" and following == "assistant" and (not calls or responded)
         if prev_type == "tool_call" and not responded:
             out.mark("<|tool_response>")  # where the model stops for the tools to run
-        elif continues:
-            pass
-        elif not (responded and not has_content and following is None):
+        elif not continues and not (responded and not has_content and following is None):  # else: one model turn
             out.mark("<turn|>")
             out.tag = "prompt"
             out.text("\n")
