@@ -29,7 +29,8 @@ MIXED = (
 
 
 def make_hf(case, folder: Path, tokenizer_path) -> Path:
-    """A tiny HF folder; Gemma 2's and 3's query scale set to head_dim, which llama.cpp assumes for all but the 27Bs (the tiny config's own 24 is refused: see test_a_query_scale_llama_cpp_would_not_use_is_refused)."""
+    """A tiny HF folder. Gemma 2's and 3's query scale is set to head_dim, which llama.cpp assumes for all but the
+    27Bs; the tiny config's own is refused (test_a_query_scale_llama_cpp_would_not_use_is_refused)."""
     import json
 
     hf_model(case).save_pretrained(folder)
@@ -149,7 +150,7 @@ def test_modelfile_template_renders_our_chat_format(tmp_path, tiny_tokenizer_pat
         'package main\nimport ("encoding/json"; "os"; "text/template")\n'
         "type M struct { Role string; Content string }\n"
         "func main() { var d struct { Messages []M }; json.NewDecoder(os.Stdin).Decode(&d);\n"
-        " t := template.Must(template.New(\"t\").Parse(os.Args[1])); t.Execute(os.Stdout, d) }\n"
+        ' t := template.Must(template.New("t").Parse(os.Args[1])); t.Execute(os.Stdout, d) }\n'
     )
     for chat in chats:
         run = subprocess.run(
