@@ -27,6 +27,7 @@ from gemma.errors import GemmaError
 from gemma.formats.gguf import _gguf, gguf_config, gguf_names, open_gguf
 from gemma.model.config import SLIDING, GemmaConfig
 from gemma.tokenizer import Tokenizer
+from gemma.tokenizer.templates import official_template
 from gemma.writing import install, remove_path, temporary_path
 
 # --dtype -> (ggml type name, llama_ftype for general.file_type: LLAMA_FTYPE_ALL_F32 0, MOSTLY_F16 1,
@@ -117,9 +118,9 @@ def _metadata(writer, cfg: GemmaConfig, arch: str, ftype: int, name: str) -> Non
             writer.add_sliding_window_pattern([False] * cfg.num_layers)  # Gemma 2 slides by default
 
 
-def _vocabulary(writer, tokenizer: Tokenizer, vocab_size: int) -> None:
+def _vocabulary(tokenizer: Tokenizer, vocab_size: int):
     """The sentencepiece vocabulary as llama.cpp's converter writes Gemma's: pieces, scores and token types,
-    special ids, <bos> added, and the chat template."""
+    special ids, <bos> added. Built once; returns what adds it to a writer."""
     try:
         from sentencepiece import sentencepiece_model_pb2 as sp_pb2
     except ImportError:
@@ -155,22 +156,26 @@ def _vocabulary(writer, tokenizer: Tokenizer, vocab_size: int) -> None:
         scores.append(-1000.0)
         types.append(_UNUSED)
 
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_bos_token_id(tokenizer.bos_id)
-    writer.add_eos_token_id(tokenizer.eos_id)
-    writer.add_pad_token_id(tokenizer.pad_id)
     unk = proto.trainer_spec.unk_id
-    if 0 <= unk < len(proto.pieces):
-        writer.add_unk_token_id(unk)
-    if tokenizer.end_of_turn_id is not None:
-        writer.add_eot_token_id(tokenizer.end_of_turn_id)
-    writer.add_add_bos_token(True)
-    writer.add_add_eos_token(False)
-    writer.add_add_space_prefix(False)
+
+    def add(writer) -> None:
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        writer.add_bos_token_id(tokenizer.bos_id)
+        writer.add_eos_token_id(tokenizer.eos_id)
+        writer.add_pad_token_id(tokenizer.pad_id)
+        if 0 <= unk < len(proto.pieces):
+            writer.add_unk_token_id(unk)
+        if tokenizer.end_of_turn_id is not None:
+            writer.add_eot_token_id(tokenizer.end_of_turn_id)
+        writer.add_add_bos_token(True)
+        writer.add_add_eos_token(False)
+        writer.add_add_space_prefix(False)
+
+    return add
 
 
 # ---- tensors ------------------------------------------------------------------------------------------------------
@@ -246,22 +251,23 @@ def write_gguf(
     tmp = temporary_path(dst)
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        # The metadata first, alone, read back: a config llama.cpp would read differently is refused in a moment.
-        writer = gguf.GGUFWriter(tmp, arch)
-        _metadata(writer, cfg, arch, ftype, name)
-        _vocabulary(writer, tokenizer, cfg.vocab_size)
-        from gemma.tokenizer.templates import official_template
+        add_vocabulary = _vocabulary(tokenizer, cfg.vocab_size)
+        template = official_template(cfg.generation)
 
-        writer.add_chat_template(official_template(cfg.generation))
-        _write_header(writer, tmp)
+        def new_writer():  # a GGUFWriter with every key/value written (a writer writes its keys only once)
+            writer = gguf.GGUFWriter(tmp, arch)
+            _metadata(writer, cfg, arch, ftype, name)
+            add_vocabulary(writer)
+            writer.add_chat_template(template)
+            return writer
+
+        # The metadata first, alone, read back: a config llama.cpp would read differently is refused in a moment.
+        _write_header(new_writer(), tmp)
         differences = _config_difference(cfg, gguf_config(open_gguf(tmp), str(dst)))
         if differences:
             raise GemmaError(f"{dst}: llama.cpp would read this model differently: {'; '.join(differences)}")
 
-        writer = gguf.GGUFWriter(tmp, arch)
-        _metadata(writer, cfg, arch, ftype, name)
-        _vocabulary(writer, tokenizer, cfg.vocab_size)
-        writer.add_chat_template(official_template(cfg.generation))
+        writer = new_writer()
         counts: dict[str, int] = {}
         plan = []
         for native, tensor in state.items():
