@@ -179,6 +179,9 @@ def test_generation_ends_at_the_context_end(gemma3, tok):
         dict(prompt=[]),
         dict(prompt=[10**6]),
         dict(prompt=list(range(5, 300))),
+        dict(logprobs=-1),
+        dict(logprobs=21),
+        dict(prompt_logprobs=True),
     ],
 )
 def test_bad_requests_are_refused_at_submit(gemma3, tok, bad):
@@ -189,6 +192,56 @@ def test_bad_requests_are_refused_at_submit(gemma3, tok, bad):
         assert engine.generate([[tok.bos_id, 10]], max_new_tokens=4, stop_ids=()) == [
             alone(gemma3, tok, [tok.bos_id, 10], 4, stop_ids=())
         ]
+
+
+def full_forward_logprobs(model, ids, vocab):
+    """log_softmax of one forward pass over `ids` without a cache: (len(ids), vocab)."""
+    return torch.log_softmax(model(torch.tensor([ids]))[0].float()[:, :vocab], dim=-1)
+
+
+def test_log_probabilities_are_a_full_forward_passs(model, tok):
+    """A scored prompt's figures equal a full forward pass's bit for bit in fp32, also while other rows generate and
+    in any batch of prompts; the sampled tokens' figures come from the cached decode steps, whose attention sums
+    in another order than a full pass's (a difference of a few float32 ulps, so 1e-5)."""
+    rng = random.Random(5)
+    prompts = random_prompts(tok, 5, seed=11, longest=40)
+    with Engine(model, tok, max_batch=3) as engine:
+        busy = engine.submit(prompts[0], max_new_tokens=30, stop_ids=())  # rows generating around the scored ones
+        scored = [
+            engine.submit(p, max_new_tokens=rng.choice([0, 1, 6]), prompt_logprobs=3, logprobs=2) for p in prompts
+        ]
+        plain = engine.submit(prompts[1], max_new_tokens=6, logprobs=0)
+        finishes = [r.result() for r in scored]
+        assert list(busy.result().token_ids) == alone(model, tok, prompts[0], 30, stop_ids=())
+        assert plain.result().prompt_logprobs is None and [x.top for x in plain.result().logprobs] == [()] * len(
+            plain.result().logprobs
+        )
+    for prompt, finish in zip(prompts, finishes):
+        sampled = [x.token for x in finish.logprobs]
+        ref = full_forward_logprobs(model, prompt, tok.vocab_size)  # the pass a harness would run over the prompt
+        assert finish.prompt_logprobs[0] is None and len(finish.prompt_logprobs) == len(prompt)
+        for p in range(1, len(prompt)):
+            entry = finish.prompt_logprobs[p]
+            assert entry.token == prompt[p] and entry.logprob == ref[p - 1, prompt[p]].item()
+            values, ids = ref[p - 1].topk(3)
+            assert entry.top == tuple(zip(ids.tolist(), values.tolist()))
+        assert sampled[: len(finish.token_ids)] == list(finish.token_ids)  # the stop id, if any, is scored too
+        assert sampled == alone(model, tok, prompt, len(sampled), stop_ids=())
+        ref = full_forward_logprobs(model, prompt + sampled, tok.vocab_size)
+        for i, entry in enumerate(finish.logprobs):
+            row = ref[len(prompt) - 1 + i]
+            assert abs(entry.logprob - row[entry.token].item()) < 1e-5
+            assert entry.top[0][0] == entry.token and entry.top[0][1] == entry.logprob  # greedy: the likeliest
+            assert len(entry.top) == 2 and entry.top[0][1] >= entry.top[1][1]
+
+
+def test_a_prompt_alone_is_scored_without_a_reply(gemma3, tok):
+    with Engine(gemma3, tok) as engine:
+        finish = engine.submit([tok.bos_id, 10, 11, 12], max_new_tokens=0, prompt_logprobs=0).result()
+        unscored = engine.submit([tok.bos_id, 10], max_new_tokens=0).result()
+    assert (finish.reason, finish.token_ids, finish.logprobs) == ("length", (), None)
+    assert [x.token for x in finish.prompt_logprobs[1:]] == [10, 11, 12] and finish.prompt_logprobs[1].top == ()
+    assert (unscored.reason, unscored.prompt_logprobs) == ("length", None)
 
 
 def test_a_full_queue_says_busy(gemma3, tok):

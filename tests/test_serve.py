@@ -246,6 +246,85 @@ def test_completion_is_raw_text_and_equals_generate(client, model, tok):
     assert r.choices[0].text == expected(model, tok, ids, 16)[0]  # OpenAI's default max_tokens here: 16
 
 
+def full_forward_logprobs(model, ids, vocab):
+    return torch.log_softmax(model(torch.tensor([ids]))[0].float()[:, :vocab], dim=-1)
+
+
+def test_echo_scores_the_prompt_as_a_full_forward_pass(server, model, tok):
+    """lm-eval's loglikelihood request (a list of token-id prompts, echo, max_tokens 1, logprobs 1) and the bare
+    prompt score (max_tokens 0): each prompt token's log-probability is a forward pass's over that prompt, bit
+    for bit in fp32; the first token has none; the top dict holds the likeliest token and the token itself."""
+    prompts = [tok.encode(q) for q in QUESTIONS[:4]]
+    body = {"prompt": prompts, "echo": True, "max_tokens": 1, "logprobs": 1, "temperature": 0, "seed": 1234}
+    r = raw(server, "POST", "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]
+    assert r.json()["usage"]["prompt_tokens"] == sum(map(len, prompts))
+    for ids, choice in zip(prompts, choices):
+        lp = choice["logprobs"]
+        assert len(lp["token_logprobs"]) == len(ids) + 1  # the prompt, then the one reply token
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        ref = full_forward_logprobs(model, ids, tok.vocab_size)
+        assert lp["token_logprobs"][1 : len(ids)] == [ref[p - 1, ids[p]].item() for p in range(1, len(ids))]
+        for p in range(1, len(ids)):
+            top = lp["top_logprobs"][p]
+            best = ref[p - 1].argmax().item()
+            assert top[tok.decode([best]) or tok.piece(best)] == ref[p - 1, best].item()
+            assert lp["token_logprobs"][p] in top.values() and len(top) <= 2
+        reply, _ = expected(model, tok, ids, 1)
+        assert choice["text"] == tok.decode(ids) + reply
+        assert lp["tokens"][: len(ids)] == [tok.decode([i]) or tok.piece(i) for i in ids]
+        assert lp["text_offset"][len(ids)] == len(tok.decode(ids))  # the reply starts where the prompt text ends
+    alone = raw(
+        server, "POST", "/v1/completions", {"prompt": QUESTIONS[2], "echo": True, "max_tokens": 0, "logprobs": 0}
+    )
+    choice = alone.json()["choices"][0]
+    ids = tok.encode(QUESTIONS[2])
+    assert (choice["text"], choice["finish_reason"], alone.json()["usage"]["completion_tokens"]) == (
+        QUESTIONS[2],
+        "length",
+        0,
+    )
+    ref = full_forward_logprobs(model, ids, tok.vocab_size)
+    assert choice["logprobs"]["token_logprobs"] == [None] + [ref[p - 1, ids[p]].item() for p in range(1, len(ids))]
+    plain = raw(server, "POST", "/v1/completions", {"prompt": QUESTIONS[2], "echo": True, "max_tokens": 0})
+    assert plain.json()["choices"][0]["text"] == QUESTIONS[2] and plain.json()["choices"][0]["logprobs"] is None
+
+
+def test_a_list_of_prompts_answers_each_as_alone(client, model, tok):
+    r = client.completions.create(model="tiny", prompt=QUESTIONS[:5], max_tokens=10, temperature=0)
+    assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == [
+        expected(model, tok, tok.encode(q), 10)[0] for q in QUESTIONS[:5]
+    ]
+    assert r.usage.prompt_tokens == sum(len(tok.encode(q)) for q in QUESTIONS[:5])
+
+
+def test_reply_logprobs_in_both_shapes(client, model, tok):
+    """logprobs N on a completion and on a chat reply: the reply's tokens with their log-probabilities (those of a
+    forward pass over the prompt and reply, to 1e-5: the reply's come from the cached decode steps) and N
+    alternatives each, the likeliest first."""
+    ids = tok.encode("The quick brown")
+    r = client.completions.create(model="tiny", prompt="The quick brown", max_tokens=8, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    new = generate(model, tok, [ids], max_new_tokens=8)[0]
+    assert "".join(lp.tokens[: len(new)]) == r.choices[0].text == expected(model, tok, ids, 8)[0]
+    ref = full_forward_logprobs(model, ids + new, tok.vocab_size)
+    for i, (value, top) in enumerate(zip(lp.token_logprobs, lp.top_logprobs)):
+        assert abs(value - ref[len(ids) - 1 + i, new[i]].item()) < 1e-5 and len(top) == 3
+        assert max(top.values()) == value  # greedy
+    messages = [user("What is the capital of France?")]
+    r = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=12, temperature=0, logprobs=True, top_logprobs=2
+    )
+    content = r.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    assert len(content) == r.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in content)
+    assert all(t.top_logprobs[0].logprob == t.logprob for t in content)
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0)
+    assert r.choices[0].logprobs is None
+
+
 def test_text_parts_and_the_developer_role(client, model, tok):
     parts = [{"type": "text", "text": "What is"}, {"type": "text", "text": "the capital of France?"}]
     r = client.chat.completions.create(
@@ -448,9 +527,26 @@ BAD = [
     ("huge stop", "POST", CHAT, {**GOOD, "stop": "x" * 5000}, {}, True, 400),
     ("stop of numbers", "POST", CHAT, {**GOOD, "stop": [1]}, {}, True, 400),
     ("seed out of range", "POST", CHAT, {**GOOD, "seed": 1 << 70}, {}, True, 400),
-    ("logprobs", "POST", CHAT, {**GOOD, "logprobs": True}, {}, True, 400),
+    ("logprobs while streaming", "POST", CHAT, {**GOOD, "logprobs": True, "stream": True}, {}, True, 400),
+    ("top_logprobs without logprobs", "POST", CHAT, {**GOOD, "top_logprobs": 2}, {}, True, 400),
+    ("too many top_logprobs", "POST", CHAT, {**GOOD, "logprobs": True, "top_logprobs": 21}, {}, True, 400),
+    ("logprobs a boolean", "POST", "/v1/completions", {"prompt": "a", "logprobs": True}, {}, True, 400),
+    ("too many logprobs", "POST", "/v1/completions", {"prompt": "a", "logprobs": 21}, {}, True, 400),
+    ("echo while streaming", "POST", "/v1/completions", {"prompt": "a", "echo": True, "stream": True}, {}, True, 400),
+    ("no tokens without echo", "POST", "/v1/completions", {"prompt": "a", "max_tokens": 0}, {}, True, 400),
+    (
+        "negative tokens with echo",
+        "POST",
+        "/v1/completions",
+        {"prompt": "a", "max_tokens": -1, "echo": True},
+        {},
+        True,
+        400,
+    ),
     ("tools", "POST", CHAT, {**GOOD, "tools": [{"type": "function"}]}, {}, True, 400),
-    ("two prompts", "POST", "/v1/completions", {"prompt": ["a", "b"]}, {}, True, 400),
+    ("two prompts streamed", "POST", "/v1/completions", {"prompt": ["a", "b"], "stream": True}, {}, True, 400),
+    ("an empty prompt among ids", "POST", "/v1/completions", {"prompt": [[2, 5], []]}, {}, True, 400),
+    ("a prompt over the context in a list", "POST", "/v1/completions", {"prompt": ["a", LONG]}, {}, True, 400),
     ("token id out of range", "POST", "/v1/completions", {"prompt": [2, 10**9]}, {}, True, 400),
     ("no prompt", "POST", "/v1/completions", {"max_tokens": 3}, {}, True, 400),
     ("old route, wrong type", "POST", "/nlg/text_generate", {"text": 5}, {}, True, 400),

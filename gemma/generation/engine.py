@@ -41,6 +41,7 @@ from gemma.errors import GemmaError
 from gemma.generation.sampling import SamplingParams, sample, sampling_params, seen_mask
 from gemma.generation.text import TextStream
 from gemma.generation.batch import check_prompt, left_pad
+from gemma.generation.logprobs import MAX_TOP_LOGPROBS, TokenLogprob, next_token_logprob, prompt_logprobs
 from gemma.generation.rows import RowCache
 from gemma.generation.steps import decode_one_token, new_generator, prefill
 
@@ -74,6 +75,10 @@ class Finish:
     text: str  # the reply's text, cut before a stop string: all the Deltas joined
     prompt_tokens: int
     error: str | None = None  # what went wrong, for reason "error"
+    # With logprobs asked for: a TokenLogprob of every token sampled, the stop id included (so that a reply
+    # that stopped at once still scores its one token); and of the prompt's tokens ([0] is None: nothing before it).
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -101,9 +106,12 @@ class Request:
         max_new_tokens: int,
         stop_ids: frozenset[int],
         sink: Callable[[Event], None] | None,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
     ):
         self.id = next(Request._ids)
         self.prompt, self.params, self.stop_ids = prompt, params, stop_ids
+        self.logprobs, self.prompt_logprobs = logprobs, prompt_logprobs  # top alternatives to report, or None
         self.max_new_tokens = max_new_tokens  # params.max_new_tokens, capped at the context's end
         self.finish: Finish | None = None
         self._engine = engine
@@ -163,6 +171,8 @@ class _Row:
     stream: TextStream
     generator: torch.Generator
     seen: torch.Tensor | None  # (V,) tokens in the context, for a repetition penalty
+    scored: list[TokenLogprob] | None = None  # the sampled tokens' log-probabilities, when asked for
+    prompt_scored: tuple | None = None  # the prompt's, when asked for
 
 
 @dataclass
@@ -251,12 +261,19 @@ class Engine:
         stop_strings: Sequence[str] | None = None,
         sink: Callable[[Event], None] | None = None,
         params: SamplingParams | None = None,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
     ) -> Request:
         """Queue one prompt (token ids); settings as `gemma.generate`'s (or all of them as `params`). Bad settings
         raise GemmaError here.
 
         Generation ends after `max_new_tokens`, at the context's end (`max_len`), at a stop id (by default the
         tokenizer's `<eos>` and `<end_of_turn>`), or once the text holds a stop string.
+
+        `logprobs=N` puts each sampled token's log-probability, with the N most likely alternatives, in the Finish;
+        `prompt_logprobs=N` the same for the prompt's tokens (then `max_new_tokens` may be 0: the prompt is only
+        scored). A prompt to score is prefilled alone, over all its positions, so that its figures are a full
+        forward pass's.
         """
         params = sampling_params(
             params,
@@ -269,7 +286,9 @@ class Engine:
             seed=seed,
             stop_strings=stop_strings,
         )
-        request = self._prepare(prompt, params, stop_ids=stop_ids, sink=sink)
+        request = self._prepare(
+            prompt, params, stop_ids=stop_ids, sink=sink, logprobs=logprobs, prompt_logprobs=prompt_logprobs
+        )
         self._enqueue([request], limit=self.max_waiting)
         return request
 
@@ -313,14 +332,28 @@ class Engine:
         return [list(f.token_ids) for f in finishes]
 
     def _prepare(
-        self, prompt, params: SamplingParams | None = None, *, stop_ids=None, sink=None, **settings
+        self,
+        prompt,
+        params: SamplingParams | None = None,
+        *,
+        stop_ids=None,
+        sink=None,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+        **settings,
     ) -> Request:
         """A Request for `prompt`, or a GemmaError. The settings (`params`, or keywords) are checked first, before
         anything of the engine's is looked at."""
         params = sampling_params(params, **settings)
+        for name, top in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if top is not None and (
+                isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS
+            ):
+                raise GemmaError(f"{name} must be an integer in [0, {MAX_TOP_LOGPROBS}] or None, got {top!r}")
         prompt = check_prompt(prompt, self.model.config.vocab_size, self.context)
         stops = frozenset(self.tokenizer.stop_ids if stop_ids is None else stop_ids)
-        return Request(self, prompt, params, min(params.max_new_tokens, self.context - len(prompt)), stops, sink)
+        max_new = min(params.max_new_tokens, self.context - len(prompt))
+        return Request(self, prompt, params, max_new, stops, sink, logprobs, prompt_logprobs)
 
     def _enqueue(self, requests: list[Request], limit: int | None) -> None:
         with self._cond:
@@ -331,8 +364,8 @@ class Engine:
             if limit is not None and len(self._waiting) + len(requests) > limit:
                 raise EngineBusy(f"{len(self._waiting)} requests are already waiting")
             for r in requests:
-                if r.max_new_tokens == 0:
-                    r._emit(Finish("length", (), "", len(r.prompt)))
+                if r.max_new_tokens == 0 and r.prompt_logprobs is None:  # nothing to compute
+                    r._emit(Finish("length", (), "", len(r.prompt), logprobs=() if r.logprobs is not None else None))
                 else:
                     self._waiting.append(r)
             if self._thread is None:
@@ -398,14 +431,44 @@ class Engine:
         return [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
 
     def _admit(self, requests: list[Request]) -> None:
-        """Prefill the prompts of `requests` together, copy them into free rows, sample their first tokens."""
+        """Prefill the prompts of `requests` together, except those to score, which go one by one."""
+        plain = [r for r in requests if r.prompt_logprobs is None]
+        for group in ([plain] if plain else []) + [[r] for r in requests if r.prompt_logprobs is not None]:
+            self._admit_group(group)
+
+    def _admit_group(self, requests: list[Request]) -> None:
+        """Prefill the prompts of `requests` together, copy them into free rows, sample their first tokens. A prompt
+        to score comes alone: its logits at every position are a full forward pass's (no padding, no other rows)."""
         device, cfg = self.model.device, self.model.config
-        free = [r for r in range(self.max_batch) if r not in self._rows][: len(requests)]
         width = max(len(r.prompt) for r in requests)
         tokens, positions = left_pad([r.prompt for r in requests], self.tokenizer.pad_id, device)  # as generate does
         staging = self.model.new_cache(len(requests), width)
-        logits = prefill(self.model, staging, tokens, positions)  # (n, V)
         self.stats.prompt_tokens += sum(len(r.prompt) for r in requests)
+        scored = None
+        if requests[0].prompt_logprobs is not None:
+            request = requests[0]
+            hidden = self.model.hidden_states(tokens, positions, cache=staging)  # (1, P, hidden)
+            scored = tuple(
+                prompt_logprobs(self.model, hidden, request.prompt, request.prompt_logprobs, self.vocab_limit)
+            )
+            if request.max_new_tokens == 0:  # the prompt alone was to be scored
+                self._count("length")
+                request._emit(
+                    Finish(
+                        "length",
+                        (),
+                        "",
+                        len(request.prompt),
+                        None,
+                        () if request.logprobs is not None else None,
+                        scored,
+                    )
+                )
+                return
+            logits = self.model.logits(hidden[:, -1:])[:, 0]
+        else:
+            logits = prefill(self.model, staging, tokens, positions)  # (n, V)
+        free = [r for r in range(self.max_batch) if r not in self._rows][: len(requests)]
         self._move_cursor(max([width] + [row.pos for row in self._rows.values()]))
         for i, (request, slot) in enumerate(zip(requests, free)):
             P = len(request.prompt)
@@ -424,6 +487,8 @@ class Engine:
                 TextStream(self.tokenizer, request.params.stop_strings),
                 new_generator(request.params.seed, device),
                 seen,
+                [] if request.logprobs is not None else None,
+                scored,
             )
         self._mask_vocab(logits)
         for i, slot in enumerate(free):
@@ -451,7 +516,7 @@ class Engine:
         for slot, row in list(self._rows.items()):
             row.pos += 1
             if slot in picked:
-                self._accept(slot, picked[slot])
+                self._accept(slot, picked[slot], logits[slot])
             else:
                 self._take(slot, logits[slot : slot + 1])
         self._compact()
@@ -468,7 +533,7 @@ class Engine:
             token = self._sample(self._rows[slot], logits)
         except Exception as exc:
             return self._retire(slot, "error", f"sampling failed: {exc}")
-        self._accept(slot, token)
+        self._accept(slot, token, logits)
 
     def _sample(self, row: _Row, logits: torch.Tensor) -> int:
         """The next token of one row from its (masked) logits (1, V), with its request's settings and RNG."""
@@ -478,10 +543,13 @@ class Engine:
             row.seen[token] = True
         return token
 
-    def _accept(self, slot: int, token: int) -> None:
-        """Record a row's sampled token: stream its text, or finish the request."""
+    def _accept(self, slot: int, token: int, logits: torch.Tensor) -> None:
+        """Record a row's sampled token (and its log-probability from the row's `logits`, when asked for): stream
+        its text, or finish the request."""
         row = self._rows[slot]
         request = row.request
+        if row.scored is not None:
+            row.scored.append(next_token_logprob(logits, token, request.logprobs, self.vocab_limit))
         row.sampled += 1
         self.stats.new_tokens += 1
         if token in request.stop_ids:
@@ -506,7 +574,10 @@ class Engine:
             if row.stream.stopped:  # a stop string completed in the text held back until now
                 reason = "stop"
         self._count(reason)
-        row.request._emit(Finish(reason, tuple(row.ids), row.stream.text, len(row.request.prompt), error))
+        scored = tuple(row.scored) if row.scored is not None else None
+        row.request._emit(
+            Finish(reason, tuple(row.ids), row.stream.text, len(row.request.prompt), error, scored, row.prompt_scored)
+        )
 
     def _retire_cancelled(self) -> None:
         for slot in [s for s, row in self._rows.items() if row.request.cancelled]:

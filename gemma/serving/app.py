@@ -36,6 +36,7 @@ from gemma.generation.replies import Reply, ReplyStream, openai_tool_calls, pars
 from gemma.errors import GemmaError
 from gemma.generation.sampling import SamplingParams
 from gemma.serving.guard import AllowedHosts, Guard, error_response
+from gemma.serving.logprobs import chat_logprobs, completion_logprobs
 from gemma.serving.protocol import (
     ApiError,
     ChatRequest,
@@ -44,7 +45,9 @@ from gemma.serving.protocol import (
     chat_messages,
     chat_options,
     checked_sampling,
-    completion_prompt,
+    chat_scoring,
+    completion_prompts,
+    completion_scoring,
     engine_params,
     gemma3_messages,
     parse_body,
@@ -78,7 +81,9 @@ class LiveGenerations:
 class _Generation:
     """One engine request seen from the event loop: its events arrive through an asyncio queue."""
 
-    def __init__(self, engine, prompt: list[int], params: SamplingParams, http: Request, live: LiveGenerations):
+    def __init__(
+        self, engine, prompt: list[int], params: SamplingParams, http: Request, live: LiveGenerations, **scoring
+    ):
         if live.closing:
             raise ApiError(503, "the server is shutting down", code="shutting_down")
         loop = asyncio.get_running_loop()
@@ -88,7 +93,10 @@ class _Generation:
         self.aborted_at: float | None = None  # when the shutdown stopped it
         try:
             self.request = engine.submit(
-                prompt, params=params, sink=lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, event)
+                prompt,
+                params=params,
+                sink=lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, event),
+                **scoring,  # logprobs, prompt_logprobs
             )
         except GemmaError as exc:
             raise ApiError(400, str(exc)) from None
@@ -313,9 +321,19 @@ async def encode(fn, *args) -> list[int]:
         raise ApiError(400, str(exc), "messages") from None
 
 
-def generation(http: Request, prompt: list[int], params: SamplingParams) -> _Generation:
+def generation(http: Request, prompt: list[int], params: SamplingParams, **scoring) -> _Generation:
     state = served(http)
-    return _Generation(state.engine, prompt, params, http, state.live)
+    return _Generation(state.engine, prompt, params, http, state.live, **scoring)
+
+
+async def finish_all(gens: list[_Generation]):
+    """The Finishes of several generations (a batch of prompts), or the response to send instead: the first
+    error raised, or the first response finish_reply answered with (the client left), once every one has ended."""
+    results = await asyncio.gather(*(finish_reply(g) for g in gens), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return next((r for r in results if not isinstance(r, Finish)), results)
 
 
 def chat_chunk(ident: str, created: int, model_name: str, delta: dict, finish_reason: str | None = None) -> dict:
@@ -344,7 +362,10 @@ async def chat_completions(http: Request):
             raise ApiError(400, "tools and thinking need a Gemma 4 model", "tools" if options["tools"] else None)
         prompt = await encode(tok.apply_chat, gemma3_messages(messages))
     max_new = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    gen = generation(http, prompt, sampling_settings(body, len(prompt), engine.context, max_new, engine.vocab_limit))
+    top = chat_scoring(body)
+    gen = generation(
+        http, prompt, sampling_settings(body, len(prompt), engine.context, max_new, engine.vocab_limit), logprobs=top
+    )
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     chunk = partial(chat_chunk, ident, created, state.model_name)
     first = chunk({"role": "assistant", "content": ""})
@@ -380,12 +401,14 @@ async def chat_completions(http: Request):
         if reply.tool_calls:
             message["tool_calls"] = openai_tool_calls(reply, f"call_{ident[9:21]}")
         reason = _reason(reason, reply)
+    # The reply's tokens: a stop id ends the turn and is no part of the message.
+    scored = chat_logprobs(tok, finish.logprobs[: finish.completion_tokens]) if top is not None else None
     return {
         "id": ident,
         "object": "chat.completion",
         "created": created,
         "model": state.model_name,
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": reason}],
+        "choices": [{"index": 0, "message": message, "logprobs": scored, "finish_reason": reason}],
         "usage": usage(finish.prompt_tokens, finish.completion_tokens),
     }
 
@@ -413,21 +436,48 @@ def completion_chunk(ident: str, created: int, model_name: str, text: str, finis
 
 
 async def completions(http: Request):
+    """One prompt or a list of them (one choice each); `echo` puts the prompt's text before the reply (max_tokens
+    0: the prompt alone), `logprobs` N each token's log-probability and N alternatives, the prompt's too with
+    echo."""
     state = served(http)
-    engine = state.engine
+    engine, tok = state.engine, state.engine.tokenizer
     body = await parse_body(http, CompletionRequest)
     refuse_unsupported(body)
-    prompt = completion_prompt(body, engine.tokenizer)
-    gen = generation(
-        http, prompt, sampling_settings(body, len(prompt), engine.context, body.max_tokens, engine.vocab_limit)
-    )
+    top, echo = completion_scoring(body), bool(body.echo)
+    prompts = completion_prompts(body, tok, engine.model.config.vocab_size)
+    settings = [
+        sampling_settings(body, len(ids), engine.context, body.max_tokens, engine.vocab_limit, least=0 if echo else 1)
+        for ids, _ in prompts
+    ]
     chunk = partial(completion_chunk, f"cmpl-{uuid.uuid4().hex}", int(time.time()), state.model_name)
-    if body.stream:
+    if body.stream:  # one prompt, no echo nor logprobs (completion_prompts and completion_scoring saw to it)
+        gen = generation(http, prompts[0][0], settings[0])
         return stream_reply(gen, chunk, lambda reason: chunk("", reason), include_usage(body))
-    finish = await finish_reply(gen)
-    if not isinstance(finish, Finish):
-        return finish
-    return {**chunk(finish.text, finish.reason), "usage": usage(finish.prompt_tokens, finish.completion_tokens)}
+    gens: list[_Generation] = []
+    try:
+        for (ids, _), params in zip(prompts, settings):
+            gens.append(generation(http, ids, params, logprobs=top, prompt_logprobs=top if echo else None))
+    except ApiError:  # the queue filled part way: none of the batch runs
+        for gen in gens:
+            gen.cancel()
+        raise
+    finishes = await finish_all(gens)
+    if not isinstance(finishes, list):
+        return finishes
+    choices = []
+    for i, ((ids, text), finish) in enumerate(zip(prompts, finishes)):
+        scored = None
+        if top is not None:
+            scored = completion_logprobs(
+                tok, ids if echo else None, finish.prompt_logprobs, len(text), finish.logprobs or ()
+            )
+        shown = text + finish.text if echo else finish.text
+        choices.append({"index": i, "text": shown, "logprobs": scored, "finish_reason": finish.reason})
+    return {
+        **chunk("", None),
+        "choices": choices,
+        "usage": usage(sum(f.prompt_tokens for f in finishes), sum(f.completion_tokens for f in finishes)),
+    }
 
 
 async def text_generate(http: Request):

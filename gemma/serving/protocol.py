@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from gemma.errors import GemmaError
 from gemma.files import MAX_JSON_DEPTH, has_lone_surrogate, json_depth_ok
+from gemma.generation.logprobs import MAX_TOP_LOGPROBS
 from gemma.generation.sampling import SamplingParams
 
 # Sampling values outside these ranges are refused: beyond them the sampler's arithmetic overflows (logits divided
@@ -218,9 +219,6 @@ def refuse_unsupported(body: _Sampling) -> None:
         "presence_penalty": (None, 0),
         "frequency_penalty": (None, 0),
         "logit_bias": (None, {}),
-        "logprobs": (None, False, 0),
-        "top_logprobs": (None, 0),
-        "echo": (None, False),
         "suffix": (None, ""),
         "best_of": (None, 1),
     }
@@ -305,24 +303,61 @@ def chat_options(body: ChatRequest) -> dict[str, Any]:
     return {"tools": tools, "enable_thinking": thinking}
 
 
-def completion_prompt(body: CompletionRequest, tokenizer) -> list[int]:
-    """Text is encoded as is with <bos> (no template; chat markers written in it count); ids are taken as given."""
+def completion_prompts(body: CompletionRequest, tokenizer, vocab: int) -> list[tuple[list[int], str]]:
+    """Each prompt's ids and its text (what `echo` shows). `prompt` is one text, one list of ids in [0, vocab),
+    or a list of either (a batch: one choice each, in order). Text is encoded as is with <bos> (no template; chat
+    markers written in it count); ids are taken as given, and their text is what they decode to (ids of the
+    embedding's padding rows, which have no piece, to nothing)."""
     prompt = body.prompt
-    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-        if len(prompt) != 1:
-            raise ApiError(400, "one prompt per request is supported", "prompt")
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        return tokenizer.encode(prompt, bos=True)
-    if not prompt:
-        raise ApiError(400, "prompt is empty", "prompt")
-    return list(prompt)
+    many = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
+    prompts = prompt if many else [prompt]
+    if body.stream and len(prompts) > 1:
+        raise ApiError(400, "stream takes one prompt (send a list of prompts without stream)", "prompt")
+    out = []
+    for i, one in enumerate(prompts):
+        where = f"prompt.{i}" if many else "prompt"
+        if isinstance(one, str):
+            out.append((tokenizer.encode(one, bos=True), one))
+        elif not one:
+            raise ApiError(400, f"{where} is empty", "prompt")
+        elif not all(0 <= i < vocab for i in one):
+            raise ApiError(400, f"{where} holds something other than token ids in [0, {vocab})", "prompt")
+        else:
+            text = tokenizer.decode([i for i in one if i < tokenizer.vocab_size]) if body.echo else ""
+            out.append((list(one), text))
+    return out
+
+
+def _top_logprobs(value, name: str) -> int:
+    if not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"{name} must be an integer in [0, {MAX_TOP_LOGPROBS}], got {value}", name)
+    return value
+
+
+def completion_scoring(body: CompletionRequest) -> int | None:
+    """How many alternatives each token's `logprobs` lists (None: no logprobs). Not with stream."""
+    if body.stream and (body.logprobs is not None or body.echo):
+        raise ApiError(400, "logprobs and echo are not supported with stream", "logprobs" if body.logprobs else "echo")
+    return None if body.logprobs is None else _top_logprobs(body.logprobs, "logprobs")
+
+
+def chat_scoring(body: ChatRequest) -> int | None:
+    """How many alternatives each reply token lists (None: no logprobs): top_logprobs needs logprobs, as OpenAI's
+    API has it. Not with stream."""
+    if not body.logprobs:
+        if body.top_logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        return None
+    if body.stream:
+        raise ApiError(400, "logprobs are not supported with stream", "logprobs")
+    return _top_logprobs(body.top_logprobs or 0, "top_logprobs")
 
 
 def sampling_settings(
-    body: _Sampling, prompt_len: int, context: int, max_new: int | None, vocab: int
+    body: _Sampling, prompt_len: int, context: int, max_new: int | None, vocab: int, least: int = 1
 ) -> SamplingParams:
-    """The engine's settings from OpenAI's fields, or a 400 that says what is wrong."""
+    """The engine's settings from OpenAI's fields, or a 400 that says what is wrong. max_tokens must be at least
+    `least` (0 where the prompt alone is wanted: an echo)."""
     if prompt_len >= context:
         raise ApiError(
             400,
@@ -332,8 +367,12 @@ def sampling_settings(
         )
     if max_new is None:
         max_new = context - prompt_len
-    elif max_new < 1:
-        raise ApiError(400, f"max_tokens must be at least 1, got {max_new}", "max_tokens")
+    elif max_new < least:
+        raise ApiError(
+            400,
+            f"max_tokens must be at least {least}{' (0 only with echo)' if least else ''}, got {max_new}",
+            "max_tokens",
+        )
     elif prompt_len + max_new > context:
         raise ApiError(
             400,

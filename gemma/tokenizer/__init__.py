@@ -160,6 +160,10 @@ class Tokenizer:
         """Whether id `i` is a byte-fallback piece (<0x41>): one byte of a character the vocabulary lacks."""
         return self._vocab.is_byte(i)
 
+    def piece(self, i: int) -> str:
+        """The vocabulary's piece of id `i` as stored ("▁the", "<0xE4>", "<bos>")."""
+        return self._vocab.piece(int(i))
+
     def marker_id(self, piece: str) -> int | None:
         """The id of one of Gemma 4's markers (`<|channel>`, `<|tool_call>`, ...), None when the vocabulary lacks it."""
         return self._gemma4.get(piece)
