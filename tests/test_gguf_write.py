@@ -108,8 +108,8 @@ def test_bad_requests_are_one_error_line_and_write_nothing(tmp_path, tiny_tokeni
     g4 = tmp_path / "g4"
     hf_model("gemma4").save_pretrained(g4)
     shutil.copy(tiny_tokenizer_path, g4 / "tokenizer.model")
-    run = _cli(g4, tmp_path / "g4.gguf", "--to", "gguf")
-    assert run.returncode == 2 and "Gemma 4 to GGUF is not supported" in run.stderr, run.stderr
+    run = _cli(g4, tmp_path / "g4.gguf", "--to", "gguf")  # its layers share keys and values as llama.cpp cannot
+    assert run.returncode == 2 and "does not run KV sharing unless" in run.stderr, run.stderr
     assert run.stderr.count("\n") == 1 and not (tmp_path / "g4.gguf").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
     with pytest.raises(GemmaError, match="--modelfile goes with --to gguf"):
@@ -308,3 +308,116 @@ def test_llama_cpp_chat_completion_uses_the_gemma_turns(real_bf16):
         llm.close()
     reply = out["choices"][0]["message"]["content"]
     assert "<start_of_turn>" not in reply and "<end_of_turn>" not in reply and reply.strip()
+
+
+# ---- Gemma 4 ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gemma4_tok(tmp_path_factory):
+    from gemma.tokenizer import Tokenizer
+    from tiny_tokenizer import build_gemma4_tokenizer_json
+
+    return Tokenizer(build_gemma4_tokenizer_json(tmp_path_factory.mktemp("g4tok")) / "tokenizer.json")
+
+
+def _gemma4(case: str, tok):
+    """Our model of test_gemma4.py's tiny `case`, its vocabulary the tiny Gemma 4 tokenizer's."""
+    from test_gemma4 import hf_gemma4, ours_from
+
+    return ours_from(hf_gemma4(case, vocab=tok.vocab_size)).eval()
+
+
+GEMMA4_CASES = ("E", "k=v", "moe", "plain")  # test_gemma4.py's, but "all" (below)
+
+
+@pytest.mark.parametrize("case", GEMMA4_CASES)
+def test_gemma4_round_trip_is_bit_identical_and_its_metadata_the_converters(case, gemma4_tok, tmp_path):
+    """Each of the tiny Gemma 4 layouts (KV sharing with the double-wide MLP and PLE, keys equal values, MoE):
+    the file reads back as the model, bf16 weights bit for bit; its gemma4 keys are those test_gguf_gemma4.py's
+    rewrite of llama.cpp's converter writes for the same model."""
+    import test_gguf_gemma4 as converter
+    from test_gemma4 import hf_gemma4
+
+    from gemma.formats.gguf import gguf_config, read_gguf_weights
+    from gemma.formats.gguf_write import write_gguf
+
+    model = _gemma4(case, gemma4_tok)
+    state = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    path = tmp_path / "m.gguf"
+    write_gguf(path, model.config, state, gemma4_tok, "bf16")
+    reader = open_gguf(path)
+    cfg = gguf_config(reader, str(path))
+    assert cfg == model.config
+    back = read_gguf_weights(reader, cfg, str(path), torch.bfloat16)
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+    theirs = open_gguf(converter.convert(hf_gemma4(case, vocab=gemma4_tok.vocab_size), tmp_path / "theirs"))
+
+    def arch_keys(r) -> dict:
+        return {k: f.contents() for k, f in r.fields.items() if k.startswith("gemma4.")}
+
+    assert arch_keys(reader) == arch_keys(theirs)
+    assert reader.fields["tokenizer.ggml.model"].contents() == "gemma4"
+    assert "<|turn>" in reader.fields["tokenizer.chat_template"].contents()
+    freqs = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+    want = next(t for t in theirs.tensors if t.name == "rope_freqs.weight")
+    assert np.array_equal(freqs.data, want.data)
+
+
+def test_gemma4_tokenizer_reads_back_as_written(gemma4_tok, tmp_path):
+    """read_gguf's tokenizer of our file encodes (plain text, message content, chat) and decodes as the
+    tokenizer.json it was written from."""
+    from gemma.formats.gguf_write import write_gguf
+
+    model = _gemma4("plain", gemma4_tok)
+    write_gguf(tmp_path / "m.gguf", model.config, model.state_dict(), gemma4_tok, "f32")
+    _, _, back = read_gguf(tmp_path / "m.gguf")
+    text = MIXED + " <|tool_call>call:x{}<tool_call|> <|turn>user"
+    assert back.encode(text) == gemma4_tok.encode(text)
+    assert back.encode_content(text) == gemma4_tok.encode_content(text)  # markers in content stay text
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]
+    assert back.apply_chat(chat) == gemma4_tok.apply_chat(chat)
+    ids = gemma4_tok.encode(text)
+    assert back.decode(ids) == gemma4_tok.decode(ids)
+    assert (back.bos_id, back.eos_id, back.pad_id, back.vocab_size) == (
+        gemma4_tok.bos_id,
+        gemma4_tok.eos_id,
+        gemma4_tok.pad_id,
+        gemma4_tok.vocab_size,
+    )
+
+
+def test_gemma4_kv_sharing_llama_cpp_would_reuse_differently_is_refused(gemma4_tok, tmp_path):
+    from gemma.formats.gguf_write import write_gguf
+
+    model = _gemma4("all", gemma4_tok)  # layers S F S | S F F shared: llama.cpp would reuse layer 1 for a sliding one
+    with pytest.raises(GemmaError, match="KV sharing unless"):
+        write_gguf(tmp_path / "m.gguf", model.config, model.state_dict(), gemma4_tok)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", GEMMA4_CASES)
+def test_llama_cpp_runs_tiny_gemma_4_as_we_do(case, gemma4_tok, tmp_path):
+    """llama.cpp (its gemma4 graph and BPE tokenizer) over our f32 file: our token ids, our greedy choices, and
+    logits within its own kernels' error. Measured: a mean of 6e-4 to 1.5e-3 (at most 0.03) over logits of about 2,
+    already at the first position, which attends to itself alone: llama.cpp's CPU GELU is an f16 table lookup."""
+    from gemma.formats.gguf_write import write_gguf
+
+    model = _gemma4(case, gemma4_tok)
+    path = tmp_path / "m.gguf"
+    write_gguf(path, model.config, model.state_dict(), gemma4_tok, "f32")
+    text = "The quick brown fox jumps over the lazy dog. 跳过了懒狗。\n\nhello <|turn>there"
+    ids = gemma4_tok.encode(text)
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(str(path), n_ctx=256, logits_all=True, verbose=False, type_k=0, type_v=0)
+    try:
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == ids
+        llm.eval(ids)
+        theirs = torch.tensor(np.array(llm.scores[: len(ids)]))
+    finally:
+        llm.close()
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0].float()
+    assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.93
+    assert (theirs - ours).abs().mean() < 5e-3 and (theirs - ours).abs().max() < 0.1

@@ -518,11 +518,8 @@ def gguf_tokenizer_proto(reader, where: str | None = None) -> bytes:
     kind = meta.string("tokenizer.ggml.model", None)
     if kind == "gemma4":
         # Gemma 4's vocabulary is BPE by merge rank (tokenizer.ggml.merges) over pieces that a sentencepiece model
-        # would pick by score: converting it would tokenize some text differently.
-        raise GemmaError(
-            f"{where}: tokenizer model 'gemma4' (BPE with merges) cannot be read into our sentencepiece tokenizer "
-            "yet; gguf_config and read_gguf_weights read the model from this file, without a tokenizer"
-        )
+        # would pick by score: converting it would tokenize some text differently. gguf_tokenizer reads it.
+        raise GemmaError(f"{where}: tokenizer model 'gemma4' (BPE with merges) is no sentencepiece model")
     if kind != "llama":
         raise GemmaError(f"{where}: tokenizer model {kind!r} is not sentencepiece ('llama'); not supported")
     tokens = meta.get("tokenizer.ggml.tokens")
@@ -598,11 +595,22 @@ def read_gguf(
     """(config, native state dict, tokenizer) from a Gemma GGUF file."""
     reader = open_gguf(path)
     where = str(path)
-    proto = gguf_tokenizer_proto(reader, where)
+    tokenizer = gguf_tokenizer(reader, where)
     cfg = gguf_config(reader, where)
     _drop_vocabulary(reader)
     state = read_gguf_weights(reader, cfg, where, dtype)
-    return cfg, state, Tokenizer.from_bytes(proto)
+    return cfg, state, tokenizer
+
+
+def gguf_tokenizer(reader, where: str) -> Tokenizer:
+    """The file's tokenizer: sentencepiece rebuilt for Gemma 1-3's ("llama"), a tokenizer.json for Gemma 4's
+    BPE ("gemma4")."""
+    if _Meta(reader, where).string("tokenizer.ggml.model", None) == "gemma4":
+        from gemma.formats.gguf_gemma4 import gguf_tokenizer_json
+
+        raw, roles = gguf_tokenizer_json(_Meta(reader, where), where)
+        return Tokenizer.from_json(raw, roles)
+    return Tokenizer.from_bytes(gguf_tokenizer_proto(reader, where))
 
 
 def _drop_vocabulary(reader) -> None:

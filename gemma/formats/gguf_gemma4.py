@@ -172,3 +172,96 @@ def check_rope_freqs(reader, cfg: GemmaConfig, where: str) -> None:
             f"{where}: tensor {_ROPE_FREQS!r} turns {turning} of {head_dim // 2} RoPE pairs, but the config's "
             f"rope_full_rotated ({cfg.rope_full_rotated}) turns {wanted}"
         )
+
+
+# GGUF token types (llama.cpp's llama_token_type) that are added tokens of a tokenizer.json.
+_CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 3, 4, 5, 6
+# The markers llama.cpp's converter stores USER_DEFINED so that its chat parser sees them; they are special tokens
+# of Gemma 4's tokenizer.json (message content must not produce them), and are read back as such.
+_VISIBLE = {"<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>'}
+
+
+def gguf_tokenizer_json(meta: _Meta, where: str) -> tuple[bytes, dict[str, str]]:
+    """(a tokenizer.json, its bos/eos/pad pieces) rebuilt from a gemma4 file's vocabulary: Gemma 4's BPE over
+    U+2581-spaces with byte fallback, its merges by rank, CONTROL tokens (and the markers stored USER_DEFINED) as
+    special added tokens, other USER_DEFINED ones as plain added tokens; the [PADn] rows are left out."""
+    import json
+
+    tokens = meta.get("tokenizer.ggml.tokens")
+    types = meta.get("tokenizer.ggml.token_type", None) or [1] * len(tokens)
+    merges = meta.get("tokenizer.ggml.merges", None)
+    if merges is None:
+        raise GemmaError(f"{where}: a gemma4 vocabulary without tokenizer.ggml.merges")
+    if len(types) != len(tokens):
+        raise GemmaError(f"{where}: {len(tokens)} tokens but {len(types)} token types")
+    while tokens and types[-1] == _UNUSED and tokens[-1].startswith("[PAD"):
+        tokens, types = tokens[:-1], types[:-1]
+    vocab, added = {}, []
+    for i, (text, kind) in enumerate(zip(tokens, types)):
+        if text in vocab:
+            raise GemmaError(f"{where}: tokens {vocab[text]} and {i} are both {text!r}")
+        vocab[text] = i
+        if kind in (_CONTROL, _USER_DEFINED):
+            special = kind == _CONTROL or text in _VISIBLE
+            added.append(
+                {
+                    "id": i,
+                    "content": text,
+                    "single_word": False,
+                    "lstrip": False,
+                    "rstrip": False,
+                    "normalized": False,
+                    "special": special,
+                }
+            )
+    pairs = []
+    for rank, merge in enumerate(merges):
+        cut = merge.find(" ", 1)  # as llama.cpp splits them
+        if cut < 0:
+            raise GemmaError(f"{where}: merge {rank} ({merge!r}) is not two pieces")
+        pairs.append([merge[:cut], merge[cut + 1 :]])
+
+    def piece(key: str) -> str | None:
+        i = meta.integer(f"tokenizer.ggml.{key}") if f"tokenizer.ggml.{key}" in meta.fields else -1
+        return tokens[i] if 0 <= i < len(tokens) else None
+
+    data = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+        "pre_tokenizer": {
+            "type": "Split",
+            "pattern": {"String": " "},
+            "behavior": "MergedWithPrevious",
+            "invert": False,
+        },
+        "post_processor": None,
+        "decoder": {
+            "type": "Sequence",
+            "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"},
+            ],
+        },
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": piece("unknown_token_id"),
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": True,
+            "byte_fallback": sum(t == _BYTE for t in types) == 256,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": pairs,
+        },
+    }
+    roles = {
+        name: p
+        for name, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id"))
+        if (p := piece(key)) is not None
+    }
+    return json.dumps(data, ensure_ascii=False).encode("utf-8"), roles

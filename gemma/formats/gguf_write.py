@@ -1,4 +1,5 @@
-"""Writing GGUF files (llama.cpp's format) for Gemma 1, 2 and 3: `write_gguf(dst, cfg, state, tokenizer, dtype)`.
+"""Writing GGUF files (llama.cpp's format) for Gemma 1, 2, 3 and 4: `write_gguf(dst, cfg, state, tokenizer, dtype)`.
+Gemma 4's metadata, vocabulary and rope_freqs tensor are gemma/formats/gguf_write_gemma4.py's.
 
 The file means to llama.cpp what the model means here. Every hyperparameter is written explicitly, including what
 llama.cpp would otherwise assume (the sliding-window pattern, the local RoPE base), and a config that llama.cpp
@@ -7,7 +8,8 @@ refused before anything is written. After the metadata is written it is read bac
 derives what the file leaves out as llama.cpp does, and must give the model's config again.
 
 Tensors are written with the `gguf` package: F32, F16, BF16, and its quantizers for Q8_0 and Q4_0. One-dimensional
-tensors (the norms) stay F32 as llama.cpp's converter keeps them, holding offset + weight (Gemma 1-3 store w + 1);
+tensors (the norms) stay F32 as llama.cpp's converter keeps them, holding offset + weight (Gemma 1-3 store w + 1,
+Gemma 4 w);
 a matrix whose rows do not split into the quantizer's blocks of 32 is written F16, as llama.cpp's converter falls
 back. The gguf package has no quantizer for the K-quants (Q4_K_M, Q5_K_M, Q6_K, ...) or the i-quants: write bf16 and
 run llama.cpp's `llama-quantize` on it.
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from gemma.errors import GemmaError
+from gemma.formats import gguf_write_gemma4 as gemma4
 from gemma.formats.gguf import _gguf, gguf_config, gguf_names, open_gguf
 from gemma.model.config import SLIDING, GemmaConfig
 from gemma.tokenizer import Tokenizer
@@ -37,7 +40,7 @@ _SPELLINGS = {"fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16", 
 # llama.cpp types the gguf package cannot produce (no quantizer in gguf.quants).
 _NEEDS_LLAMA_QUANTIZE = re.compile(r"^(q[2-6]_k(_[sml])?|q8_k|iq\d.*|tq\d_\d)$")
 
-ARCH_OF_GENERATION = {1: "gemma", 2: "gemma2", 3: "gemma3"}
+ARCH_OF_GENERATION = {1: "gemma", 2: "gemma2", 3: "gemma3", 4: "gemma4"}
 _SPACE = "\u2581"  # sentencepiece's visible space
 # GGUF token types (llama.cpp's llama_token_type).
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
@@ -80,6 +83,8 @@ def gguf_architecture(cfg: GemmaConfig) -> str:
         unsupported.append("a final logit softcap")
     if arch == "gemma" and cfg.query_pre_attn_scalar not in (None, float(cfg.head_dim)):
         unsupported.append(f"query_pre_attn_scalar {cfg.query_pre_attn_scalar} (llama.cpp uses head_dim)")
+    if arch == "gemma4":
+        unsupported += gemma4.unsupported(cfg)
     if unsupported:
         raise GemmaError(f"llama.cpp's {arch!r} architecture does not run {' or '.join(unsupported)}")
     return arch
@@ -91,6 +96,8 @@ def _metadata(writer, cfg: GemmaConfig, arch: str, ftype: int, name: str) -> Non
     writer.add_type("model")
     writer.add_file_type(ftype)
     writer.add_quantization_version(2)  # GGML_QNT_VERSION
+    if arch == "gemma4":
+        return gemma4.metadata(writer, cfg)
     writer.add_context_length(cfg.max_seq_len)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_layers)
@@ -206,10 +213,10 @@ def _encode(tensor: torch.Tensor, shift: float, qtype) -> np.ndarray:
 # ---- the whole file -----------------------------------------------------------------------------------------------
 
 
-def _config_difference(ours: GemmaConfig, back: GemmaConfig) -> list[str]:
+def _config_difference(ours: GemmaConfig, back: GemmaConfig, skip: tuple[str, ...] = ()) -> list[str]:
     """The fields in which the config read back from the file differs from the model's (float32 rounding aside,
-    and the local RoPE base and window where no layer slides)."""
-    skip = {"hf_repo"}
+    the local RoPE base and window where no layer slides, and the fields in `skip`)."""
+    skip = {"hf_repo", *skip}
     if SLIDING not in ours.layer_types:
         skip |= {"rope_local_theta", "sliding_window"}
     out = []
@@ -251,24 +258,33 @@ def write_gguf(
     tmp = temporary_path(dst)
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        add_vocabulary = _vocabulary(tokenizer, cfg.vocab_size)
+        if arch == "gemma4":
+            add_vocabulary = gemma4.vocabulary(tokenizer, cfg.vocab_size)
+        else:
+            add_vocabulary = _vocabulary(tokenizer, cfg.vocab_size)
         template = official_template(cfg.generation)
+
+        freqs = gemma4.rope_freqs(cfg) if arch == "gemma4" else None  # Gemma 4's full layers' partial RoPE
 
         def new_writer():  # a GGUFWriter with every key/value written (a writer writes its keys only once)
             writer = gguf.GGUFWriter(tmp, arch)
             _metadata(writer, cfg, arch, ftype, name)
             add_vocabulary(writer)
             writer.add_chat_template(template)
+            if freqs is not None:
+                writer.add_tensor_info(gemma4.ROPE_FREQS, freqs.shape, freqs.dtype, freqs.nbytes)
             return writer
 
-        # The metadata first, alone, read back: a config llama.cpp would read differently is refused in a moment.
-        _write_header(new_writer(), tmp)
-        differences = _config_difference(cfg, gguf_config(open_gguf(tmp), str(dst)))
+        # The metadata first, alone (and rope_freqs), read back: a config llama.cpp would read differently is
+        # refused in a moment. Gemma 4's other tensor-borne fields are checked once the file is written.
+        _write_header(new_writer(), tmp, freqs=freqs)
+        skip = gemma4.TENSOR_DERIVED if arch == "gemma4" else ()
+        differences = _config_difference(cfg, gguf_config(open_gguf(tmp), str(dst)), skip)
         if differences:
             raise GemmaError(f"{dst}: llama.cpp would read this model differently: {'; '.join(differences)}")
 
         writer = new_writer()
-        counts: dict[str, int] = {}
+        counts: dict[str, int] = {"F32": 1} if freqs is not None else {}
         plan = []
         for native, tensor in state.items():
             t = _ggml_type(tensor, qtype)
@@ -278,6 +294,8 @@ def write_gguf(
             counts[t.name] = counts.get(t.name, 0) + 1
         _write_header(writer, tmp, tensors=True)
         try:
+            if freqs is not None:
+                writer.write_tensor_data(freqs)
             for native, t in plan:
                 shift = cfg.norm_offset if native.endswith("norm.weight") else 0.0
                 writer.write_tensor_data(_encode(state[native], shift, t))
@@ -285,6 +303,10 @@ def write_gguf(
             os.fsync(writer.fout[0].fileno())
         finally:
             writer.close()
+        if arch == "gemma4":  # what the tensors say of the config, now that they are there
+            differences = _config_difference(cfg, gguf_config(open_gguf(tmp), str(dst)))
+            if differences:
+                raise GemmaError(f"{dst}: llama.cpp would read this model differently: {'; '.join(differences)}")
         install(tmp, dst)
     except OSError as exc:
         raise GemmaError(f"{dst}: cannot write ({(exc.strerror or str(exc)).lower()})") from None
@@ -293,9 +315,13 @@ def write_gguf(
     return counts
 
 
-def _write_header(writer, path: Path, tensors: bool = False) -> None:
+def _write_header(writer, path: Path, tensors: bool = False, freqs: np.ndarray | None = None) -> None:
+    """The header, keys and tensor infos; without `tensors`, the file is closed after them (and `freqs`, the
+    one tensor a metadata-only file carries)."""
     writer.write_header_to_file(path)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     if not tensors:
+        if freqs is not None:
+            writer.write_tensor_data(freqs)
         writer.close()
