@@ -127,14 +127,21 @@ def test_cli_writes_gguf_and_modelfile(tmp_path, tiny_tokenizer_path):
 
 
 @pytest.mark.skipif(shutil.which("go") is None, reason="needs Go to run the Modelfile's Go template")
-def test_modelfile_template_renders_our_chat_format(tmp_path, tiny_tokenizer_path):
-    """The Go template, run by Go's text/template as Ollama runs it, gives our chat format (without <bos>)."""
+@pytest.mark.parametrize("generation", (3, 4))
+def test_modelfile_template_renders_our_chat_format(generation, tmp_path, tiny_tokenizer_path):
+    """The Go template, run by Go's text/template as Ollama runs it, gives our chat format (without <bos>), Gemma
+    1-3's and Gemma 4's."""
     import json
 
-    from gemma.formats.ollama import GEMMA_TEMPLATE
+    from gemma.formats.ollama import GEMMA4_TEMPLATE, GEMMA_TEMPLATE
     from gemma.tokenizer import Tokenizer
+    from tiny_tokenizer import build_gemma4_tokenizer_json
 
-    tok = Tokenizer(tiny_tokenizer_path)
+    if generation == 4:
+        tok = Tokenizer(build_gemma4_tokenizer_json(tmp_path / "tok") / "tokenizer.json")
+    else:
+        tok = Tokenizer(tiny_tokenizer_path)
+    template = GEMMA4_TEMPLATE if generation == 4 else GEMMA_TEMPLATE
     chats = [
         [{"role": "user", "content": "Hi"}],
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
@@ -154,7 +161,7 @@ def test_modelfile_template_renders_our_chat_format(tmp_path, tiny_tokenizer_pat
     )
     for chat in chats:
         run = subprocess.run(
-            ["go", "run", str(prog), GEMMA_TEMPLATE],
+            ["go", "run", str(prog), template],
             input=json.dumps({"Messages": [{"Role": m["role"], "Content": m["content"]} for m in chat]}),
             capture_output=True,
             text=True,
@@ -385,6 +392,27 @@ def test_gemma4_tokenizer_reads_back_as_written(gemma4_tok, tmp_path):
         gemma4_tok.pad_id,
         gemma4_tok.vocab_size,
     )
+
+
+def test_cli_writes_a_gemma_4_gguf_and_its_modelfile(gemma4_tok, tmp_path):
+    """tools/convert.py from a Gemma 4 HF folder (its tokenizer.json beside it) to GGUF, and gemma.load reads the
+    file back as the folder's model."""
+    import gemma
+    from test_gemma4 import hf_gemma4
+
+    src = tmp_path / "src"
+    hf_gemma4("E", vocab=gemma4_tok.vocab_size).save_pretrained(src)
+    for name, raw in gemma4_tok.files.items():
+        (src / name).write_bytes(raw)
+    run = _cli(src, tmp_path / "g4.gguf", "--to", "gguf", "--dtype", "f32", "--modelfile")
+    assert run.returncode == 0, run.stderr
+    assert "<|turn>model" in modelfile_path(tmp_path / "g4.gguf").read_text()
+    ours, tok = gemma.load(src, dtype=torch.float32)
+    back, back_tok = gemma.load(tmp_path / "g4.gguf", dtype=torch.float32)
+    ids = tok.encode(MIXED)
+    assert back_tok.encode(MIXED) == ids
+    with torch.no_grad():
+        assert torch.equal(back(torch.tensor([ids])), ours(torch.tensor([ids])))
 
 
 def test_gemma4_kv_sharing_llama_cpp_would_reuse_differently_is_refused(gemma4_tok, tmp_path):

@@ -8,7 +8,7 @@ written under a temporary name and renamed into place; an existing DST is kept u
 a folder holding SRC, or a file of it. With --adapter (a PEFT adapter folder) the LoRA weights are merged into the
 output, which holds no LoRA tensors.
 
---to gguf writes one file for llama.cpp, Ollama and LM Studio (Gemma 1, 2 and 3), with the chat template in its
+--to gguf writes one file for llama.cpp, Ollama and LM Studio (Gemma 1, 2, 3 and 4), with the chat template in its
 metadata; --dtype picks the type of its matrices (default bf16; the norms stay f32). --modelfile writes an Ollama
 Modelfile beside it (DST.Modelfile): `ollama create NAME -f DST.Modelfile`. For the K-quants (Q4_K_M, ...), write
 bf16 and run llama.cpp's llama-quantize on it.

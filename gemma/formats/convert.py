@@ -60,7 +60,7 @@ def write_gguf_file(
     dst = Path(dst)
     counts = write_gguf(dst, cfg, state, tokenizer, dtype=dtype, name=name)
     if modelfile:
-        write_atomically(modelfile_path(dst), modelfile_text(dst.name))
+        write_atomically(modelfile_path(dst), modelfile_text(dst.name, cfg.generation))
     return counts
 
 
