@@ -52,15 +52,17 @@ def token_ids(batch: int, seq_len: int, vocab_size: int, seed: int) -> torch.Ten
     return torch.randint(3, min(20000, vocab_size), (batch, seq_len), generator=g)
 
 
-def adapter_init(num_layers: int, shapes: dict[str, tuple[int, int]], r: int, seed: int) -> dict:
-    """{(layer, target): A (r, in)}, float32, drawn in a fixed order from one generator: peft's default
-    Kaiming-uniform(a=sqrt(5)) distribution, i.e. uniform in +-1/sqrt(in). `shapes` maps target -> (out, in)."""
+def adapter_init(num_layers: int, shapes: dict[tuple[int, str], tuple[int, int]], r: int, seed: int) -> dict:
+    """{(layer, target): A (r, in)}, float32, drawn in a fixed order (layer by layer, targets in ALL_TARGETS'
+    order) from one generator: peft's default Kaiming-uniform(a=sqrt(5)) distribution, i.e. uniform in
+    +-1/sqrt(in). `shapes` maps (layer, target) -> (out, in) for each projection a layer has (Gemma 4's widths
+    differ by layer kind, and its keys-equal-values layers have no v)."""
     g = torch.Generator().manual_seed(seed + 1)
     out = {}
     for i in range(num_layers):
         for t in ALL_TARGETS:
-            if t in shapes:
-                fan_in = shapes[t][1]
+            if (i, t) in shapes:
+                fan_in = shapes[i, t][1]
                 out[i, t] = (torch.rand(r, fan_in, generator=g) * 2 - 1) / math.sqrt(fan_in)
     return out
 
@@ -132,7 +134,12 @@ def _ours_step(folder, batch, seq_len, device, r, alpha, seed, lr):
         if p.requires_grad:  # as train.loop does: the adapter in float32 over the bf16 base
             p.data = p.data.float()
     layers = lora_layers(model)
-    shapes = {t: tuple(layers[module_path(0, t)].weight.shape) for t in ALL_TARGETS}
+    shapes = {
+        (i, t): tuple(layers[module_path(i, t)].weight.shape)
+        for i in range(cfg.num_layers)
+        for t in ALL_TARGETS
+        if module_path(i, t) in layers
+    }
     with torch.no_grad():
         for (i, t), a in adapter_init(cfg.num_layers, shapes, r, seed).items():
             layers[module_path(i, t)].lora_A.copy_(a)
@@ -173,9 +180,14 @@ def _reference_step(folder, batch, seq_len, device, r, alpha, seed, lr):
     prefix = next(n.rsplit(".layers.0.", 1)[0] for n in named if n.endswith(".layers.0.self_attn.q_proj"))
 
     def module(i, t):
-        return named[f"{prefix}.layers.{i}.{'self_attn' if t in ATTN_TARGETS else 'mlp'}.{HF_TARGETS[t]}"]
+        return named.get(f"{prefix}.layers.{i}.{'self_attn' if t in ATTN_TARGETS else 'mlp'}.{HF_TARGETS[t]}")
 
-    shapes = {t: tuple(module(0, t).base_layer.weight.shape) for t in ALL_TARGETS}
+    shapes = {
+        (i, t): tuple(module(i, t).base_layer.weight.shape)
+        for i in range(cfg.num_hidden_layers)
+        for t in ALL_TARGETS
+        if module(i, t) is not None
+    }
     with torch.no_grad():
         for (i, t), a in adapter_init(cfg.num_hidden_layers, shapes, r, seed).items():
             module(i, t).lora_A["default"].weight.copy_(a)
