@@ -337,7 +337,9 @@ def _top_logprobs(value, name: str) -> int:
 def completion_scoring(body: CompletionRequest) -> int | None:
     """How many alternatives each token's `logprobs` lists (None: no logprobs). Not with stream."""
     if body.stream and (body.logprobs is not None or body.echo):
-        raise ApiError(400, "logprobs and echo are not supported with stream", "logprobs" if body.logprobs else "echo")
+        raise ApiError(
+            400, "logprobs and echo are not supported with stream", "logprobs" if body.logprobs is not None else "echo"
+        )
     return None if body.logprobs is None else _top_logprobs(body.logprobs, "logprobs")
 
 
