@@ -126,8 +126,8 @@ def _metadata(writer, cfg: GemmaConfig, arch: str, ftype: int, name: str) -> Non
 
 
 def _vocabulary(tokenizer: Tokenizer, vocab_size: int):
-    """The sentencepiece vocabulary as llama.cpp's converter writes Gemma's: pieces, scores and token types,
-    special ids, <bos> added. Built once; returns what adds it to a writer."""
+    """The sentencepiece vocabulary as llama.cpp's converter writes Gemma's: pieces, scores and token types. Built
+    once; returns (what adds it to a writer, the unknown piece's id); `_special_ids` writes the rest."""
     try:
         from sentencepiece import sentencepiece_model_pb2 as sp_pb2
     except ImportError:
@@ -171,18 +171,23 @@ def _vocabulary(tokenizer: Tokenizer, vocab_size: int):
         writer.add_token_list(tokens)
         writer.add_token_scores(scores)
         writer.add_token_types(types)
-        writer.add_bos_token_id(tokenizer.bos_id)
-        writer.add_eos_token_id(tokenizer.eos_id)
-        writer.add_pad_token_id(tokenizer.pad_id)
-        if 0 <= unk < len(proto.pieces):
-            writer.add_unk_token_id(unk)
-        if tokenizer.end_of_turn_id is not None:
-            writer.add_eot_token_id(tokenizer.end_of_turn_id)
-        writer.add_add_bos_token(True)
-        writer.add_add_eos_token(False)
-        writer.add_add_space_prefix(False)
 
-    return add
+    return add, unk if 0 <= unk < len(proto.pieces) else None
+
+
+def _special_ids(writer, tokenizer: Tokenizer, unk: int | None) -> None:
+    """The special ids and flags of every Gemma vocabulary: bos, eos, pad, unk, end of turn; <bos> added, no <eos>,
+    no space prefix."""
+    writer.add_bos_token_id(tokenizer.bos_id)
+    writer.add_eos_token_id(tokenizer.eos_id)
+    writer.add_pad_token_id(tokenizer.pad_id)
+    if unk is not None:
+        writer.add_unk_token_id(unk)
+    if tokenizer.end_of_turn_id is not None:
+        writer.add_eot_token_id(tokenizer.end_of_turn_id)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    writer.add_add_space_prefix(False)
 
 
 # ---- tensors ------------------------------------------------------------------------------------------------------
@@ -258,10 +263,8 @@ def write_gguf(
     tmp = temporary_path(dst)
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        if arch == "gemma4":
-            add_vocabulary = gemma4.vocabulary(tokenizer, cfg.vocab_size)
-        else:
-            add_vocabulary = _vocabulary(tokenizer, cfg.vocab_size)
+        vocabulary = gemma4.vocabulary if arch == "gemma4" else _vocabulary
+        add_pieces, unk = vocabulary(tokenizer, cfg.vocab_size)
         template = official_template(cfg.generation)
 
         freqs = gemma4.rope_freqs(cfg) if arch == "gemma4" else None  # Gemma 4's full layers' partial RoPE
@@ -269,7 +272,8 @@ def write_gguf(
         def new_writer():  # a GGUFWriter with every key/value written (a writer writes its keys only once)
             writer = gguf.GGUFWriter(tmp, arch)
             _metadata(writer, cfg, arch, ftype, name)
-            add_vocabulary(writer)
+            add_pieces(writer)
+            _special_ids(writer, tokenizer, unk)
             writer.add_chat_template(template)
             if freqs is not None:
                 writer.add_tensor_info(gemma4.ROPE_FREQS, freqs.shape, freqs.dtype, freqs.nbytes)

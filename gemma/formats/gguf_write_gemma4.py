@@ -108,7 +108,7 @@ ROPE_FREQS = _ROPE_FREQS
 
 def vocabulary(tokenizer, vocab_size: int):
     """Gemma 4's tokenizer.json as llama.cpp's converter writes it (see the module docstring). Built once; returns
-    what adds it to a writer."""
+    (what adds its pieces and merges to a writer, the unknown piece's id), as gguf_write._vocabulary does."""
     raw = tokenizer.files.get("tokenizer.json")
     if raw is None:
         raise GemmaError("writing a Gemma 4 GGUF vocabulary needs its tokenizer.json")
@@ -149,15 +149,5 @@ def vocabulary(tokenizer, vocab_size: int):
         writer.add_token_scores([-1000.0] * len(tokens))
         writer.add_token_types(types)
         writer.add_token_merges(merges)
-        writer.add_bos_token_id(tokenizer.bos_id)
-        writer.add_eos_token_id(tokenizer.eos_id)
-        writer.add_pad_token_id(tokenizer.pad_id)
-        if unk_id is not None:
-            writer.add_unk_token_id(unk_id)
-        if tokenizer.end_of_turn_id is not None:
-            writer.add_eot_token_id(tokenizer.end_of_turn_id)
-        writer.add_add_bos_token(True)
-        writer.add_add_eos_token(False)
-        writer.add_add_space_prefix(False)
 
-    return add
+    return add, unk_id
