@@ -1,12 +1,23 @@
 """Shared fixtures: tiny models and a tiny tokenizer, built once per test session."""
 
+import os
 import shutil
+import tempfile
 
 import pytest
 
 from gemma.tokenizer import Tokenizer
 from tiny_models import hf_model
 from tiny_tokenizer import build_tiny_tokenizer
+
+# The tokenize-once data cache of every run the tests start (in this process and in subprocesses, which inherit the
+# environment) goes to a folder of the session's own, never to the user's ~/.cache.
+_CACHE = tempfile.mkdtemp(prefix="gemma-sft-test-cache-")
+os.environ["GEMMA_SFT_CACHE"] = _CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -305,7 +305,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny_folder, tmp_path, pre
     "content, message",
     [
         ('{"instruction": "a", "output": "b"}\n{"instruction": \n', "bad.jsonl:2"),
-        ('{"question": "a", "answer": "b"}\n', "bad.jsonl:1"),
+        ('{"query": "a", "reply": "b"}\n', "bad.jsonl:1"),
         ("", "bad.jsonl"),
     ],
 )

@@ -194,7 +194,7 @@ def record_messages(record, where: str) -> list[dict]:
     - sharegpt: {"conversations": [{"from": "system"|"human"|"gpt", "value"}], "system"?} ("user", "assistant"
       and "model" are accepted as `from` too; a top-level "system" is used when the conversation has none)
     - alpaca: {"instruction", "input"?, "output", "system"?}; a non-empty input follows the instruction after a
-      blank line.
+      blank line. {"prompt", "response"} and {"question", "answer"} (QA_PAIRS) are read as instruction and output.
     An empty top-level "system" (alpaca, sharegpt) counts as none. Roles must alternate user/model, starting with
     user, after an optional leading system message. Anything else raises GemmaError naming `where` ("data.jsonl:12").
     """
@@ -213,10 +213,11 @@ def record_messages(record, where: str) -> list[dict]:
         system = _str_field(record, "system", where, optional=True)
         if system and system.strip() and not (messages and messages[0]["role"] == "system"):
             messages.insert(0, {"role": "system", "content": system})
-    elif "instruction" in record:
-        instruction = _str_field(record, "instruction", where)
+    elif "instruction" in record or _pair_of(record) is not None:
+        question, answer = _pair_of(record) if "instruction" not in record else ("instruction", "output")
+        instruction = _str_field(record, question, where)
         extra = _str_field(record, "input", where, optional=True)
-        output = _str_field(record, "output", where)
+        output = _str_field(record, answer, where)
         system = _str_field(record, "system", where, optional=True)
         user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
         messages = ([{"role": "system", "content": system}] if system and system.strip() else []) + [
@@ -227,10 +228,20 @@ def record_messages(record, where: str) -> list[dict]:
         keys = ", ".join(repr(k) for k in list(record)[:8]) + (", ..." if len(record) > 8 else "")
         raise GemmaError(
             f"{where}: unknown record shape (keys: {keys or 'none'}); expected alpaca "
-            "('instruction', 'output'), sharegpt ('conversations') or messages ('messages')"
+            "('instruction', 'output'; or 'prompt'/'response', 'question'/'answer'), sharegpt ('conversations') "
+            "or messages ('messages')"
         )
     _check_order(messages, where)
     return messages
+
+
+# Column pairs that other instruction sets name their one-turn records by; read as alpaca's instruction / output.
+QA_PAIRS = (("prompt", "response"), ("question", "answer"))
+
+
+def _pair_of(record: Mapping) -> tuple[str, str] | None:
+    """The (question, answer) keys of a one-turn record named by one of QA_PAIRS, or None."""
+    return next((pair for pair in QA_PAIRS if pair[0] in record and pair[1] in record), None)
 
 
 def _list_field(record: Mapping, key: str, where: str) -> list:
@@ -393,6 +404,45 @@ def _longest_prefix(text: str, fits) -> str:
     return text[:lo]
 
 
+def encode_record(
+    record, where: str, tokenizer, max_len: int, train_on_prompt: bool = False, train_on_thoughts: bool = True
+) -> tuple[Example | None, str | None]:
+    """One record as (example, None), (example, "truncated"), or (None, why): "no_model_turn" or "too_long"."""
+    if tokenizer.chat_format == 4:  # Gemma 4's format: tools, tool calls and reasoning too
+        from train.data_gemma4 import encode_gemma4, gemma4_record
+
+        messages, tools = gemma4_record(record, where)
+        if not any(m.get("role") in ("assistant", "model") for m in messages):
+            return None, "no_model_turn"
+        example, truncated = encode_gemma4(
+            messages, tools, tokenizer, max_len, train_on_prompt, train_on_thoughts, where
+        )
+    else:
+        _refuse_gemma4_fields(record, where)
+        messages = record_messages(record, where)
+        if not any(m["role"] == "model" for m in messages):
+            return None, "no_model_turn"
+        example, truncated = encode_messages(messages, tokenizer, max_len, train_on_prompt)
+    if example is None:
+        return None, "too_long"
+    return example, "truncated" if truncated else None
+
+
+def count_example(stats: DataStats, example: Example | None, note: str | None) -> None:
+    """Add one encode_record result to `stats`."""
+    stats.records += 1
+    if example is None:
+        if note == "no_model_turn":
+            stats.dropped_no_model_turn += 1
+        else:
+            stats.dropped_too_long += 1
+        return
+    stats.examples += 1
+    stats.truncated += note == "truncated"
+    stats.tokens += len(example.input_ids)
+    stats.target_tokens += sum(t != IGNORE for t in example.targets)
+
+
 def load_dataset(
     path, tokenizer, max_len: int, train_on_prompt: bool = False, train_on_thoughts: bool = True
 ) -> tuple[list[Example], DataStats]:
@@ -402,32 +452,10 @@ def load_dataset(
     """
     stats, examples = DataStats(), []
     for where, record in _read_located(path):
-        stats.records += 1
-        if tokenizer.chat_format == 4:  # Gemma 4's format: tools, tool calls and reasoning too
-            from train.data_gemma4 import encode_gemma4, gemma4_record
-
-            messages, tools = gemma4_record(record, where)
-            if not any(m.get("role") in ("assistant", "model") for m in messages):
-                stats.dropped_no_model_turn += 1
-                continue
-            example, truncated = encode_gemma4(
-                messages, tools, tokenizer, max_len, train_on_prompt, train_on_thoughts, where
-            )
-        else:
-            _refuse_gemma4_fields(record, where)
-            messages = record_messages(record, where)
-            if not any(m["role"] == "model" for m in messages):
-                stats.dropped_no_model_turn += 1
-                continue
-            example, truncated = encode_messages(messages, tokenizer, max_len, train_on_prompt)
-        if example is None:
-            stats.dropped_too_long += 1
-            continue
-        examples.append(example)
-        stats.examples += 1
-        stats.truncated += truncated
-        stats.tokens += len(example.input_ids)
-        stats.target_tokens += sum(t != IGNORE for t in example.targets)
+        example, note = encode_record(record, where, tokenizer, max_len, train_on_prompt, train_on_thoughts)
+        count_example(stats, example, note)
+        if example is not None:
+            examples.append(example)
     if not examples:
         raise GemmaError(f"{os.fspath(path)}: no example to train on with max_len {max_len} ({stats.summary()})")
     return examples, stats
@@ -455,29 +483,38 @@ def _refuse_gemma4_fields(record, where: str) -> None:
 
 
 def pack(examples: list[Example], max_len: int) -> list[Example]:
-    """Join examples into sequences of at most `max_len` tokens, first-fit decreasing.
+    """Join examples into sequences of at most `max_len` tokens, first-fit decreasing (see pack_plan).
 
-    Longest first (ties in the given order), each example goes into the first sequence with room, a new one when
-    none has. A packed sequence carries `positions` (restarting at 0 for each example) and `segments` (0, 1, ...
-    in the order the examples went in), which attention uses to keep examples apart. Targets never cross a
-    boundary: each example's last target is already IGNORE.
+    A packed sequence carries `positions` (restarting at 0 for each example) and `segments` (0, 1, ... in the order
+    the examples went in), which attention uses to keep examples apart. Targets never cross a boundary: each
+    example's last target is already IGNORE.
     """
     for e in examples:
         if e.positions is not None or e.segments is not None:
             raise ValueError("pack() takes unpacked examples")
-        if len(e.input_ids) > max_len:
-            raise ValueError(f"an example of {len(e.input_ids)} tokens does not fit max_len {max_len}")
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    return [join_examples([examples[i] for i in members]) for members in pack_plan([len(e) for e in examples], max_len)]
+
+
+def pack_plan(lengths, max_len: int) -> list[list[int]]:
+    """The indices of the examples that go into each packed sequence, first-fit decreasing.
+
+    Longest first (ties in the given order), each example goes into the first sequence with room, a new one when
+    none has.
+    """
+    for n in lengths:
+        if n > max_len:
+            raise ValueError(f"an example of {n} tokens does not fit max_len {max_len}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
 
     # A max-tree over the room left in each sequence slot; slots not yet opened have all of max_len, so the leftmost
     # slot with room is an open sequence that fits or else the next new one. O(n log n) rather than O(n^2).
     size = 1
-    while size < len(examples):
+    while size < len(lengths):
         size *= 2
     room = [max_len] * (2 * size)
     bins: list[list[int]] = []
     for i in order:
-        need = len(examples[i].input_ids)
+        need = int(lengths[i])
         node = 1
         while node < size:
             node = 2 * node if room[2 * node] >= need else 2 * node + 1
@@ -489,18 +526,18 @@ def pack(examples: list[Example], max_len: int) -> list[Example]:
         while node > 1:
             node //= 2
             room[node] = max(room[2 * node], room[2 * node + 1])
+    return bins
 
-    packed = []
-    for members in bins:
-        ids, targets, positions, segments = [], [], [], []
-        for segment, i in enumerate(members):
-            e = examples[i]
-            ids += e.input_ids
-            targets += e.targets
-            positions += range(len(e.input_ids))
-            segments += [segment] * len(e.input_ids)
-        packed.append(Example(ids, targets, positions, segments))
-    return packed
+
+def join_examples(members: list[Example]) -> Example:
+    """One packed sequence of `members`, in that order."""
+    ids, targets, positions, segments = [], [], [], []
+    for segment, e in enumerate(members):
+        ids += e.input_ids
+        targets += e.targets
+        positions += range(len(e.input_ids))
+        segments += [segment] * len(e.input_ids)
+    return Example(ids, targets, positions, segments)
 
 
 def plan_epoch(lengths: list[int], global_batch: int, seed: int, epoch: int) -> list[list[int]]:

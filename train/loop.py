@@ -11,6 +11,7 @@ each reads its share of every global batch, and the loop adds the few collective
 
 from __future__ import annotations
 
+import itertools
 import math
 import signal
 import sys
@@ -24,7 +25,7 @@ from torch import nn
 from gemma.errors import GemmaError
 from train import checkpoint as ckpt
 from train import distributed, outputs, prepare
-from train.data import Example, _read_located, collate, plan_epoch, record_messages, shard
+from train.data import Example, collate, plan_epoch, record_messages, shard
 from train.loss import IGNORE, chunked_cross_entropy
 from train.metrics import mean_loss, reference_losses
 from train.options import TrainOptions
@@ -458,7 +459,8 @@ def _held_out(opts: TrainOptions) -> list[list[dict]]:
     """Conversations of the held-out file to score by exact match (the first --eval-generate of them)."""
     if not (opts.eval_generate and opts.eval_data):
         return []
-    located = _read_located(opts.eval_data)[: opts.eval_generate]
+    _, (source, columns) = prepare.data_sources(opts)
+    located = itertools.islice(source.records(columns), opts.eval_generate)
     return [record_messages(record, where) for where, record in located]
 
 

@@ -36,11 +36,29 @@ class TrainOptions:
     model: str | None = _opt(
         None, "model source: HF folder, native folder, .gguf, HF repo id (default: --size, else 3-270m)"
     )
-    data: str = _opt(
-        str(EXAMPLES / "arith_train.jsonl"), "training data (JSON or JSONL; alpaca, sharegpt or messages records)"
+    data: list[str] = field(
+        default_factory=lambda: [str(EXAMPLES / "arith_train.jsonl")],
+        metadata={
+            "help": "training data, repeatable (a mixture): a JSON/JSONL/Parquet/CSV/Arrow file, a folder of them, "
+            "or a hub dataset org/name[:config[:split]]; @WEIGHT samples it at that rate, #COUNT takes that many "
+            "records (alpaca, sharegpt or messages records)"
+        },
     )
-    eval_data: str | None = _opt(None, "held-out data for eval loss (and exact match with --eval-generate)")
-    eval_split: float = _opt(0.0, "hold out this fraction of --data for evaluation when --eval-data is not given")
+    columns: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "column map FIELD=COLUMN,... (e.g. instruction=query,output=answer): given once it applies to "
+            "every source, given once per --data to each in order ('auto': detect)"
+        },
+    )
+    eval_data: str | None = _opt(
+        None, "held-out data for eval loss (and exact match with --eval-generate); a source as --data takes"
+    )
+    eval_split: float = _opt(0.0, "hold out this fraction of the mixture for evaluation when --eval-data is not given")
+    data_cache: str | None = _opt(
+        None, "folder of the tokenize-once cache (default $GEMMA_SFT_CACHE, else ~/.cache/gemma-sft/data)"
+    )
+    num_proc: int = _opt(0, "processes that encode the data into the cache (0: one per CPU core, at most 8)")
     out: str | None = _opt(None, "output folder (default runs/<model>-<time>)")
     # how long
     epochs: float = _opt(1.0, "passes over the data (ignored when --max-steps is set)")
@@ -91,6 +109,11 @@ class TrainOptions:
     config: str | None = _opt(None, "YAML or JSON file of options; command-line flags override it")
 
     def __post_init__(self):
+        if isinstance(self.data, str):  # the Python API and config files may name one source
+            self.data = [self.data]
+        if isinstance(self.columns, str):
+            self.columns = [self.columns]
+        self.data, self.columns = [str(d) for d in self.data], [str(c) for c in self.columns]
         # Every float finite first: an inf or NaN would not stop the run but quietly train something else, and NaN
         # passes a check written as `not x <= 0` (every comparison with NaN is False).
         for f in dataclasses.fields(self):
@@ -114,6 +137,9 @@ class TrainOptions:
             (0.0 <= self.warmup_ratio < 1.0, "--warmup-ratio must be in [0, 1)"),
             (0 <= self.seed <= MAX_SEED, f"--seed must be in [0, {MAX_SEED}]"),
             (self.keep_last >= 1, "--keep-last must be at least 1"),
+            (bool(self.data), "--data: no data source"),
+            (len(self.columns) in (0, 1, len(self.data)), "--columns: give it once, or once per --data"),
+            (0 <= self.num_proc <= 256, "--num-proc must be between 0 (one per core) and 256"),
             (self.log_every >= 1, "--log-every must be at least 1"),
             (self.eval_every >= 0, "--eval-every must be at least 0 (0: only at the end)"),
             (self.eval_generate >= 0, "--eval-generate must be at least 0"),
@@ -181,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
         if f.type in ("bool", bool):
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=help_text)
             continue
+        if str(f.type) == "list[str]":
+            parser.add_argument(_flag(f.name), action="append", help=f"{help_text} (repeatable)", **kw)
+            continue
         kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
         parser.add_argument(_flag(f.name), type=kind, help=f"{help_text} (default: {f.default})", **kw)
     return parser
@@ -222,6 +251,11 @@ def _coerce(value, kind: str, where: str):
             return None
         raise GemmaError(f"{where} cannot be empty")
     base = kind.split("|")[0].strip()
+    if base == "list[str]":
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, str | int | float) and not isinstance(v, bool) for v in items):
+            raise GemmaError(f"{where} must be a string or a list of strings, got {value!r}")
+        return [str(v) for v in items]
     try:
         if base == "bool":
             if isinstance(value, bool):

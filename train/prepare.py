@@ -8,8 +8,9 @@ runs under `d.agreed_errors()`, so that all of them stop at the same point.
 from __future__ import annotations
 
 import math
+import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -24,8 +25,11 @@ from lora import LoraConfig, inject, summary
 from lora.inject import module_path
 from train import checkpoint as ckpt
 from train import distributed, outputs
-from train.data import Example, load_dataset, pack
+from train.data import Example
+from train.mixture import Examples, mix, packed
 from train.options import TrainOptions
+from train.records import check_columns, file_columns, parse_columns
+from train.sources import Source, parse_source
 from train.step import RunState
 
 
@@ -65,8 +69,8 @@ class Setup:
 class Data:
     """The examples and the plan sizes that follow from them."""
 
-    train: list[Example]
-    eval: list[Example]  # from --eval-data or --eval-split; may be empty
+    train: Sequence[Example]  # train.mixture's Examples or Packed: an index over the cache, examples built on demand
+    eval: Sequence[Example]  # from --eval-data or --eval-split; may be empty
     lengths: list[int]  # tokens of each training sequence, which plan_epoch groups by
     global_batch: int  # sequences per optimizer step over all processes
     total_steps: int
@@ -198,30 +202,83 @@ def check_lora_rank(model, opts: TrainOptions) -> None:
 
 
 def load_data(run: Run, tokenizer, max_len: int) -> Data:
-    opts = run.opts
-    with run.d.agreed_errors():
-        train, eval_ = read_data(opts, tokenizer, max_len, run.log)
-    global_batch, total_steps, warmup = plan_sizes(len(train), opts, run.d.world)
-    return Data(train, eval_, [len(e.input_ids) for e in train], global_batch, total_steps, warmup)
+    """The training and eval sets over the tokenize-once cache. Under torchrun the first process of each machine
+    (LOCAL_RANK 0) builds what the cache lacks while the others wait, then they all read it."""
+    opts, d = run.opts, run.d
+    builder = int(os.environ.get("LOCAL_RANK", "0")) == 0 if d.enabled else True
+    opened = None
+    with d.agreed_errors():  # its exchange at the end is the wait
+        if builder:
+            opened = open_sources(opts, tokenizer, max_len, run.log)
+    with d.agreed_errors():
+        if not builder:
+            opened = open_sources(opts, tokenizer, max_len, run.log)
+        train, eval_ = assemble(opts, *opened, max_len, run.log)
+    global_batch, total_steps, warmup = plan_sizes(len(train), opts, d.world)
+    return Data(train, eval_, train.lengths, global_batch, total_steps, warmup)
 
 
-def read_data(opts: TrainOptions, tokenizer, max_len: int, log) -> tuple[list[Example], list[Example]]:
-    """(training examples, eval examples): --data encoded, --eval-data or an --eval-split of --data, packing."""
-    train, stats = load_dataset(opts.data, tokenizer, max_len, opts.train_on_prompt, opts.train_on_thoughts)
-    log(f"train data: {stats.summary()}")
-    eval_: list[Example] = []
+def read_data(opts: TrainOptions, tokenizer, max_len: int, log) -> tuple[Sequence[Example], Sequence[Example]]:
+    """(training examples, eval examples) of one process: the sources through the cache, mixed, split, packed."""
+    return assemble(opts, *open_sources(opts, tokenizer, max_len, log), max_len, log)
+
+
+def data_sources(opts: TrainOptions) -> tuple[list[tuple[Source, dict]], tuple[Source, dict] | None]:
+    """(each --data source with its column map, --eval-data's or None)."""
+    sources = [parse_source(spec) for spec in opts.data]
+    maps = [parse_columns(c) for c in opts.columns]
+    maps = maps * len(sources) if len(maps) == 1 else maps or [{}] * len(sources)
+    eval_source = None
     if opts.eval_data:
-        eval_, eval_stats = load_dataset(
-            opts.eval_data, tokenizer, max_len, opts.train_on_prompt, opts.train_on_thoughts
+        source = parse_source(opts.eval_data, "--eval-data")
+        if source.weight is not None or source.count is not None:
+            raise GemmaError(f"--eval-data {opts.eval_data}: eval data takes no mixture weight or count")
+        eval_source = (source, maps[0] if len(opts.columns) == 1 else {})
+    return list(zip(sources, maps)), eval_source
+
+
+def open_sources(opts: TrainOptions, tokenizer, max_len: int, log):
+    """(the cache entries of --data with their shares, --eval-data's entry or None): read, or built now."""
+    from train.cache import Encoding, default_root, open_or_build, tokenizer_fingerprint
+
+    sources, eval_source = data_sources(opts)
+    root = Path(opts.data_cache).expanduser() if opts.data_cache else default_root()
+    encoding = Encoding(tokenizer_fingerprint(tokenizer), max_len, opts.train_on_prompt, opts.train_on_thoughts)
+    processes = opts.num_proc or min(8, os.cpu_count() or 1)
+
+    def entry(source: Source, columns: dict, role: str):
+        files = source.files()
+        for path in files:
+            names = file_columns(path)
+            if names is not None:
+                check_columns(str(path), names, columns)
+        store, built = open_or_build(root, source.spec, files, columns, encoding, tokenizer, processes, log)
+        log(f"{role} data {source.spec}: {store.stats.summary()}{'' if built else ' (from the cache)'}")
+        return store
+
+    stores = [(entry(source, columns, "train"), source) for source, columns in sources]
+    eval_store = entry(*eval_source, "eval") if eval_source else None
+    return stores, eval_store
+
+
+def assemble(opts: TrainOptions, stores, eval_store, max_len: int, log):
+    """(train, eval) from opened entries: the mixture drawn, --eval-data or --eval-split, packing."""
+    shares = [source.draws(len(store)) for store, source in stores]
+    split = opts.eval_split if eval_store is None else 0.0
+    train, eval_ = mix([store for store, _ in stores], shares, opts.seed, split)
+    if eval_store is not None:
+        eval_ = Examples([eval_store], np.arange(len(eval_store)))
+    if len(stores) > 1 or any(share != 1.0 for share in shares):
+        counts = ", ".join(
+            f"{source.spec}: {int(np.isin(train.rows, np.arange(len(store)) + start).sum())}"
+            for (store, source), start in zip(stores, train.starts)
         )
-        log(f"eval data: {eval_stats.summary()}")
-    elif opts.eval_split > 0:
-        train, eval_ = split_eval(train, opts.eval_split, opts.seed)
+        log(f"mixture of {len(train)} examples per epoch ({counts})")
     if opts.packing:
-        train = pack(train, max_len)
+        train = packed(train, max_len)
         log(f"packed into {len(train)} sequences of up to {max_len} tokens")
-    if not train:
-        raise GemmaError(f"{opts.data}: no trainable records after filtering")
+    if not len(train):
+        raise GemmaError(f"{', '.join(opts.data)}: no trainable records after filtering")
     return train, eval_
 
 
