@@ -8,6 +8,7 @@ import math
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +16,7 @@ from gemma.errors import GemmaError
 from train import prepare
 from train.distributed import AgreedError, Dist
 from train.loop import Interrupted, Signals, build_setup, run_steps
+from train.mixture import split_rows
 from train.options import TrainOptions
 from train.step import (
     FP16_SKIP_LIMIT,
@@ -201,12 +203,13 @@ def test_signal_handlers_are_installed_for_the_loop_and_restored():
 # ---- the data plan and the run folder -------------------------------------------------------------------------------
 
 
-def test_eval_split_is_seeded_disjoint_and_keeps_file_order():
-    examples = list(range(20))
-    train, held = prepare.split_eval(examples, 0.25, seed=3)
-    assert len(held) == 5 and sorted(train + held) == examples and train == sorted(train)
-    assert prepare.split_eval(examples, 0.25, seed=3) == (train, held)
-    assert len(prepare.split_eval(examples, 0.01, seed=3)[1]) == 1  # at least one
+def test_eval_split_is_seeded_and_takes_at_least_one():
+    rows = np.arange(100, 120)
+    held = split_rows(len(rows), 0.25, 3, rows)
+    assert len(held) == 5 and len(np.unique(held)) == 5 and np.isin(held, rows).all()
+    assert (split_rows(len(rows), 0.25, 3, rows) == held).all()
+    assert not (split_rows(len(rows), 0.25, 4, rows) == held).all()
+    assert len(split_rows(len(rows), 0.01, 3, rows)) == 1  # at least one
 
 
 def test_plan_sizes():

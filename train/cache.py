@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from gemma.errors import GemmaError
+from gemma.files import regular_file
 from train.data import IGNORE, DataStats, Example, count_example, encode_record
 from train.records import iter_records, map_record
 
@@ -73,6 +74,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def file_digest(path: Path) -> str:
     """SHA-256 of a file's bytes, read 8 MiB at a time."""
     h = hashlib.sha256()
+    regular_file(path, "data file")  # a FIFO or a device would block or never end
     try:
         with open(path, "rb") as f:
             while chunk := f.read(8 << 20):

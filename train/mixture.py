@@ -92,7 +92,7 @@ def mix(stores: list[TokenStore], shares: list[float], seed: int, eval_split: fl
 
 
 def split_rows(n: int, fraction: float, seed: int, rows: np.ndarray) -> np.ndarray:
-    """A seeded `fraction` of `rows` (at least one), as train.prepare.split_eval holds them out."""
+    """A seeded `fraction` of `rows` (at least one): the --eval-split share, the same for every rank."""
     import torch
 
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()

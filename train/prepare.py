@@ -282,13 +282,6 @@ def assemble(opts: TrainOptions, stores, eval_store, max_len: int, log):
     return train, eval_
 
 
-def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:
-    """(train, eval): a seeded random `fraction` of `examples` (at least one) held out; train keeps file order."""
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_eval = max(1, int(len(order) * fraction))
-    return [examples[i] for i in sorted(order[n_eval:])], [examples[i] for i in order[:n_eval]]
-
-
 def plan_sizes(n_examples: int, opts: TrainOptions, world: int) -> tuple[int, int, int]:
     """(global batch, total steps, warmup steps): --max-steps, else --epochs over the data."""
     global_batch = opts.batch_size * opts.grad_accum * world
