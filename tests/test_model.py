@@ -25,11 +25,12 @@ def test_fp32_logits_match_transformers(case, tmp_path):
         got = ours(x)
     assert got.dtype == torch.float32 and got.shape == ref.shape
     if case == "gemma4":
-        # Gemma 4's post-norms amplify rounding: transformers' own SDPA and eager attention differ by 1.2e-5 on this
-        # model. Ours (SDPA) gives transformers' SDPA logits, and is within that spread of its eager ones.
+        # Gemma 4's post-norms amplify rounding: transformers' own SDPA and eager attention differ by up to 1.2e-5 on
+        # this model. Ours (SDPA) gives transformers' SDPA logits (to the bit on a Xeon; within 5.8e-6 on an AMD
+        # EPYC, whose kernels sum in another order), and is within that spread of its eager ones.
         with torch.no_grad():
             sdpa = hf_model(case, attn="sdpa")(x).logits.float()
-        torch.testing.assert_close(got, sdpa, atol=1e-6, rtol=0)
+        torch.testing.assert_close(got, sdpa, atol=1e-5, rtol=0)
         torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
         return
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

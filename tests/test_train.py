@@ -99,7 +99,9 @@ def test_chunked_loss_equals_plain_loss_and_gradients(lora_model):
     assert n == int((batch["targets"] != -100).sum())
     torch.testing.assert_close(chunked, plain, atol=1e-4, rtol=1e-6)
     for k in g1:
-        torch.testing.assert_close(g1[k], g2[k], atol=1e-6, rtol=1e-5)
+        # Within a few float32 ulps of each tensor's largest gradient: the chunks sum in another order, and how far
+        # that moves one element depends on the CPU's kernels (5.7e-7 of the largest on an AMD EPYC).
+        torch.testing.assert_close(g1[k], g2[k], atol=4e-6 * float(g2[k].abs().max()), rtol=1e-5)
 
 
 @pytest.mark.parametrize("case", ("gemma2", "gemma3"))  # gemma2: the final softcap
@@ -136,7 +138,9 @@ def test_chunked_loss_gradient_by_hand_is_as_accurate_as_autograd(case, precisio
     (loss_a, grad_a), (loss_b, grad_b) = results
     torch.testing.assert_close(loss_a, loss_b, atol=0, rtol=1e-5)  # summed in another order
     error = lambda g: ((g.double() - exact).abs().max() / exact.abs().max()).item()  # noqa: E731
-    assert error(grad_a) <= 2 * error(grad_b) + 1e-7
+    # At most twice autograd's error, or at float32's noise floor (a few ulps of the largest gradient, where the
+    # ratio means nothing: on an AMD EPYC the fp32 errors are 1.2e-6 by hand and 5.1e-7 by autograd).
+    assert error(grad_a) <= max(2 * error(grad_b), 2e-6)
 
 
 # ---- the command ---------------------------------------------------------------------------------------------------

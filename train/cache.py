@@ -29,6 +29,7 @@ import os
 import shutil
 import sys
 import time
+from array import array
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -215,7 +216,7 @@ def _encode_into(work: Path, name: str, files, columns, encoding: Encoding, toke
     from tqdm import tqdm
 
     _JOB.update(tokenizer=tokenizer, encoding=encoding, columns=columns)
-    stats, offsets = DataStats(), [0]
+    stats, offsets = DataStats(), array("q", [0])  # 8 bytes an example, not a Python int's 36
     start = time.perf_counter()
     can_fork = "fork" in multiprocessing.get_all_start_methods()
     used = num_proc if can_fork else 1
@@ -230,7 +231,7 @@ def _encode_into(work: Path, name: str, files, columns, encoding: Encoding, toke
             for field in asdict(part):
                 setattr(stats, field, getattr(stats, field) + getattr(part, field))
             bar.update(part.records)
-    np.array(offsets, dtype=np.int64).tofile(work / "offsets.i64")
+    np.frombuffer(offsets, dtype=np.int64).tofile(work / "offsets.i64")
     _JOB.clear()
     return stats, time.perf_counter() - start, used
 
