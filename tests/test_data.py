@@ -3,9 +3,11 @@ epoch planning, sharding, collation, and the errors a user sees for bad files.""
 
 import json
 import os
+import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -416,6 +418,21 @@ def test_plan_epoch():
         env={**os.environ, "PYTHONHASHSEED": "12345"},
     )
     assert run.stdout == str(plan_epoch(list(range(103)), 8, seed=1, epoch=0)) + "\n"
+
+
+@pytest.mark.parametrize("n, batch", [(0, 4), (1, 1), (1000, 1), (1000, 7), (999, 1000)])
+def test_plan_epoch_is_the_shuffle_then_each_group_sorted(n, batch):
+    # The plan as it was first defined, one list per step: a resumed run started before EpochPlan replays the same.
+    rng = random.Random(n)
+    lengths = [rng.randint(1, 40) for _ in range(n)]
+    order = list(range(n))
+    random.Random("plan_epoch:5:2").shuffle(order)
+    groups = [sorted(order[i : i + batch], key=lambda i: (-lengths[i], i)) for i in range(0, n, batch)]
+    plan = plan_epoch(lengths, batch, seed=5, epoch=2)
+    assert len(plan) == len(groups) and list(plan) == groups
+    assert plan_epoch(np.array(lengths, dtype=np.int64), batch, seed=5, epoch=2) == groups
+    with pytest.raises(IndexError):
+        plan[len(plan)]
 
 
 def test_shard_same_steps_for_any_world():

@@ -12,9 +12,10 @@ import json
 import os
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from gemma.errors import GemmaError
@@ -540,20 +541,46 @@ def join_examples(members: list[Example]) -> Example:
     return Example(ids, targets, positions, segments)
 
 
-def plan_epoch(lengths: list[int], global_batch: int, seed: int, epoch: int) -> list[list[int]]:
-    """The example indices of each optimizer step of one epoch.
+class EpochPlan(Sequence):
+    """The example indices of each optimizer step of one epoch: group `step` is worked out when asked for.
 
     A shuffle seeded by (seed, epoch) alone, so a resumed run replays it exactly; then groups of `global_batch`
     in that order (the last, partial group is kept); inside a group the indices are sorted longest first (ties by
-    index), so that shard()'s contiguous micro-batches hold similar lengths and waste little padding.
+    index), so that shard()'s contiguous micro-batches hold similar lengths and waste little padding. What is kept is
+    the shuffled order and the lengths as arrays (16 bytes an example), not a list per step.
     """
-    if global_batch < 1:
-        raise ValueError(f"global_batch must be at least 1, got {global_batch}")
-    order = list(range(len(lengths)))
-    # A string seed is hashed with SHA-512: the same order on every machine and Python run.
-    random.Random(f"plan_epoch:{seed}:{epoch}").shuffle(order)
-    groups = [order[i : i + global_batch] for i in range(0, len(order), global_batch)]
-    return [sorted(group, key=lambda i: (-lengths[i], i)) for group in groups]
+
+    def __init__(self, lengths: Sequence[int], global_batch: int, seed: int, epoch: int):
+        if global_batch < 1:
+            raise ValueError(f"global_batch must be at least 1, got {global_batch}")
+        order = list(range(len(lengths)))
+        # A string seed is hashed with SHA-512: the same order on every machine and Python run.
+        random.Random(f"plan_epoch:{seed}:{epoch}").shuffle(order)
+        self.order = np.array(order, dtype=np.int64)
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.global_batch = global_batch
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.global_batch)
+
+    def __getitem__(self, step: int) -> list[int]:
+        if not 0 <= step < len(self):
+            raise IndexError(step)
+        group = self.order[step * self.global_batch : (step + 1) * self.global_batch]
+        return group[np.lexsort((group, -self.lengths[group]))].tolist()  # longest first, ties by index
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, EpochPlan | list) and list(self) == list(other)
+
+    __hash__ = None  # equal by value, and mutable in principle: not hashable
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+
+def plan_epoch(lengths: Sequence[int], global_batch: int, seed: int, epoch: int) -> EpochPlan:
+    """The example indices of each optimizer step of one epoch (see EpochPlan)."""
+    return EpochPlan(lengths, global_batch, seed, epoch)
 
 
 def shard(group: list[int], rank: int, world: int, accum: int) -> list[list[int]]:

@@ -37,8 +37,8 @@ class Examples(Sequence):
         return self.stores[s].example(row - int(self.starts[s]))
 
     @property
-    def lengths(self) -> list[int]:
-        return self._lengths.tolist()
+    def lengths(self) -> np.ndarray:
+        return self._lengths
 
 
 class Packed(Sequence):
@@ -47,7 +47,7 @@ class Packed(Sequence):
     def __init__(self, base: Examples, bins: list[list[int]]):
         self.base, self.bins = base, bins
         lengths = base._lengths
-        self._lengths = [int(sum(lengths[i] for i in members)) for members in bins]
+        self._lengths = np.array([int(lengths[members].sum()) for members in bins], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.bins)
@@ -56,7 +56,7 @@ class Packed(Sequence):
         return join_examples([self.base[j] for j in self.bins[i]])
 
     @property
-    def lengths(self) -> list[int]:
+    def lengths(self) -> np.ndarray:
         return self._lengths
 
 

@@ -71,7 +71,7 @@ class Data:
 
     train: Sequence[Example]  # train.mixture's Examples or Packed: an index over the cache, examples built on demand
     eval: Sequence[Example]  # from --eval-data or --eval-split; may be empty
-    lengths: list[int]  # tokens of each training sequence, which plan_epoch groups by
+    lengths: Sequence[int]  # tokens of each training sequence (an array), which plan_epoch groups by
     global_batch: int  # sequences per optimizer step over all processes
     total_steps: int
     warmup: int  # steps of linear warmup
