@@ -14,7 +14,7 @@ step. "start-up" is the time from launching the process to the line that the run
 (the mixture or the packing line, else the data line); "wall" is the whole run, one step and the saving included.
 "peak RSS" is the largest resident set of the run's main process (its encoding workers are separate processes).
 A second, smaller set (--small, default a tenth) is started the same way to show that memory does not grow with
-the data beyond its index (offsets and the epoch plan: 8 bytes a record each).
+the data beyond its index (offsets, rows, lengths and the epoch plan: about 40 bytes a record).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -96,6 +97,7 @@ _READY = re.compile(r"^(packed into|mixture of|train data )")
 
 def run_sft(model: str, data: Path, cache: Path, num_proc: int, out: Path) -> dict:
     """One `python -m train.sft` run: its start-up and wall seconds, peak RSS, the encoding figures it printed."""
+    shutil.rmtree(out, ignore_errors=True)  # this tool's own run folder from an earlier measurement
     cmd = [sys.executable, "-m", "train.sft", "--model", model, "--data", str(data), "--data-cache", str(cache)]
     cmd += ["--num-proc", str(num_proc), "--max-steps", "1", "--batch-size", "1", "--out", str(out)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -115,7 +117,7 @@ def run_sft(model: str, data: Path, cache: Path, num_proc: int, out: Path) -> di
         if m := _ENCODED.search(line):
             records, seconds, used, rate, tokens = m.groups()
             result.update(
-                records=int(records),
+                encoded=int(records),
                 encode_s=float(seconds),
                 processes=int(used),
                 records_per_s=int(rate.replace(",", "")),
@@ -157,7 +159,7 @@ def main(argv=None) -> int:
         procs = args.num_proc if n == args.records else args.num_proc[:1]
         for p in procs:
             cache = work / f"cache-{n}-{p}"
-            subprocess.run(["rm", "-rf", str(cache)], check=True)
+            shutil.rmtree(cache, ignore_errors=True)
             first = run_sft(args.model, data, cache, p, work / f"run-{n}-{p}-first")
             rows.append({"records": n, "start": "first", "num_proc": p, **first})
             print(json.dumps(rows[-1]), flush=True)
