@@ -77,6 +77,8 @@ def _human(n: int) -> str:
 def summary(model: nn.Module) -> str:
     """One line: trainable vs total parameters, e.g. `trainable 1.47M / 270M (0.545%)`."""
     params = {id(p): p for p in model.parameters()}.values()  # a tied parameter counts once
-    total = sum(p.numel() for p in params)
+    # A base stored quantized (gemma.model.base_quant) holds its weights as buffers: counted by their shape.
+    stored = sum(m.shape.numel() for m in model.modules() if hasattr(m, "dequantize") and hasattr(m, "shape"))
+    total = sum(p.numel() for p in params) + stored
     trainable = sum(p.numel() for p in params if p.requires_grad)
     return f"trainable {_human(trainable)} / {_human(total)} ({100 * trainable / max(total, 1):.3g}%)"

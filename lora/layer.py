@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gemma.errors import GemmaError
 from gemma.model.layers import AdaptedLinear
 
 
@@ -75,14 +76,18 @@ class _LoRAMatmul(torch.autograd.Function):
     def forward(ctx, x, dx, weight, lora_A, lora_B, scale):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        # A quantized base (gemma.model.base_quant) is dequantized here and again in backward, never kept.
+        quantized = not isinstance(weight, torch.Tensor)
         with torch.autocast(device, enabled=False):
-            w, a, b = weight.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
+            w = weight.dequantize(dtype) if quantized else weight.to(dtype)
+            a, b = lora_A.to(dtype), lora_B.to(dtype)
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (N, in)
             d2 = x2 if dx is None else dx.reshape(-1, dx.shape[-1]).to(dtype)
             out = torch.mm(x2, w.t())  # (N, out)
             xa = torch.mm(d2, a.t())  # (N, r)
             out.addmm_(xa, b.t(), alpha=scale)
-        ctx.save_for_backward(d2, xa, w, a, b)
+        ctx.save_for_backward(d2, xa, None if quantized else w, a, b)
+        ctx.qweight = weight if quantized else None
         ctx.scale, ctx.dropout = scale, dx is not None
         ctx.dtypes = (x.dtype, None if dx is None else dx.dtype, lora_A.dtype, lora_B.dtype)
         return out.view(*x.shape[:-1], w.shape[0])
@@ -90,6 +95,8 @@ class _LoRAMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         d2, xa, w, a, b = ctx.saved_tensors
+        if ctx.qweight is not None:
+            w = ctx.qweight.dequantize(a.dtype)
         x_dtype, dx_dtype, a_dtype, b_dtype = ctx.dtypes
         shape = grad.shape[:-1]
         need_x, need_dx, _, need_a, need_b, _ = ctx.needs_input_grad
@@ -169,7 +176,8 @@ class LoRALinear(AdaptedLinear):
         autocast = torch.is_autocast_enabled(x.device.type)
         if self.magnitude is None and not self.weight.requires_grad and (autocast or self.lora_A.dtype == x.dtype):
             return _LoRAMatmul.apply(x, None if dx is x else dx, self.weight, self.lora_A, self.lora_B, self.scale)
-        out = F.linear(x, self.weight)
+        weight = self.base_weight(x)
+        out = F.linear(x, weight)
         # The adapter may be kept in float32 over a bf16 base (training). Outside autocast, match dtypes by hand.
         if not autocast:
             dx = dx.to(self.lora_A.dtype)
@@ -179,11 +187,24 @@ class LoRALinear(AdaptedLinear):
         # DoRA. The row norm is a constant for the backward pass (DoRA paper, section 4.3; peft detaches it), so it
         # is computed without building a graph.
         with torch.no_grad():
-            norm = dora_norm(self.weight, self.lora_A, self.lora_B, self.scale)
+            norm = dora_norm(weight, self.lora_A, self.lora_B, self.scale)
         factor = self.magnitude / norm  # (out,)
         # With dropout active the base term must see the same dropped input as the LoRA term (peft does the same).
-        base = out if dx is x else F.linear(dx, self.weight)
+        base = out if dx is x else F.linear(dx, weight)
         return out + ((factor - 1) * base + factor * lora * self.scale)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the frozen weight is stored quantized (gemma.model.base_quant), not as a tensor."""
+        return not isinstance(self.weight, torch.Tensor)
+
+    def base_weight(self, x: torch.Tensor | None = None) -> torch.Tensor:
+        """The frozen weight as a tensor: itself, or dequantized to x's compute dtype."""
+        if not self.quantized:
+            return self.weight
+        device = x.device.type if x is not None else "cpu"
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        return self.weight.dequantize(dtype or (x.dtype if x is not None else None))
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -191,6 +212,11 @@ class LoRALinear(AdaptedLinear):
         linear layer (for inference: the adapter parameters get no gradient while merged)."""
         if self.merged:
             return
+        if self.quantized:
+            raise GemmaError(
+                "cannot merge a LoRA update into a quantized base in place; merge into the unquantized "
+                "model (load it without --base-quant)"
+            )
         merged, self._merged_norm = merge_weight(self.weight, self.lora_A, self.lora_B, self.scale, self.magnitude)
         self.weight.copy_(merged)
         self.merged = True

@@ -92,11 +92,14 @@ def hf_config(case: str):
 CASES = ("gemma1-mqa", "gemma1-mha", "gemma2", "gemma3", "gemma4")
 
 
-def hf_model(case: str, seed: int = 0, attn: str = "eager"):
-    """A transformers model with random weights large enough that every feature matters."""
+def hf_model(case: str, seed: int = 0, attn: str = "eager", **overrides):
+    """A transformers model with random weights large enough that every feature matters (`overrides`: config
+    fields set differently)."""
     import transformers as tf
 
     cfg = hf_config(case)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
     cfg._attn_implementation = attn
     cfg._experts_implementation = "eager"
     cls = {

@@ -89,6 +89,12 @@ class TrainOptions:
     lora_targets: str = _opt(",".join(ALL_TARGETS), f"projections to adapt, a comma list of {','.join(ALL_TARGETS)}")
     rslora: bool = _opt(False, "rank-stabilised scaling alpha / sqrt(r)")
     dora: bool = _opt(False, "weight-decomposed LoRA (DoRA)")
+    base_quant: str = _opt(
+        "none",
+        "store the frozen base's projections quantized, LoRA over them (QLoRA): nf4 (4-bit NormalFloat, double "
+        "quantized) | int8 (per-row) | none",
+        choices=("none", "nf4", "int8"),
+    )
     # numerics and memory
     precision: str = _opt("bf16", "fp32 | bf16 | fp16 (fp16 uses a gradient scaler)", choices=("fp32", "bf16", "fp16"))
     grad_checkpointing: bool = _opt(False, "recompute block activations in the backward pass (less memory)")
@@ -146,6 +152,7 @@ class TrainOptions:
             (self.save_every >= 0, "--save-every must be at least 0 (0: only at the end)"),
             (self.precision in ("fp32", "bf16", "fp16"), f"unknown --precision {self.precision!r}"),
             (self.distributed in ("ddp", "fsdp"), f"unknown --distributed {self.distributed!r}"),
+            (self.base_quant in ("none", "nf4", "int8"), f"unknown --base-quant {self.base_quant!r}"),
             (
                 1 <= self.dist_timeout <= MAX_DIST_TIMEOUT,
                 f"--dist-timeout must be between 1 and {MAX_DIST_TIMEOUT} seconds",

@@ -146,6 +146,11 @@ def load_model(run: Run):
         log("note: --distributed applies under torchrun; this is one process")
     base_dtype = torch.bfloat16 if opts.precision == "bf16" else torch.float32
     with d.agreed_errors():
+        if opts.base_quant != "none" and d.sharded:
+            raise GemmaError(
+                f"--base-quant {opts.base_quant} with --distributed fsdp: a quantized base is not sharded; use "
+                "--distributed ddp (each process holds the quantized base, a quarter of its bf16 size)"
+            )
         model, tokenizer = gemma.load(opts.source, dtype=base_dtype, device="cpu")
         check_lora_rank(model, opts)
     # Longer sequences would hold positions the model never saw; a larger --max-len only means "no trimming".
@@ -163,6 +168,10 @@ def load_model(run: Run):
             dora=opts.dora,
         ),
     )
+    if opts.base_quant != "none":
+        from gemma.model.base_quant import quantize_base
+
+        quantize_base(model, opts.base_quant)
     for p in model.parameters():
         if p.requires_grad:  # the adapter trains in float32 whatever the base dtype (autocast does the matmuls)
             p.data = p.data.float()
