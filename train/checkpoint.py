@@ -85,6 +85,7 @@ def save_checkpoint(
     keep_last: int,
     own: dict[str, Any] | None = None,
     d=None,
+    output: str = "adapter",
 ) -> Path:
     """Write checkpoints/step-N atomically, then drop all but the newest `keep_last`.
 
@@ -96,7 +97,7 @@ def save_checkpoint(
     if d is None or not d.enabled:
         with writing(dst, "checkpoint"), atomic_dir(dst, force=True) as tmp:
             _save(state, tmp / "state.pt")
-            write_adapter(tmp / "adapter")
+            write_adapter(tmp / output)
         _prune(run_dir, keep_last)
         return dst
     tmp = dst.parent / f".{dst.name}.tmp"
@@ -108,7 +109,7 @@ def save_checkpoint(
         _save_atomic(own, tmp / rank_file(d.rank))
         if d.main:
             _save_atomic(state, tmp / "state.pt")
-            write_adapter(tmp / "adapter")
+            write_adapter(tmp / output)
     # A kill between the two renames leaves `.step-N.old` complete and no step-N: `recover` renames it back.
     with d.agreed_errors(), writing(dst, "checkpoint"):
         if d.main:
@@ -167,12 +168,17 @@ def recover(run_dir: Path) -> None:
         if pid is not None and process_alive(int(pid)):
             continue  # another process's save in progress (two runs in one folder)
         final = root / name
-        if kind == "old" and not final.exists() and (p / "state.pt").is_file() and (p / "adapter").is_dir():
+        if kind == "old" and not final.exists() and (p / "state.pt").is_file() and _has_output(p):
             os.replace(p, final)
         elif p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
+
+
+def _has_output(folder: Path) -> bool:
+    """Whether a checkpoint folder holds what a run writes: its adapter, or under --full its model folder."""
+    return (folder / "adapter").is_dir() or (folder / "model").is_dir()
 
 
 def load_checkpoint(path: Path, rank: int | None = None) -> dict[str, Any]:

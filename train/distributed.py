@@ -183,6 +183,13 @@ def fsdp_units(model) -> list[nn.Module]:
     return [*model.layers, *([model.per_layer] if model.per_layer is not None else [])]
 
 
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A tensor on the CPU whole: a sharded DTensor gathered (a collective), a plain one as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
+
+
 class Replicas:
     """A loss module as every process runs it: as is (one process), under DDP, or sharded by FSDP2.
 
@@ -203,8 +210,12 @@ class Replicas:
                 dist.broadcast(p.data, src=0)
             from torch.nn.parallel import DistributedDataParallel
 
+            # No buffer is state that training changes (rotary tables, a quantized base): none to broadcast.
             self.wrapped = DistributedDataParallel(
-                module, device_ids=[d.device.index] if d.device.type == "cuda" else None, init_sync=False
+                module,
+                device_ids=[d.device.index] if d.device.type == "cuda" else None,
+                init_sync=False,
+                broadcast_buffers=False,
             )
         elif d.mode == "fsdp":
             from torch.distributed.device_mesh import init_device_mesh
@@ -222,6 +233,7 @@ class Replicas:
                 fully_shard(block, mesh=mesh, mp_policy=mp)
             fully_shard(module, mesh=mesh, mp_policy=mp)
         self.params = [p for p in module.parameters() if p.requires_grad]  # sharded DTensors under FSDP
+        self.full_output = None  # --full: (tokenizer, format, dtype) of the model folder written instead of an adapter
 
     def __call__(self, batch: dict) -> torch.Tensor:
         return self.wrapped(batch)
@@ -254,15 +266,24 @@ class Replicas:
     # ---- the adapter and the sharded state ----
 
     def gather_adapter(self, model) -> dict[str, torch.Tensor] | None:
-        """Under FSDP the whole adapter by native name, on the CPU (a collective: every process calls it); None
-        otherwise (each process holds it whole)."""
+        """Under FSDP the whole adapter (--full: the whole model) by native name, on the CPU (a collective: every
+        process calls it); None otherwise (each process holds it whole)."""
         if not self.d.sharded:
             return None
+        if self.full_output is not None:
+            return {k: _whole(v) for k, v in model.state_dict().items()}
         return {k: v.full_tensor().detach().cpu() for k, v in adapter_state_dict(model).items()}
 
     def write_adapter(self, model, folder: Path, gathered: dict | None, base: str | None) -> None:
-        """Write the adapter as a PEFT folder (rank 0 calls this; `gathered` from gather_adapter)."""
-        if gathered is None:
+        """Write the adapter as a PEFT folder, or under --full the model folder (rank 0 calls this; `gathered`
+        from gather_adapter)."""
+        if self.full_output is not None:
+            from train.full import write_full_model
+
+            tokenizer, fmt, dtype = self.full_output
+            state = gathered if gathered is not None else model.state_dict()
+            write_full_model(folder, model, state, tokenizer, fmt, dtype)
+        elif gathered is None:
             save_adapter(model, folder, base_model_name_or_path=base, force=True)
         else:  # the model's parameters are shards here: the same writer, given the gathered whole tensors
             write_adapter(folder, model.config, model.lora_config, gathered, base_model_name_or_path=base, force=True)

@@ -192,6 +192,8 @@ def build_setup(run: prepare.Run) -> prepare.Setup:
     optimizer = torch.optim.AdamW(
         replicas.params, lr=opts.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=opts.weight_decay
     )
+    if opts.full:  # the model folder a run writes where a LoRA run writes its adapter
+        replicas.full_output = (tokenizer, opts.save_format, torch.bfloat16 if opts.precision == "bf16" else None)
     scaler = torch.amp.GradScaler(d.device.type, enabled=opts.precision == "fp16")
     empty = to_device(collate([_EMPTY], tokenizer.pad_id), d.device)
     return prepare.Setup(model, tokenizer, max_len, replicas, optimizer, scaler, empty)
@@ -259,7 +261,7 @@ def run_steps(run: prepare.Run, setup: prepare.Setup, data: prepare.Data, state:
             after_step(run, setup, data, state, done, window, len(plan), bar, signals)
         bar.close()
         save(run, setup, state)
-        write_adapter(run, setup, run.run_dir / "adapter")
+        write_adapter(run, setup, run.run_dir / output_name(run.opts))
     finally:
         bar.close()  # an error line must start a line of its own, not follow the bar
 
@@ -385,16 +387,21 @@ def evaluate(run: prepare.Run, setup: prepare.Setup, data: prepare.Data, state: 
     )
     if value < state.best_eval:
         state.best_eval = value
-        write_adapter(run, setup, run.run_dir / "best_adapter")
+        write_adapter(run, setup, run.run_dir / f"best_{output_name(run.opts)}")
     return value
 
 
 # ---- what is written: adapters and checkpoints -----------------------------------------------------------------------
 
 
+def output_name(opts) -> str:
+    """What a run writes: `adapter` (LoRA), `model` (--full)."""
+    return "model" if opts.full else "adapter"
+
+
 def write_adapter(run: prepare.Run, setup: prepare.Setup, folder: Path) -> None:
     """Every process calls it (FSDP gathers the shards); rank 0 writes."""
-    with ckpt.writing(folder, "adapter"):
+    with ckpt.writing(folder, output_name(run.opts)):
         setup.replicas.save_adapter(setup.model, folder, run.opts.base_name)
 
 
@@ -422,6 +429,7 @@ def save(run: prepare.Run, setup: prepare.Setup, state: RunState) -> Path:
         opts.keep_last,
         own,
         d,
+        output=output_name(opts),
     )
 
 

@@ -95,6 +95,11 @@ class TrainOptions:
         "quantized) | int8 (per-row) | none",
         choices=("none", "nf4", "int8"),
     )
+    full: bool = _opt(False, "full fine-tuning: the model's own weights train (no adapter); writes a model folder")
+    train_modules: str = _opt(
+        "all", "with --full: which weights train, a comma list of embeddings,norms,attention,mlp, or all"
+    )
+    save_format: str = _opt("hf", "with --full: the model folder's format, hf | native", choices=("hf", "native"))
     # numerics and memory
     precision: str = _opt("bf16", "fp32 | bf16 | fp16 (fp16 uses a gradient scaler)", choices=("fp32", "bf16", "fp16"))
     grad_checkpointing: bool = _opt(False, "recompute block activations in the backward pass (less memory)")
@@ -153,6 +158,14 @@ class TrainOptions:
             (self.precision in ("fp32", "bf16", "fp16"), f"unknown --precision {self.precision!r}"),
             (self.distributed in ("ddp", "fsdp"), f"unknown --distributed {self.distributed!r}"),
             (self.base_quant in ("none", "nf4", "int8"), f"unknown --base-quant {self.base_quant!r}"),
+            (self.save_format in ("hf", "native"), f"unknown --save-format {self.save_format!r}"),
+            (
+                not (self.full and self.base_quant != "none"),
+                f"--base-quant {self.base_quant} with --full: a quantized base is frozen (it trains LoRA over it); "
+                "--full trains the weights themselves, so choose one",
+            ),
+            (self.full or self.train_modules == "all", "--train-modules applies to --full only"),
+            (not (self.full and self.dora), "--dora is a LoRA variant; --full trains no adapter"),
             (
                 1 <= self.dist_timeout <= MAX_DIST_TIMEOUT,
                 f"--dist-timeout must be between 1 and {MAX_DIST_TIMEOUT} seconds",
@@ -161,6 +174,10 @@ class TrainOptions:
         for ok, message in checks:
             if not ok:
                 raise GemmaError(message)
+        if self.full:
+            from train.full import parse_modules
+
+            parse_modules(self.train_modules)
         if self.chat_prompt is not None and has_lone_surrogate(self.chat_prompt):
             raise GemmaError("--chat-prompt is not valid text (bytes that are not UTF-8, or a lone surrogate)")
         bad = [t for t in self.targets if t not in ALL_TARGETS]

@@ -26,6 +26,7 @@ from lora.inject import module_path
 from train import checkpoint as ckpt
 from train import distributed, outputs
 from train.data import Example
+from train.full import make_trainable, parse_modules
 from train.mixture import Examples, mix, packed
 from train.options import TrainOptions
 from train.records import check_columns, file_columns, parse_columns
@@ -118,7 +119,7 @@ def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
         if not found:
             raise GemmaError(f"{run_dir}: no checkpoint to resume from")
         return found[-1]
-    if found or (run_dir / "adapter").exists():
+    if found or (run_dir / "adapter").exists() or (run_dir / "model").exists():
         raise GemmaError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another --out")
     return None
 
@@ -144,7 +145,8 @@ def load_model(run: Run):
         log("note: fp16 on CPU is slow and overflow-prone; bf16 is the better choice here")
     if opts.distributed == "fsdp" and not d.enabled:
         log("note: --distributed applies under torchrun; this is one process")
-    base_dtype = torch.bfloat16 if opts.precision == "bf16" else torch.float32
+    # LoRA: the frozen base in the compute dtype. --full: float32 master weights (autocast computes in bf16).
+    base_dtype = torch.bfloat16 if opts.precision == "bf16" and not opts.full else torch.float32
     with d.agreed_errors():
         if opts.base_quant != "none" and d.sharded:
             raise GemmaError(
@@ -152,11 +154,30 @@ def load_model(run: Run):
                 "--distributed ddp (each process holds the quantized base, a quarter of its bf16 size)"
             )
         model, tokenizer = gemma.load(opts.source, dtype=base_dtype, device="cpu")
-        check_lora_rank(model, opts)
+        if opts.full:
+            make_trainable(model, parse_modules(opts.train_modules))
+        else:
+            check_lora_rank(model, opts)
     # Longer sequences would hold positions the model never saw; a larger --max-len only means "no trimming".
     max_len = min(opts.max_len, model.config.max_seq_len)
     if max_len < opts.max_len:
         log(f"note: --max-len {opts.max_len} is above the model's context of {max_len} tokens; using {max_len}")
+    if not opts.full:
+        _inject(model, opts)
+    # The adapter is drawn on the CPU whatever the device, so a seed gives the same start on CPU and GPU, with or
+    # without FSDP, which shards the model from host memory so that no device ever holds all of it.
+    if not d.sharded:
+        model.to(d.device)
+    log(summary(model))
+    model.grad_checkpointing = opts.grad_checkpointing
+    model.train()
+    if d.rank:  # every process starts from the same adapter; dropout then draws differently on each
+        torch.manual_seed(opts.seed + d.rank)
+    return model, tokenizer, max_len
+
+
+def _inject(model, opts: TrainOptions) -> None:
+    """The LoRA adapter (float32) over the frozen base, the base quantized under it with --base-quant."""
     inject(
         model,
         LoraConfig(
@@ -175,16 +196,6 @@ def load_model(run: Run):
     for p in model.parameters():
         if p.requires_grad:  # the adapter trains in float32 whatever the base dtype (autocast does the matmuls)
             p.data = p.data.float()
-    # The adapter is drawn on the CPU whatever the device, so a seed gives the same start on CPU and GPU, with or
-    # without FSDP, which shards the model from host memory so that no device ever holds all of it.
-    if not d.sharded:
-        model.to(d.device)
-    log(summary(model))
-    model.grad_checkpointing = opts.grad_checkpointing
-    model.train()
-    if d.rank:  # every process starts from the same adapter; dropout then draws differently on each
-        torch.manual_seed(opts.seed + d.rank)
-    return model, tokenizer, max_len
 
 
 def check_lora_rank(model, opts: TrainOptions) -> None:

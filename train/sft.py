@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         raise mine from None
     if distributed.env_rank() != 0:
         return 0
-    print(f"done in {time.perf_counter() - start:.0f}s: adapter in {run_dir / 'adapter'}", flush=True)
+    what = "model" if opts.full else "adapter"
+    print(f"done in {time.perf_counter() - start:.0f}s: {what} in {run_dir / what}", flush=True)
     report = run_dir / "report.json"
     if report.exists():
         print(json.dumps(json.loads(report.read_text()), ensure_ascii=False, indent=2))
