@@ -133,6 +133,26 @@ def test_two_processes_match_one_at_the_same_global_batch(tiny_folder, nine, one
     assert resolved["world_size"] == 2 and resolved["global_batch"] == 4 and resolved["distributed"] == mode
 
 
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_full_fine_tuning_on_two_processes_matches_one(tiny_folder, nine, tmp_path, mode):
+    """--full: every weight trains (FSDP shards them and their AdamW state); the model folder equals one process's."""
+    full = ["--full", "--precision", "fp32", "--save-format", "native"]
+    one = sft("--model", tiny_folder, "--data", nine, *COMMON, *full, "--grad-accum", 4, "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun(
+        *("--model", tiny_folder, "--data", nine, *COMMON, *full, "--grad-accum", 2, "--distributed", mode),
+        *("--out", tmp_path / "two"),
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0, msg=k)
+    for x, y in zip(metrics(tmp_path / "two"), metrics(tmp_path / "one")):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 * abs(y["loss"])
+
+
 def test_fsdp_on_gemma4_matches_one_process(tiny_tokenizer_path, nine, tmp_path):
     """A Gemma 4 with every branch (per-layer embeddings, their own FSDP unit; KV sharing; frozen experts) trains
     under FSDP as on one process."""
