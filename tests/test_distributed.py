@@ -340,6 +340,46 @@ def test_a_user_error_is_one_line_from_rank_0(tiny_folder, tmp_path):
     assert run.stderr.count("Traceback") <= 1  # torchrun's own report of the failed processes, none of theirs
 
 
+def _resident_bytes(model, optimizer) -> int:
+    """The training state a process holds, counted tensor by tensor (each storage once): parameters, persistent
+    buffers (a quantized base), gradients, the optimizer's state."""
+    tensors = [*model.parameters(), *model.state_dict().values()]
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim()]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("method", ["lora", "nf4", "full"])
+def test_memory_per_gpu_is_what_a_training_step_holds(tmp_path, method):
+    """memory_per_gpu (the README's tables) against the state a real optimizer step leaves resident, on a tiny
+    Gemma 3 whose widths are whole NF4 blocks."""
+    import lora
+    from gemma.formats.checkpoint import build_model, load_hf_folder
+    from gemma.model.base_quant import quantize_base
+    from tiny_models import hf_model, tokens
+    from train.distributed import memory_per_gpu
+
+    hf_model("gemma3", intermediate_size=128).save_pretrained(tmp_path)
+    cfg, state = load_hf_folder(tmp_path, torch.float32 if method == "full" else torch.bfloat16)
+    model = build_model(cfg, state, "cpu")
+    if method != "full":
+        lora.inject(model, lora.LoraConfig(r=4, alpha=8, dropout=0.0))
+        if method == "nf4":
+            quantize_base(model, "nf4")
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(tokens(2, 12)).float().square().mean()
+    loss.backward()
+    optimizer.step()
+    measured = _resident_bytes(model, optimizer) / 1e9
+    predicted = memory_per_gpu(cfg, 1, "ddp", lora_r=4, method=method)
+    assert predicted == pytest.approx(measured, rel=0.01)
+
+
 def test_readme_memory_table_is_computed_from_the_presets():
     from train.distributed import memory_table, parameter_counts
     from gemma.model.config import preset

@@ -30,9 +30,11 @@ def sft(*args) -> subprocess.CompletedProcess:
     )
 
 
-def test_full_fine_tuning_is_a_plain_adamw_loop(tiny_folder, tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["", "grad-checkpointing"])
+def test_full_fine_tuning_is_a_plain_adamw_loop(tiny_folder, tmp_path, checkpointing):
     steps, batch, lr = 5, 4, 1e-3
     run = sft(
+        *(["--grad-checkpointing"] if checkpointing else []),
         *("--model", tiny_folder, "--data", ARITH, "--full", "--precision", "fp32", "--save-format", "native"),
         *("--max-steps", steps, "--batch-size", batch, "--lr", lr, "--warmup-ratio", 0.2, "--weight-decay", 0.01),
         *("--out", tmp_path / "run"),

@@ -359,31 +359,71 @@ def parameter_counts(cfg: GemmaConfig, lora_r: int = 16) -> dict[str, int]:
     blocks = [sum(p.numel() for p in block.parameters()) for block in model.layers]
     per_layer = sum(p.numel() for p in model.per_layer.parameters()) if model.per_layer is not None else 0
     projections = [m for block in model.layers for m in (*block.attn.children(), *block.mlp.children())]
-    lora = sum(lora_r * (m.in_features + m.out_features) for m in projections if isinstance(m, nn.Linear))
+    projections = [m for m in projections if isinstance(m, nn.Linear)]
+    lora = sum(lora_r * (m.in_features + m.out_features) for m in projections)
     embed = total - sum(blocks) - per_layer
-    return {"embed": embed, "per_layer": per_layer, "block": max(blocks), "total": total, "lora": lora}
+    return {
+        "embed": embed,
+        "per_layer": per_layer,
+        "block": max(blocks),
+        "total": total,
+        "lora": lora,
+        "projections": sum(m.in_features * m.out_features for m in projections),  # what --base-quant stores
+    }
 
 
-def memory_per_gpu(cfg: GemmaConfig, processes: int = 1, mode: str = "ddp", lora_r: int = 16) -> float:
-    """GB (10^9 bytes) each GPU holds for the model in bf16 training, activations aside.
+# Bytes a value of a projection takes in NF4 with double quantization (gemma.model.base_quant): half a byte, one
+# byte of absmax per 64 values, a float32 second-level scale per 256 absmax values.
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+METHODS = ("lora", "nf4", "full")
 
-    One process or DDP: the bf16 base, and per adapter parameter 4 bytes of fp32 weight, 4 of gradient, 4 of DDP's
-    gradient bucket (one process has none) and 8 of AdamW state. FSDP over N processes: 1/N of the base and of the
-    adapter's 16 bytes, plus what is gathered while it computes: the root group (the embedding, kept whole through
-    the forward and backward passes because it is also the output head) and either two blocks (the one computing
-    and the one prefetched) or, before the first block, Gemma 4's per-layer embeddings, whichever is larger.
+
+def memory_per_gpu(
+    cfg: GemmaConfig, processes: int = 1, mode: str = "ddp", lora_r: int = 16, method: str = "lora"
+) -> float | None:
+    """GB (10^9 bytes) each GPU holds for the model and its training state, activations aside (None: a combination
+    that is refused, FSDP over a quantized base).
+
+    `lora`, one process or DDP: the bf16 base, and per adapter parameter 4 bytes of fp32 weight, 4 of gradient, 4 of
+    DDP's gradient bucket (one process has none) and 8 of AdamW state. FSDP over N processes: 1/N of the base and of
+    the adapter's 16 bytes, plus what is gathered while it computes: the root group (the embedding, kept whole
+    through the forward and backward passes because it is also the output head) and either two blocks (the one
+    computing and the one prefetched) or, before the first block, Gemma 4's per-layer embeddings, whichever is
+    larger.
+    `nf4` (QLoRA, one process or DDP): as `lora`, but the seven projections of every block in NF4 (NF4_BYTES a
+    value); the embedding, norms, Gemma 4's experts and per-layer tables stay bf16.
+    `full`: 16 bytes per parameter (fp32 master weight, gradient, two AdamW moments), 20 under DDP; FSDP: 1/N of
+    those 16, plus the gathered bf16 weights as for LoRA and their unsharded fp32 gradients (the embedding's and one
+    block's) before they are reduced.
     """
     n = parameter_counts(cfg, lora_r)
+    if method == "full":
+        if mode == "fsdp":
+            gathered = 2 * n["embed"] + 2 * max(2 * n["block"], n["per_layer"])
+            return (16 * n["total"] / processes + gathered + 4 * (n["embed"] + n["block"])) / _GB
+        return (20 if processes > 1 else 16) * n["total"] / _GB
+    adapter = 20 if processes > 1 and mode != "fsdp" else 16
+    if method == "nf4":
+        if mode == "fsdp":
+            return None
+        base = NF4_BYTES * n["projections"] + 2 * (n["total"] - n["projections"])
+        return (base + adapter * n["lora"]) / _GB
     if mode == "fsdp":
         sharded = (2 * n["total"] + 16 * n["lora"]) / processes
         return (sharded + 2 * n["embed"] + 2 * max(2 * n["block"], n["per_layer"])) / _GB
-    return (2 * n["total"] + (20 if processes > 1 else 16) * n["lora"]) / _GB
+    return (2 * n["total"] + adapter * n["lora"]) / _GB
 
 
 def memory_table(names=PRESETS, lora_r: int = 16) -> str:
-    """The README's table of memory per GPU for each preset, as markdown."""
+    """The README's tables of memory per GPU for each preset, as markdown: LoRA, then QLoRA (NF4) and full
+    fine-tuning."""
     rows = [
         "| preset | base params | LoRA r16 params | 1 GPU | DDP, any N | FSDP 2 | FSDP 4 | FSDP 8 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    more = [
+        "| preset | QLoRA NF4, 1 GPU | QLoRA NF4, DDP | full, 1 GPU | full, DDP | full, FSDP 2 | full, FSDP 4 "
+        "| full, FSDP 8 |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in names:
@@ -396,4 +436,8 @@ def memory_table(names=PRESETS, lora_r: int = 16) -> str:
             + " | ".join(f"{c:.1f} GB" for c in cells)
             + " |"
         )
-    return "\n".join(rows)
+        cells = [memory_per_gpu(cfg, k, "ddp", lora_r, "nf4") for k in (1, 2)]
+        cells += [memory_per_gpu(cfg, k, "ddp", lora_r, "full") for k in (1, 2)]
+        cells += [memory_per_gpu(cfg, k, "fsdp", lora_r, "full") for k in (2, 4, 8)]
+        more.append(f"| {name} | " + " | ".join(f"{c:.1f} GB" for c in cells) + " |")
+    return "\n".join(rows) + "\n\n" + "\n".join(more)

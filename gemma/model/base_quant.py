@@ -75,6 +75,18 @@ def dynamic_map(signed: bool = True, exponent_bits: int = 7, total_bits: int = 8
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
+_TABLES: dict = {}
+
+
+def _table(name: str, device: torch.device) -> torch.Tensor:
+    """The NF4 levels or the dynamic map on `device`, made once per device and shared by every weight."""
+    key = (name, str(device))
+    if key not in _TABLES:
+        values = torch.tensor(NF4_LEVELS, dtype=torch.float32) if name == "nf4" else dynamic_map()
+        _TABLES[key] = values.to(device)
+    return _TABLES[key]
+
+
 def quantize_blocks(values: torch.Tensor, levels: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(index of the nearest level per value (int64), float32 absmax per block) of `values` (flat), in blocks of
     `block` (the last may be shorter). `levels` sorted; a value exactly between two takes the lower."""
@@ -111,21 +123,17 @@ class NF4Weight(nn.Module):
         super().__init__()
         self.shape, self.dtype = torch.Size(weight.shape), weight.dtype
         self.double_quant = double_quant
-        levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=weight.device)
-        index, absmax = quantize_blocks(weight.detach(), levels, NF4_BLOCK)
+        index, absmax = quantize_blocks(weight.detach(), _table("nf4", weight.device), NF4_BLOCK)
         if index.numel() % 2:  # an odd count: the last byte's low half holds the level of 0
             index = F.pad(index, (0, 1), value=NF4_LEVELS.index(0.0))
         nibbles = index.to(torch.uint8)
         self.register_buffer("packed", (nibbles[0::2] << 4) | nibbles[1::2])
-        self.register_buffer("levels", levels)
         if double_quant:
             offset = absmax.mean()
-            code = dynamic_map().to(weight.device)
-            q, absmax2 = quantize_blocks(absmax - offset, code, STATS_BLOCK)
+            q, absmax2 = quantize_blocks(absmax - offset, _table("dynamic", weight.device), STATS_BLOCK)
             self.register_buffer("absmax_q", q.to(torch.uint8))
             self.register_buffer("absmax2", absmax2)
             self.register_buffer("offset", offset)
-            self.register_buffer("code", code)
         else:
             self.register_buffer("absmax", absmax)
 
@@ -133,11 +141,12 @@ class NF4Weight(nn.Module):
         """The float32 absmax of each 64-value block (dequantized from 8 bits under double quantization)."""
         if not self.double_quant:
             return self.absmax
-        return dequantize_blocks(self.absmax_q, self.code, self.absmax2, STATS_BLOCK) + self.offset
+        code = _table("dynamic", self.absmax_q.device)
+        return dequantize_blocks(self.absmax_q, code, self.absmax2, STATS_BLOCK) + self.offset
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         index = torch.stack([self.packed >> 4, self.packed & 0xF], dim=1).reshape(-1)[: self.shape.numel()]
-        values = dequantize_blocks(index, self.levels, self.block_absmax(), NF4_BLOCK)
+        values = dequantize_blocks(index, _table("nf4", self.packed.device), self.block_absmax(), NF4_BLOCK)
         return values.view(self.shape).to(dtype or self.dtype)
 
     def extra_repr(self) -> str:
