@@ -37,10 +37,11 @@ def add_model_args(parser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
         "--quantize",
-        choices=("int8",),
+        choices=("int8", "nf4"),
         default=None,
         help="store the weights in int8 (per-row scales; activations stay in --dtype): half the "
-        "bytes read per token, faster decoding on CPU, slightly different outputs",
+        "bytes read per token, faster decoding on CPU, slightly different outputs; or nf4 (QLoRA's 4-bit "
+        "format for the projections, an adapter kept unmerged over them): the least memory, slower",
     )
     parser.add_argument(
         "--compile",

@@ -211,6 +211,35 @@ def test_a_quantized_base_refuses_an_in_place_merge_and_a_second_quantization(tm
         quantize_base(lora_model(tmp_path / "x"), "nf2")
 
 
+def test_load_with_quantize_nf4_keeps_an_adapter_unmerged_over_the_nf4_base(tiny_folder, tmp_path):
+    model, _ = gemma.load(tiny_folder)
+    lora.inject(model, lora.LoraConfig(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    lora.save_adapter(model, tmp_path / "adapter")
+    ours, _ = gemma.load(tiny_folder, adapter=tmp_path / "adapter", quantize="nf4")
+    layers = lora.lora_layers(ours)
+    assert layers and all(layer.quantized and not layer.merged for layer in layers.values())
+    reference = quantize_base(gemma.load(tiny_folder, adapter=tmp_path / "adapter")[0], "nf4")
+    x = tokens(2, 12)
+    with torch.no_grad():
+        assert torch.equal(ours(x), reference(x))
+
+
+def test_chat_runs_over_an_nf4_base(tiny_folder):
+    run = subprocess.run(
+        [sys.executable, "tools/chat.py", "--model", str(tiny_folder), "--quantize", "nf4", "--prompt", "hi"]
+        + ["--max-new-tokens", "4", "--temperature", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 # ---- peft over bitsandbytes' NF4 base ------------------------------------------------------------------------------
 
 

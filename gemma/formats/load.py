@@ -219,19 +219,26 @@ def load(
     """(model, tokenizer) from an HF folder, a native folder, a .gguf file, an HF repo id or a preset name.
 
     With `adapter` (a PEFT adapter folder) the model gets LoRA layers holding the adapter, unmerged. With
-    `quantize` ('int8') the weights are stored in int8 for inference (gemma.model.quantize); an adapter is then merged
-    into the weights before they are quantized. With `compile` the elementwise work of prompt processing runs
+    `quantize` 'int8' the weights are stored in int8 for inference (gemma.model.quantize); an adapter is then merged
+    into the weights before they are quantized. With 'nf4' the seven projections of every block are stored in NF4
+    (gemma.model.base_quant, QLoRA's format) and an adapter stays unmerged over them, as peft runs a QLoRA adapter.
+    With `compile` the elementwise work of prompt processing runs
     through torch.compile (gemma.model.compiled: faster prefill, float32-rounding-level differences)."""
-    if quantize is not None and quantize not in QUANTIZE_MODES:
-        raise GemmaError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
+    modes = (*QUANTIZE_MODES, "nf4")
+    if quantize is not None and quantize not in modes:
+        raise GemmaError(f"unknown quantization {quantize!r}; choose one of {', '.join(modes)}")
     device = check_device(device)
     if adapter is not None:
         check_adapter_folder(adapter)
     cfg, state, tokenizer = load_weights(source, dtype)
     model = checkpoint.build_model(cfg, state, device)
     if adapter is not None:
-        model = adapter_loader()(model, adapter, merge=quantize is not None)
-    if quantize is not None:
+        model = adapter_loader()(model, adapter, merge=quantize in QUANTIZE_MODES)
+    if quantize == "nf4":
+        from gemma.model.base_quant import quantize_base
+
+        model = quantize_base(model, "nf4").eval().requires_grad_(False)
+    elif quantize is not None:
         model = quantize_model(model, quantize)
     if compile:
         from gemma.model.compiled import compile_model
