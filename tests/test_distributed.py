@@ -340,6 +340,14 @@ def test_a_user_error_is_one_line_from_rank_0(tiny_folder, tmp_path):
     assert run.stderr.count("Traceback") <= 1  # torchrun's own report of the failed processes, none of theirs
 
 
+def test_fsdp_over_a_quantized_base_is_one_line(tiny_folder, tmp_path):
+    flags = ["--base-quant", "nf4", "--distributed", "fsdp", "--max-steps", 1]
+    run = torchrun("--model", tiny_folder, "--data", ARITH, *flags, "--out", tmp_path / "run")
+    assert run.returncode != 0
+    errors = error_lines(run.stderr)
+    assert len(errors) == 1 and "--base-quant nf4 with --distributed fsdp" in errors[0], run.stderr[-3000:]
+
+
 def _resident_bytes(model, optimizer) -> int:
     """The training state a process holds, counted tensor by tensor (each storage once): parameters, persistent
     buffers (a quantized base), gradients, the optimizer's state."""

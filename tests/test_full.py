@@ -100,6 +100,22 @@ def test_train_modules_freeze_what_they_leave_out(tiny_folder, tmp_path):
         assert moved == (module_kind(name) in ("attention", "norms")), name
 
 
+def test_full_fine_tuning_trains_every_gemma4_branch(tiny_tokenizer_path, tmp_path):
+    """Per-layer embeddings, KV sharing, the experts and the router all train (the experts' 3-D weights included)."""
+    from conftest import hf_folder
+    from test_gemma4 import hf_gemma4
+
+    folder = hf_folder(hf_gemma4("all", vocab=1024), tmp_path / "model", tiny_tokenizer_path)
+    flags = ["--full", "--precision", "fp32", "--save-format", "native", "--max-steps", 2, "--lr", 1e-2]
+    run = sft("--model", folder, "--data", ARITH, *flags, "--out", tmp_path / "run")
+    assert run.returncode == 0, run.stderr[-3000:]
+    trained = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    base, _ = gemma.load(folder, dtype=torch.float32)
+    moved = {name for name, p in base.named_parameters() if not torch.equal(trained[name], p.detach())}
+    for kind in ("moe.gate_up", "moe.down", "moe.router.weight", "per_layer.embed.weight", "attn.q.weight"):
+        assert any(kind in name for name in moved), kind
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
