@@ -118,6 +118,19 @@ def test_nf4_round_trip_error_is_within_half_a_level_step():
         assert q.packed.numel() == weight.numel() // 2 and q.packed.dtype == torch.uint8
 
 
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_rows_and_sliced_dequantization_are_the_whole_dequantization(monkeypatch, mode):
+    import gemma.model.base_quant as base_quant
+
+    weight = torch.randn(300, 128, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    q = base_quant.quantized_weight(weight, mode)
+    whole = q.dequantize()
+    monkeypatch.setattr(base_quant, "DEQUANT_VALUES", 200)  # several slices, the last one short
+    assert torch.equal(q.dequantize(), whole) and torch.equal(q.dequantize(torch.float32).bfloat16(), whole)
+    index = torch.tensor([[0, 299, 7], [7, 150, 1]])
+    assert torch.equal(q.rows(index), whole[index])
+
+
 def test_int8_is_per_row_round_to_nearest():
     weight = torch.randn(96, 200, generator=torch.Generator().manual_seed(1))
     q = Int8Weight(weight)
@@ -150,7 +163,14 @@ def dequantized_copy(model):
 
     from gemma.model.layers import Linear
 
+    from gemma.model.base_quant import QuantEmbedding
+    from gemma.model.layers import Embedding
+
     ref = copy.deepcopy(model)
+    if isinstance(ref.embed, QuantEmbedding):
+        table = ref.embed.table.dequantize()
+        ref.embed = Embedding(*table.shape).to(table.dtype)
+        ref.embed.weight = torch.nn.Parameter(table, requires_grad=False)
     for block in ref.layers:
         for module in (block.attn, block.mlp):
             for name, child in list(module.named_children()):
@@ -169,11 +189,12 @@ def adapter_grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.parametrize("embed", [False, True], ids=["", "embed"])
 @pytest.mark.parametrize("mode", ["nf4", "int8"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_lora_over_a_quantized_base_is_lora_over_its_dequantized_weights(tmp_path, mode, precision):
+def test_lora_over_a_quantized_base_is_lora_over_its_dequantized_weights(tmp_path, mode, precision, embed):
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    model = quantize_base(lora_model(tmp_path, dtype), mode)
+    model = quantize_base(lora_model(tmp_path, dtype), mode, embed=embed)
     assert model.base_quant == mode
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 4 * model.config.num_layers  # k o gate up
     ref = dequantized_copy(model)
@@ -187,6 +208,16 @@ def test_lora_over_a_quantized_base_is_lora_over_its_dequantized_weights(tmp_pat
     (a, ga), (b, gb) = results
     assert torch.equal(a, b)
     assert ga.keys() == gb.keys() and all(torch.equal(ga[k], gb[k]) for k in ga)
+    # The training loss (the chunked head over the tied table) too.
+    from train.loss import chunked_cross_entropy
+
+    targets = torch.cat([x[:, 1:], torch.full((2, 1), -100)], dim=1)
+    losses = []
+    for m in (model, ref):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss, _ = chunked_cross_entropy(m, m.hidden_states(x), targets, chunk=7)
+        losses.append(loss.detach())
+    assert torch.equal(*losses)
 
 
 def test_nf4_logits_stay_near_the_unquantized_base(tmp_path):
@@ -305,6 +336,15 @@ def test_fp16_over_an_nf4_base_trains_gemma_2(tiny_gemma2_folder, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+
+
+def test_sft_trains_over_a_quantized_embedding_too(tiny_folder, tmp_path):
+    flags = ["--base-quant", "nf4", "--base-quant-embed", "--max-steps", 2]
+    run = sft("--model", tiny_folder, "--data", ARITH, *flags, "--out", tmp_path / "run")
+    assert run.returncode == 0, run.stderr[-2000:]
+    alone = sft("--model", tiny_folder, "--data", ARITH, "--base-quant-embed", "--out", tmp_path / "bad")
+    assert alone.returncode == 2
+    assert alone.stderr.strip().splitlines()[-1] == "error: --base-quant-embed needs --base-quant"
 
 
 def test_sft_refuses_an_unknown_base_quant(tiny_folder, tmp_path):

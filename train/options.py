@@ -95,6 +95,11 @@ class TrainOptions:
         "quantized) | int8 (per-row) | none",
         choices=("none", "nf4", "int8"),
     )
+    base_quant_embed: bool = _opt(
+        False,
+        "with --base-quant: quantize the embedding (also the tied output head) too; by default it stays bf16, as "
+        "the head's logits are what the loss reads",
+    )
     full: bool = _opt(False, "full fine-tuning: the model's own weights train (no adapter); writes a model folder")
     train_modules: str = _opt(
         "all", "with --full: which weights train, a comma list of embeddings,norms,attention,mlp, or all"
@@ -165,6 +170,7 @@ class TrainOptions:
                 "--full trains the weights themselves, so choose one",
             ),
             (self.full or self.train_modules == "all", "--train-modules applies to --full only"),
+            (not self.base_quant_embed or self.base_quant != "none", "--base-quant-embed needs --base-quant"),
             (not (self.full and self.dora), "--dora is a LoRA variant; --full trains no adapter"),
             (
                 1 <= self.dist_timeout <= MAX_DIST_TIMEOUT,

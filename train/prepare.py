@@ -192,7 +192,7 @@ def _inject(model, opts: TrainOptions) -> None:
     if opts.base_quant != "none":
         from gemma.model.base_quant import quantize_base
 
-        quantize_base(model, opts.base_quant)
+        quantize_base(model, opts.base_quant, embed=opts.base_quant_embed)
     for p in model.parameters():
         if p.requires_grad:  # the adapter trains in float32 whatever the base dtype (autocast does the matmuls)
             p.data = p.data.float()
