@@ -127,6 +127,8 @@ def test_rows_and_sliced_dequantization_are_the_whole_dequantization(monkeypatch
     whole = q.dequantize()
     monkeypatch.setattr(base_quant, "DEQUANT_VALUES", 200)  # several slices, the last one short
     assert torch.equal(q.dequantize(), whole) and torch.equal(q.dequantize(torch.float32).bfloat16(), whole)
+    sliced = base_quant.quantized_weight(weight, mode)  # quantized a slice at a time too
+    assert all(torch.equal(a, b) for a, b in zip(sliced.state_dict().values(), q.state_dict().values()))
     index = torch.tensor([[0, 299, 7], [7, 150, 1]])
     assert torch.equal(q.rows(index), whole[index])
 

@@ -119,6 +119,32 @@ def dequantize_blocks(index: torch.Tensor, levels: torch.Tensor, absmax: torch.T
     return values * scale
 
 
+def _nf4_pack(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed NF4 indices, uint8 two a byte; float32 absmax per block) of a flat weight. Whole blocks are done a
+    slice at a time (each block is quantized on its own, so slicing changes nothing), so that the float32 copy and
+    the int64 indices never exist for the whole of a large table (the 270M's embedding: 1.3 GB of indices)."""
+    levels = _table("nf4", flat.device)
+    n = flat.numel()
+
+    def pack(index: torch.Tensor) -> torch.Tensor:
+        if index.numel() % 2:  # an odd count: the last byte's low half holds the level of 0
+            index = F.pad(index, (0, 1), value=NF4_LEVELS.index(0.0))
+        nibbles = index.to(torch.uint8)
+        return (nibbles[0::2] << 4) | nibbles[1::2]
+
+    if n % NF4_BLOCK:
+        index, absmax = quantize_blocks(flat, levels, NF4_BLOCK)
+        return pack(index), absmax
+    packed = torch.empty(n // 2, dtype=torch.uint8, device=flat.device)
+    absmax = torch.empty(n // NF4_BLOCK, dtype=torch.float32, device=flat.device)
+    step = max(NF4_BLOCK, DEQUANT_VALUES // NF4_BLOCK * NF4_BLOCK)
+    for start in range(0, n, step):
+        index, block_max = quantize_blocks(flat[start : start + step], levels, NF4_BLOCK)
+        packed[start // 2 : (start + index.numel()) // 2] = pack(index)
+        absmax[start // NF4_BLOCK : start // NF4_BLOCK + block_max.numel()] = block_max
+    return packed, absmax
+
+
 class NF4Weight(nn.Module):
     """A frozen weight (out, in) in NF4 (see the module's docstring); `dequantize(dtype)` gives it back."""
 
@@ -128,11 +154,8 @@ class NF4Weight(nn.Module):
         super().__init__()
         self.shape, self.dtype = torch.Size(weight.shape), weight.dtype
         self.double_quant = double_quant
-        index, absmax = quantize_blocks(weight.detach(), _table("nf4", weight.device), NF4_BLOCK)
-        if index.numel() % 2:  # an odd count: the last byte's low half holds the level of 0
-            index = F.pad(index, (0, 1), value=NF4_LEVELS.index(0.0))
-        nibbles = index.to(torch.uint8)
-        self.register_buffer("packed", (nibbles[0::2] << 4) | nibbles[1::2])
+        packed, absmax = _nf4_pack(weight.detach().reshape(-1))
+        self.register_buffer("packed", packed)
         if double_quant:
             offset = absmax.mean()
             q, absmax2 = quantize_blocks(absmax - offset, _table("dynamic", weight.device), STATS_BLOCK)
