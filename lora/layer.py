@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemma.errors import GemmaError
+from gemma.model.base_quant import compute_dtype
 from gemma.model.layers import AdaptedLinear
 
 
@@ -74,8 +75,7 @@ class _LoRAMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dx, weight, lora_A, lora_B, scale):
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        device, dtype = x.device.type, compute_dtype(x)
         # A quantized base (gemma.model.base_quant) is dequantized here and again in backward, never kept.
         quantized = not isinstance(weight, torch.Tensor)
         with torch.autocast(device, enabled=False):
@@ -198,13 +198,9 @@ class LoRALinear(AdaptedLinear):
         """Whether the frozen weight is stored quantized (gemma.model.base_quant), not as a tensor."""
         return not isinstance(self.weight, torch.Tensor)
 
-    def base_weight(self, x: torch.Tensor | None = None) -> torch.Tensor:
+    def base_weight(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen weight as a tensor: itself, or dequantized to x's compute dtype."""
-        if not self.quantized:
-            return self.weight
-        device = x.device.type if x is not None else "cpu"
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        return self.weight.dequantize(dtype or (x.dtype if x is not None else None))
+        return self.weight.dequantize(compute_dtype(x)) if self.quantized else self.weight
 
     @torch.no_grad()
     def merge(self) -> None:

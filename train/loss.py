@@ -116,8 +116,8 @@ def chunked_cross_entropy(
         return sum(_chunk_loss(model, h[i : i + chunk], t[i : i + chunk]) for i in range(0, n, chunk)), n
     if not (torch.is_grad_enabled() and h.requires_grad):
         return head_loss(model, h, t, chunk, need_grad=False)[0], n
-    head = model.embed  # its `weight` is a Parameter, or (a quantized table, --base-quant-embed) made when read
-    if "weight" not in head._parameters or not head.weight.requires_grad:
+    # A frozen head, or a quantized one (--base-quant-embed: no parameters, its table dequantized when read).
+    if not any(p.requires_grad for p in model.embed.parameters()):
         return _FusedHeadLoss.apply(h, model, t, chunk), n
     # A trainable head (not under LoRA, which freezes the base): autograd, recomputing each chunk's logits.
     total = hidden.new_zeros((), dtype=torch.float32)

@@ -113,10 +113,9 @@ def dequantize_blocks(index: torch.Tensor, levels: torch.Tensor, absmax: torch.T
     """float32 levels[index] * absmax of each index's block (flat)."""
     values = levels[index.long()]
     n = values.numel()
-    scale = absmax.repeat_interleave(block)[:n] if n % block else None
-    if scale is None:
-        return (values.view(-1, block) * absmax[:, None]).reshape(-1)
-    return values * scale
+    if n % block:  # a short last block
+        return values * absmax.repeat_interleave(block)[:n]
+    return (values.view(-1, block) * absmax[:, None]).reshape(-1)
 
 
 def _nf4_pack(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,6 +240,7 @@ def quantized_weight(weight: torch.Tensor, mode: str) -> nn.Module:
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype x's matrix products run in: autocast's when it is on, else x's own."""
     device = x.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
