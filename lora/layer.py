@@ -21,6 +21,7 @@ from torch import nn
 from gemma.errors import GemmaError
 from gemma.model.base_quant import compute_dtype
 from gemma.model.layers import AdaptedLinear
+from gemma.model.matvec import linear
 
 
 def dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
@@ -171,7 +172,7 @@ class LoRALinear(AdaptedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
-            return F.linear(x, self.weight)
+            return linear(x, self.weight)
         dx = F.dropout(x, self.dropout, self.training) if self.dropout and self.training else x
         autocast = torch.is_autocast_enabled(x.device.type)
         if self.magnitude is None and not self.weight.requires_grad and (autocast or self.lora_A.dtype == x.dtype):

@@ -124,7 +124,14 @@ def test_bench_cli_prints_the_table_and_writes_json(hf_folder, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "greedy decode, batch 1" in proc.stdout and "int8 decode, batch 1" in proc.stdout
     report = json.loads(out.read_text())
-    assert set(report["results"]) == {"decode1", "prefill", "int8-decode1", "compiled-prefill"}
+    assert set(report["results"]) == {
+        "decode1",
+        "prefill",
+        "compiled-decode1",
+        "int8-decode1",
+        "int8-compiled-decode1",
+        "compiled-prefill",
+    }
     row = report["results"]["decode1"]
     assert row["ours"]["median"] > 0 and row["reference"]["median"] > 0 and row["ours"]["bound_tokens_per_s"] > 0
     # Speed from 2 processes where both took turns; the ratio is the median of the per-turn ratios.
@@ -134,6 +141,7 @@ def test_bench_cli_prints_the_table_and_writes_json(hf_folder, tmp_path):
     )
     assert abs(row["speed"] - (ratios[1] + ratios[2]) / 2) < 1e-9
     assert report["results"]["compiled-prefill"]["ours"]["first_s"] > 0 and "prefill, --compile" in proc.stdout
+    assert "int8 decode, batch 1, --compile" in proc.stdout
     bad = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "bench.py"), "--only", "decode3"],
         capture_output=True,

@@ -231,13 +231,15 @@ def decode_sampler(
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device,
     quantize: str | None = None,
+    compile: bool = False,
 ):
-    """(model, sample): `sample()` times one decode run (after a warm-up done here) and returns its tokens/s."""
-    model = ours(folder, dtype, device, quantize) if impl == "ours" else reference(folder, dtype, device)
+    """(model, sample, first_s): `sample()` times one decode run and returns its tokens/s; `first_s` is the untimed
+    warm-up run's time (with `compile`, the compilation)."""
+    model = ours(folder, dtype, device, quantize, compile) if impl == "ours" else reference(folder, dtype, device)
     generate = _ours_generate if impl == "ours" else _reference_generate
     ids = prompt_ids(batch, prompt_len, model.config.vocab_size).to(device)
     with torch.inference_mode():
-        generate(model, ids, 4)  # warm-up
+        first = timed(lambda: generate(model, ids, 4), device)  # warm-up
 
     def sample() -> float:
         with torch.inference_mode():
@@ -245,7 +247,7 @@ def decode_sampler(
             t_all = timed(lambda: generate(model, ids, new_tokens), device)
         return batch * (new_tokens - 1) / max(t_all - t_one, 1e-9)
 
-    return model, sample
+    return model, sample, first
 
 
 def decode(
@@ -259,9 +261,10 @@ def decode(
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device,
     quantize: str | None = None,
+    compile: bool = False,
 ) -> dict:
     load_start = time.perf_counter()
-    model, sample = decode_sampler(
+    model, sample, first = decode_sampler(
         impl,
         folder,
         batch=batch,
@@ -270,6 +273,7 @@ def decode(
         dtype=dtype,
         device=device,
         quantize=quantize,
+        compile=compile,
     )
     load_s = time.perf_counter() - load_start
     rates = [sample() for _ in range(runs)]
@@ -285,6 +289,7 @@ def decode(
         "bandwidth": bandwidth,
         "bound_tokens_per_s": bound,
         "load_s": load_s,
+        "first_s": first,
     }
 
 

@@ -21,7 +21,11 @@ def prefill(model, cache, tokens: torch.Tensor, positions: torch.Tensor) -> torc
 
 
 def decode_one_token(model, cache, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-    """Feed one token per row, (B,) at (B,) positions; return the next logits (B, V)."""
+    """Feed one token per row, (B,) at (B,) positions; return the next logits (B, V). A compiled model
+    (gemma.model.compiled) takes its compiled step."""
+    compiled = getattr(model, "decode_step", None)
+    if compiled is not None:
+        return compiled.step(cache, token, position)
     with torch.no_grad():
         return model(token[:, None], position[:, None], cache=cache)[:, 0]
 

@@ -1,16 +1,18 @@
-"""Opt-in torch.compile of the elementwise work in a prompt's forward pass (`gemma.load(..., compile=True)`,
-`--compile` on the tools).
+"""Opt-in torch.compile (`gemma.load(..., compile=True)`, `--compile` on the tools): of each decoding step whole,
+over a static-shape view of the cache (gemma.model.static_decode), and of the elementwise work in a prompt's forward
+pass.
 
 Prefilling a prompt spends about half its time outside the matrix products, in RMSNorm (eight passes over the
 activations in float32), rotary embeddings and GeGLU's activation, op by op as the reference runs them. Compiled,
 each becomes one fused loop (what that gains is measured by `tools/bench.py --compile`; the README's "Performance"
 section has the figures). Only passes over several tokens without autograd use them (`multi_token`): a decoding
-step is a few hundred small tensors, where a compiled call costs more than it saves, and training keeps its exact
-eager arithmetic.
+step, a few hundred small tensors where one compiled kernel costs more than it saves, is compiled whole instead, and
+training keeps its exact eager arithmetic.
 
 The fused loops round differently from the op-by-op ones (float32 sums in another order, another tanh): outputs
 match the eager model to float32 rounding, not bit for bit, which is why this is not the default. The first
-prompt of each new shape kind pays the compilation (~15 s on 2 CPU cores; cached on disk by PyTorch after that).
+prompt of each new shape kind pays the compilation (~15 s on 2 CPU cores; cached on disk by PyTorch after that),
+and the first decoding steps at each batch size theirs (~30 s; ~5 s from the disk cache).
 Where compiling fails (no C++ compiler, an unsupported device), the model says so once and runs eagerly.
 """
 
@@ -23,6 +25,7 @@ from torch import nn
 
 from gemma.model import layers
 from gemma.model.attention import Attention
+from gemma.model.static_decode import DecodeStep
 
 
 def multi_token(x: torch.Tensor) -> bool:
@@ -65,12 +68,15 @@ class Kernels:
 
 
 def compile_model(model: nn.Module) -> nn.Module:
-    """Give every RMSNorm, attention and GeGLU module of `model` the compiled kernels; returns the model."""
+    """Give every RMSNorm, attention and GeGLU module of `model` the compiled kernels, and the model a compiled
+    decoding step (`model.decode_step`, which gemma.generation.steps.decode_one_token takes); returns the model."""
+    model.decode_step = DecodeStep(model)
     return _set_kernels(model, Kernels())
 
 
 def uncompile_model(model: nn.Module) -> nn.Module:
-    """Back to the eager kernels."""
+    """Back to the eager kernels and decoding step."""
+    model.decode_step = None
     return _set_kernels(model, layers.EAGER)
 
 

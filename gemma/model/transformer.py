@@ -109,6 +109,8 @@ class Gemma(nn.Module):
         self.lora_config: object | None = None
         # The weights' storage once gemma.model.quantize has replaced them ("int8"); None: plain parameters.
         self.quantized: str | None = None
+        # A compiled decoding step (gemma.model.static_decode.DecodeStep) once gemma.model.compiled has made one.
+        self.decode_step = None
 
     @property
     def dtype(self) -> torch.dtype:

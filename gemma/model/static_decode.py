@@ -1,0 +1,130 @@
+"""One decoding step as a function of fixed-shape tensors, which torch.compile takes whole (gpt-fast's recipe).
+
+An eager decoding step (gemma.model.kv_cache) plans with Python integers: it attends over the first `length` slots
+of a global layer's buffer, which grows by one every step. Compiled, every new length would be a new graph. Here
+the step attends over the whole buffer of every layer, always, and what it may see is a mask computed in the graph
+from the cache's slot-position tables, which the step updates in place as tensors: the column written is a tensor
+too. The shapes of a step then depend only on the cache (rows, columns), so one graph serves every step of every
+generation with that cache's shape, and torch.compile fuses the whole step, about 2000 small operations besides the
+matrix products, into a few dozen loops. Keys past the filled columns hold position -1 and are masked out, so the
+step computes what the eager one computes, to float32 rounding (the fused loops sum in another order).
+
+Compiled, a single-row matrix product is written as a multiply and a sum (`layers.linear`), which Inductor turns
+into one vectorised loop over the weight that reads it at about the memory speed, where the library's general
+kernel and `torch.mv` do not (see the README's "Performance").
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from gemma.errors import GemmaError
+from gemma.model.config import SLIDING
+from gemma.model.kv_cache import KVCache
+
+
+class StaticStep:
+    """A KVCache seen by a one-token step of fixed shape: `plan` and `update` as the model calls them, with the
+    column to write given as a tensor (`col`, shape (1,)) and every slot attended over under a mask."""
+
+    def __init__(self, cache: KVCache):
+        self.cache = cache
+        self.col: torch.Tensor | None = None
+        self.slots: dict[str, torch.Tensor] = {}
+        self.masks: dict[str, torch.Tensor] = {}
+
+    def plan(self, positions: torch.Tensor) -> None:
+        """positions (B, 1): record them in each kind's slot table and build its mask (B, 1, 1, slots)."""
+        c = self.cache
+        q = positions[:, :, None]  # (B, 1, 1)
+        for kind in c.kinds:
+            table = c.slot_pos[kind]
+            size = table.shape[1]  # not c.sizes[kind], a Python int that would fix the size in the graph
+            slot = self.col % size  # (1,)
+            table.index_copy_(1, slot, positions)
+            k = table[:, None, :]  # (B, 1, size)
+            ok = (k >= 0) & (k <= q)
+            if kind == SLIDING:
+                ok = ok & ((q - k) < c.window)
+            own = torch.arange(size, device=slot.device) == slot  # a query always sees its own slot
+            self.masks[kind] = (ok | own)[:, None]
+            self.slots[kind] = slot
+
+    def update(self, layer: int, kind: str, k: torch.Tensor, v: torch.Tensor):
+        kb, vb = self.cache.k[layer], self.cache.v[layer]
+        kb.index_copy_(2, self.slots[kind], k)
+        vb.index_copy_(2, self.slots[kind], v)
+        return kb, vb, self.masks[kind]
+
+
+def _step(model, view: StaticStep, tokens: torch.Tensor, positions: torch.Tensor):
+    h = model.hidden_states(tokens, positions, cache=view)
+    return model.logits(h)[:, 0]
+
+
+def _columns_dynamic(cache: KVCache) -> None:
+    """Tell torch.compile that the number of columns varies from cache to cache, so that one graph serves caches of
+    every length (the buffers and slot tables that span the whole cache; a sliding layer's ring shorter than that
+    keeps its fixed size)."""
+    for kind in cache.kinds:
+        if cache.sizes[kind] == cache.max_len:
+            torch._dynamo.mark_dynamic(cache.slot_pos[kind], 1)
+    for layer, kind in enumerate(cache.layer_kinds):
+        if cache.sizes[kind] == cache.max_len and cache.k[layer].shape[2]:
+            torch._dynamo.mark_dynamic(cache.k[layer], 2)
+            torch._dynamo.mark_dynamic(cache.v[layer], 2)
+
+
+class DecodeStep:
+    """`step(cache, token (B,), position (B,)) -> logits (B, vocab)`: one decoding step over a static-shape view of
+    `cache`, compiled with torch.compile (`compile=False`: the same step run eagerly, for checking it).
+
+    The number of columns is symbolic in the graph, so caches of every length share one; a new number of rows
+    compiles again, and after a second one torch.compile makes it symbolic too. Where compiling fails (no C++
+    compiler, an unsupported device, a mixture-of-experts layer's data-dependent routing), it says so once and the
+    model's eager step runs from then on."""
+
+    def __init__(self, model, compile: bool = True):
+        self.model = model
+        self.compiled = compile
+        self.fn = torch.compile(_step, fullgraph=True) if compile else _step
+        self.failed = False
+
+    def __call__(self, cache: KVCache, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        if cache.length + 1 > cache.max_len:
+            raise GemmaError(f"the sequence ({cache.length + 1} tokens) exceeds the cache ({cache.max_len})")
+        view = StaticStep(cache)
+        if self.compiled:
+            _columns_dynamic(cache)
+        view.col = torch.tensor([cache.length], device=token.device)
+        with torch.no_grad():
+            logits = self.fn(self.model, view, token[:, None], position[:, None])
+        cache.length += 1
+        cache.steps = {}  # an eager plan of an earlier pass no longer holds
+        return logits
+
+    def eager(self, cache: KVCache, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(token[:, None], position[:, None], cache=cache)[:, 0]
+
+    def step(self, cache: KVCache, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """The compiled step, or the eager one once compiling has failed."""
+        if self.failed:
+            return self.eager(cache, token, position)
+        try:
+            return self(cache, token, position)
+        except GemmaError:
+            raise
+        except Exception as exc:  # compiler errors come in many types
+            if not self.compiled:
+                raise
+            self.failed = True
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            print(
+                f"note: torch.compile of the decoding step failed ({type(exc).__name__}: {first}); running it "
+                "uncompiled",
+                file=sys.stderr,
+            )
+            return self.eager(cache, token, position)
