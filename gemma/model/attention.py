@@ -10,6 +10,7 @@ from gemma.model.config import GemmaConfig
 from gemma.model.kv_cache import KVCache
 from gemma.model.layers import EAGER, Linear, RMSNorm
 from gemma.model.layers import softcap as softcap_
+from gemma.model.matvec import fresh
 
 
 def attention_mask(
@@ -71,6 +72,7 @@ class Attention(nn.Module):
         return None). Passed by value, not through a shared dict: FSDP and checkpointing see them as inputs."""
         B, T, _ = x.shape
         Tq = 1 if last_only else T
+        x = fresh(x)  # once for the q, k and v products (see gemma.model.matvec)
         q = self.q(x[:, T - Tq :]).view(B, Tq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Tq, hd)
         if self.q_norm is not None:
             q = self.q_norm(q)
@@ -102,6 +104,8 @@ def attend(
     `mask` is boolean (B, 1, T, S) or None for causal attention, the T queries being the last T of the S keys.
     """
     T, S = q.shape[2], k.shape[2]
+    if T == 1 and mask is not None and torch.compiler.is_compiling():
+        return _attend_one(q, k, v, mask, scale, softcap)
     if softcap is None:
         if mask is None and 1 < T < S:  # SDPA's own causal mask pairs query t with key t (top left)
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
@@ -122,3 +126,22 @@ def attend(
     # Softmax in float32, cast back before the value product, as the reference does.
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(probs, v)
+
+
+def _attend_one(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, softcap: float | None
+) -> torch.Tensor:
+    """One query per row under a mask, as the compiled decoding step (gemma.model.static_decode) attends over its
+    whole fixed-size cache: two small matrix products with the query heads of each kv head as the rows, and the
+    masked float32 softmax between them, which Inductor fuses. SDPA's CPU kernel costs 5x as much here (its
+    fixed setup per call, over every slot of the buffer). The scores stay in float32 from the product on, so the
+    rounding differs a little from the eager step's (compiling is opt-in for that reason)."""
+    B, H, _, hd = q.shape
+    KV = k.shape[1]
+    # k (S, hd) first, as it lies in the cache: the CPU kernel copies a transposed k whole on every call
+    scores = torch.matmul(k, q.reshape(B, KV, H // KV, hd).transpose(2, 3)).transpose(2, 3).float() * scale
+    if softcap is not None:
+        scores = softcap_(scores, softcap)
+    scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)  # mask (B, 1, 1, S)
+    probs = F.softmax(scores, dim=-1).to(q.dtype)
+    return torch.matmul(probs, v).reshape(B, H, 1, hd)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gemma.model.matvec import linear
+from gemma.model.matvec import fresh, linear
 
 
 class Linear(nn.Linear):
@@ -41,7 +41,7 @@ class Embedding(nn.Embedding):
     """The token embedding, whose table is also the output head (Gemma ties them): `project(h)` = h @ table.T."""
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
-        return linear(h, self.weight)
+        return linear(fresh(h), self.weight)
 
 
 class RMSNorm(nn.Module):
@@ -118,7 +118,8 @@ class GeGLU(nn.Module):
         self.kernels = EAGER  # gemma.model.compiled swaps in compiled ones
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.kernels.gelu_mul(self.gate(x), self.up(x)))
+        x = fresh(x)  # once for both products (see gemma.model.matvec)
+        return self.down(fresh(self.kernels.gelu_mul(self.gate(x), self.up(x))))
 
 
 def gelu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,8 @@ the faster for the rest of the process (`GEMMA_MATVEC=mv` or `linear` fixes it i
 choice changes nothing but rounding. Other devices take `F.linear`.
 
 Compiled (gemma.model.static_decode), a single-row product is a multiply and a sum, which Inductor turns into one
-vectorised loop over the weight, faster than either kernel on both kinds of CPU measured.
+vectorised loop over the weight, faster than either kernel on both kinds of CPU measured. Its input must then be a
+tensor of its own (`fresh`), which each layer makes once for the products that share it.
 """
 
 from __future__ import annotations
@@ -29,13 +30,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     matmul ops) goes through the fastest kernel for one row (see the module's note)."""
     if x.numel() == weight.shape[1] and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
         if torch.compiler.is_compiling():
-            # A multiply and a sum in float32, as the library's kernels sum; the input vector made once (see
-            # `materialize`), not again for every row of the weight.
-            out = (weight.float() * materialize(x.reshape(1, -1)).float()).sum(-1).to(x.dtype)
+            # A multiply and a sum in float32, as the library's kernels sum. The caller has made x a tensor of
+            # its own where it is computed (`fresh`), or it would be computed again for every row of the weight.
+            out = (weight.float() * x.reshape(1, -1).float()).sum(-1).to(x.dtype)
             return out.view(*x.shape[:-1], weight.shape[0])
         if x.device.type == "cpu" and kernel_for(weight) == "mv":
             return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
+
+
+def fresh(x: torch.Tensor) -> torch.Tensor:
+    """x, in a compiled single-row step, as a tensor of its own (`materialize`): what a layer calls once on an
+    input that it feeds to `linear` and that elementwise work produced (a norm, an activation), so that the work is
+    done once, not inside the loop over every row of the weight. Elsewhere x itself."""
+    if torch.compiler.is_compiling() and x.numel() == x.shape[-1] and not torch.is_grad_enabled():
+        return materialize(x)
+    return x
 
 
 def kernel_for(weight: torch.Tensor) -> str:

@@ -13,6 +13,7 @@ from gemma.model.attention import Attention, attention_mask
 from gemma.model.config import FULL, SLIDING, GemmaConfig
 from gemma.model.kv_cache import KVCache
 from gemma.model.layers import Embedding, GeGLU, Linear, RMSNorm, gelu_mul, rope_cos_sin, rope_inv_freq, softcap
+from gemma.model.matvec import fresh
 from gemma.model.moe import MoE
 
 
@@ -63,7 +64,7 @@ class Block(nn.Module):
         x = x + h
         if self.ple_gate is not None:
             per_layer = per_layer[:, -1:] if last_only else per_layer
-            x = x + self.ple_norm(self.ple_out(gelu_mul(self.ple_gate(x), per_layer)))
+            x = x + self.ple_norm(self.ple_out(fresh(gelu_mul(self.ple_gate(fresh(x)), per_layer))))
         if self.layer_scalar is not None:
             x = x * self.layer_scalar
         return x, kv
@@ -87,7 +88,7 @@ class PerLayerInputs(nn.Module):
         P = self.proj_norm.weight.shape[0]
         rows = self.embed(tokens)
         rows = rows * torch.tensor(P**0.5, dtype=rows.dtype)  # the scale in the table's dtype, as the reference
-        context = self.proj(embedded) * embedded.shape[-1] ** -0.5
+        context = self.proj(fresh(embedded)) * embedded.shape[-1] ** -0.5
         context = self.proj_norm(context.view(B, T, -1, P))
         return (context + rows.view(B, T, -1, P)) * 2**-0.5
 
