@@ -83,6 +83,18 @@ def test_the_compiled_step_matches_the_eager_one_for_any_cache_length(models, ca
 
 
 @pytest.mark.slow
+def test_the_compiled_int8_step_matches_the_eager_int8_one(models):
+    from gemma.model.quantize import quantize_model
+
+    model = quantize_model(copy.deepcopy(models["gemma3"]))
+    step = DecodeStep(model)
+    want = steps(model, lambda c, t, p: decode_one_token(model, c, t, p), PROMPTS, 12)
+    got = steps(model, step.step, PROMPTS, 12)
+    assert not step.failed
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # the int8 kernel's float32 sums, in another order
+
+
+@pytest.mark.slow
 def test_a_compiled_model_generates_and_serves_as_the_eager_one(tok, tmp_path):
     model = tiny_generator("gemma3", tok, tmp_path).eval()
     prompts = [[tok.bos_id, 50, 60, 70], [tok.bos_id, 80]]

@@ -15,6 +15,7 @@ from torch import nn
 
 from gemma.errors import GemmaError
 from gemma.model.layers import AdaptedLinear, Linear
+from gemma.model.matvec import fresh
 from gemma.model.transformer import Gemma
 
 MODES = ("int8",)
@@ -40,6 +41,10 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     """x (..., K) @ (q * scale[:, None]).T -> (..., N) in x's dtype, without materialising the float weight on CPU."""
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)
+    if x2.shape[0] == 1 and torch.compiler.is_compiling() and not torch.is_grad_enabled():
+        # Compiled single row (gemma.model.static_decode): one loop over the int8 weight, summing in float32
+        out = ((q.float() * x2.float()).sum(-1) * scale).to(x.dtype)
+        return out.view(*lead, q.shape[0])
     if x.device.type == "cpu":
         out = torch._weight_int8pack_mm(x2.contiguous(), q, scale.to(x.dtype))
     else:  # no fused kernel assumed: dequantize (correct everywhere; the saving is memory, not speed)
@@ -80,7 +85,7 @@ class Int8Embedding(nn.Module):
         return rows.to(self.compute_dtype)
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
-        return int8_matmul(h, self.q, self.scale)
+        return int8_matmul(fresh(h), self.q, self.scale)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8"
