@@ -613,12 +613,15 @@ def test_command_line_errors(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error: cannot listen on 127.0.0.1:")
 
 
-# ---- the real model: throughput of shared batches ----------------------------------------------------------------
+# ---- the real model: concurrent clients share the batch ------------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_real_270m_eight_clients_get_three_times_the_throughput_of_one(tmp_path):
-    """8 concurrent clients against 1, on the real Gemma 3 270M in bf16: tokens per second of the whole server."""
+def test_real_270m_eight_clients_share_one_batch(tmp_path):
+    """8 concurrent clients on the real Gemma 3 270M in bf16 are decoded together, and each gets its whole reply.
+
+    What sharing buys in tokens/s is the bench's to measure (tools/bench.py --only serve8), not a timed assertion
+    here: the server's own counters say whether the rows were stepped together."""
     srv = Server(
         ["--model", "3-270m", "--dtype", "bf16", "--max-batch", "8", "--log-level", "warning", "--threads", "1"],
         tmp_path / "server.log",
@@ -630,19 +633,16 @@ def test_real_270m_eight_clients_get_three_times_the_throughput_of_one(tmp_path)
 
         def ask(i):
             r = client.chat.completions.create(messages=[user(f"Tell me a story about the number {i}.")], **settings)
-            return r.usage.completion_tokens
+            return r.usage.completion_tokens, r.choices[0].finish_reason
 
         ask(0)  # warm-up
-        start = time.perf_counter()
-        one = sum(ask(i) for i in range(2))
-        one_rate = one / (time.perf_counter() - start)
-        start = time.perf_counter()
+        before = health(srv)
         with ThreadPoolExecutor(8) as pool:
-            eight = sum(pool.map(ask, range(8)))
-        eight_rate = eight / (time.perf_counter() - start)
-        print(
-            f"\n1 client: {one_rate:.1f} tokens/s; 8 clients: {eight_rate:.1f} tokens/s ({eight_rate / one_rate:.1f}x)"
-        )
-        assert eight_rate >= 3 * one_rate
+            replies = list(pool.map(ask, range(8)))
+        after = health(srv)
+        steps = after["steps"] - before["steps"]
+        assert all(n == 32 and reason == "length" for n, reason in replies), replies
+        # Alone, the 8 replies would take 8 * 31 steps; stepped together, about 31 plus the arrivals' stagger.
+        assert steps <= 3 * 32, f"{steps} decode steps for 8 concurrent replies of 32 tokens: the rows were not shared"
     finally:
         srv.stop()
