@@ -86,7 +86,7 @@ def test_quantized_model_stays_close_and_generates(case, tok, tmp_path):
 def test_quantize_refuses_unknown_modes_and_unmerged_adapters(tok, tmp_path):
     model = tiny_generator("gemma3", tok, tmp_path)
     with pytest.raises(GemmaError, match="unknown quantization"):
-        quantize_model(model, "int4")
+        quantize_model(model, "int3")
     from lora import LoraConfig, inject
 
     inject(model, LoraConfig(r=2, alpha=4, targets=("q", "v")))

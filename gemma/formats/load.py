@@ -219,10 +219,10 @@ def load(
     """(model, tokenizer) from an HF folder, a native folder, a .gguf file, an HF repo id or a preset name.
 
     With `adapter` (a PEFT adapter folder) the model gets LoRA layers holding the adapter, unmerged. With
-    `quantize` 'int8' the weights are stored in int8 for inference (gemma.model.quantize); an adapter is then merged
-    into the weights before they are quantized. With 'nf4' the seven projections of every block are stored in NF4
-    (gemma.model.base_quant, QLoRA's format) and an adapter stays unmerged over them, as peft runs a QLoRA adapter.
-    With `compile` the elementwise work of prompt processing runs
+    `quantize` 'int8' or 'int4' the weights are stored in 8 or 4 bits for inference (gemma.model.quantize,
+    gemma.model.int4); an adapter is then merged into the weights before they are quantized. With 'nf4' the seven
+    projections of every block are stored in NF4 (gemma.model.base_quant, QLoRA's format) and an adapter stays
+    unmerged over them, as peft runs a QLoRA adapter. With `compile` the elementwise work of prompt processing runs
     through torch.compile (gemma.model.compiled: faster prefill, float32-rounding-level differences)."""
     modes = (*QUANTIZE_MODES, "nf4")
     if quantize is not None and quantize not in modes:

@@ -1,6 +1,8 @@
-"""Opt-in int8 weights for inference (`--quantize int8`): each weight matrix is stored as int8 with one float scale
-per output row (symmetric, round to nearest: w ~ q * scale, |q| <= 127), which halves the bytes a decoding step reads
-from memory against bf16. Norms stay in the model's dtype; activations, the KV cache and the logits are unchanged.
+"""Opt-in quantized weights for inference: `--quantize int8` here, `--quantize int4` in gemma.model.int4.
+
+int8: each weight matrix is stored as int8 with one float scale per output row (symmetric, round to nearest: w ~ q *
+scale, |q| <= 127), which halves the bytes a decoding step reads from memory against bf16. Norms stay in the model's
+dtype; activations, the KV cache and the logits are unchanged.
 
 The seven projections run weight-only (activations stay bf16/fp32) through PyTorch's int8 matrix kernel. The tied
 embedding / output head, two thirds of the 270M's weight bytes, is one int8 table: a token's embedding is its row
@@ -14,11 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemma.errors import GemmaError
+from gemma.model.int4 import Int4Embedding, Int4Linear
 from gemma.model.layers import AdaptedLinear, Linear
 from gemma.model.matvec import fresh
 from gemma.model.transformer import Gemma
 
-MODES = ("int8",)
+MODES = ("int8", "int4")
 
 
 def quantize_rows(weight: torch.Tensor, block: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +95,8 @@ class Int8Embedding(nn.Module):
 
 
 def quantize_model(model: Gemma, mode: str = "int8") -> Gemma:
-    """Replace, in place, every projection and the tied embedding of a Gemma by their int8 forms; returns it.
+    """Replace, in place, every projection and the tied embedding of a Gemma by their `mode` forms (int8, int4);
+    returns it.
 
     Inference only: the int8 weights are buffers, not parameters. A LoRA adapter must be merged first; its merged
     weights are what gets quantized."""
@@ -100,15 +104,16 @@ def quantize_model(model: Gemma, mode: str = "int8") -> Gemma:
         raise GemmaError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
     if model.quantized:
         raise GemmaError(f"the model is already quantized ({model.quantized})")
+    linear, embedding = (Int8Linear, Int8Embedding) if mode == "int8" else (Int4Linear, Int4Embedding)
     # The seven projections of each block (attention and MLP). Gemma 4's other linear layers stay as they are: the
     # per-layer embeddings' (quantizing them degrades the output badly, llama.cpp found) and the MoE router (its
     # top-k choice flips on small changes); so do the experts' 3-D weights.
     for module in [m for block in model.layers for m in (block.attn, block.mlp)]:
         for name, child in list(module.named_children()):
             if isinstance(child, Linear) or isinstance(child, AdaptedLinear) and child.merged:  # plain or merged
-                setattr(module, name, Int8Linear(child.weight))
+                setattr(module, name, linear(child.weight))
             elif isinstance(child, AdaptedLinear):
                 raise GemmaError("merge the LoRA adapter before quantizing (its update would be lost)")
-    model.embed = Int8Embedding(model.embed.weight)
+    model.embed = embedding(model.embed.weight)
     model.quantized = mode
     return model.eval().requires_grad_(False)
