@@ -24,6 +24,23 @@ def hf_folder(tmp_path_factory):
     return save_hf_model("gemma3", tmp_path_factory.mktemp("bench") / "hf")
 
 
+@pytest.fixture()
+def chat_folder(hf_folder, tiny_tokenizer_path, tmp_path, monkeypatch):
+    """The tiny HF folder with the tokenizer beside it (what serving and the GGUF export need), its query scale
+    head_dim as llama.cpp assumes (see tests/test_gguf_write.py); the bench's cache in tmp_path."""
+    import shutil
+
+    import bench_workloads
+
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    shutil.copy(tiny_tokenizer_path, folder / "tokenizer.model")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "query_pre_attn_scalar": config["head_dim"]}))
+    monkeypatch.setattr(bench_workloads, "CACHE", tmp_path / "cache")
+    return folder
+
+
 def test_model_folder_takes_hf_folders_as_they_are(hf_folder):
     assert model_folder(str(hf_folder)) == hf_folder
 
@@ -84,11 +101,9 @@ def test_ours_and_reference_decode_the_same_tokens(hf_folder):
     assert torch.equal(ours_tokens, theirs_tokens)
 
 
-def test_agreement_of_a_model_with_itself_in_fp32(hf_folder, tiny_tokenizer_path):
-    import shutil
-
-    shutil.copy(tiny_tokenizer_path, hf_folder / "tokenizer.model")
-    r = agreement(hf_folder, [[2, 5, 6, 7], [2, 9, 10]], new_tokens=4, dtype=torch.float32, device=torch.device("cpu"))
+def test_agreement_of_a_model_with_itself_in_fp32(chat_folder):
+    prompts = [[2, 5, 6, 7], [2, 9, 10]]
+    r = agreement(chat_folder, prompts, new_tokens=4, dtype=torch.float32, device=torch.device("cpu"))
     assert r["tokens"] == 8 and r["teacher_forced_fp32"] == 1.0
     assert 0.0 <= r["teacher_forced"] <= 1.0 and 0.0 <= r["identical_prefix"] <= 1.0
 
@@ -104,7 +119,7 @@ def test_bench_cli_prints_the_table_and_writes_json(hf_folder, tmp_path):
             "--only",
             "decode1,prefill",
             "--quantize",
-            "int8",
+            "int4",
             "--compile",
             "--reps",
             "2",
@@ -122,14 +137,14 @@ def test_bench_cli_prints_the_table_and_writes_json(hf_folder, tmp_path):
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "greedy decode, batch 1" in proc.stdout and "int8 decode, batch 1" in proc.stdout
+    assert "greedy decode, batch 1" in proc.stdout and "int4 decode, batch 1" in proc.stdout
     report = json.loads(out.read_text())
-    assert set(report["results"]) == {
+    assert set(report["results"]) == {  # no tokenizer in the folder: no serving or llama.cpp rows
         "decode1",
         "prefill",
         "compiled-decode1",
-        "int8-decode1",
-        "int8-compiled-decode1",
+        "int4-decode1",
+        "int4-compiled-decode1",
         "compiled-prefill",
     }
     row = report["results"]["decode1"]
@@ -141,7 +156,10 @@ def test_bench_cli_prints_the_table_and_writes_json(hf_folder, tmp_path):
     )
     assert abs(row["speed"] - (ratios[1] + ratios[2]) / 2) < 1e-9
     assert report["results"]["compiled-prefill"]["ours"]["first_s"] > 0 and "prefill, --compile" in proc.stdout
-    assert "int8 decode, batch 1, --compile" in proc.stdout
+    assert "int4 decode, batch 1, --compile" in proc.stdout
+    # one bandwidth for every bound: the best that any process of the run measured
+    assert report["bandwidth"] == max(report["bandwidth_probes"]) and len(report["bandwidth_probes"]) >= 12
+    assert row["ours"]["bound_tokens_per_s"] == report["bandwidth"] / row["ours"]["weight_bytes"]
     bad = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "bench.py"), "--only", "decode3"],
         capture_output=True,
@@ -149,3 +167,46 @@ def test_bench_cli_prints_the_table_and_writes_json(hf_folder, tmp_path):
         timeout=120,
     )
     assert bad.returncode == 2 and "unknown workload" in bad.stderr
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench.py"), "--quantize", "int3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "unknown mode 'int3'" in bad.stderr
+    # the README's table, rewritten from the JSON between its markers (the rest of the file kept as it was)
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\nbefore\n<!-- bench:begin -->\nold table\n<!-- bench:end -->\nafter\n")
+    cmd = [sys.executable, str(ROOT / "tools" / "bench.py"), "--from", str(out), "--readme", str(readme)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    body = readme.read_text()
+    assert body.startswith("# x\n\nbefore\n<!-- bench:begin -->\n") and body.endswith("<!-- bench:end -->\nafter\n")
+    assert "old table" not in body and "| int4 decode, batch 1 |" in body and report["date"][:10] in body
+    readme.write_text("no markers\n")
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and refused.stderr.startswith("error:") and "bench:begin" in refused.stderr
+    assert readme.read_text() == "no markers\n"
+
+
+def test_the_llama_cpp_side_decodes_our_q4_0_export(chat_folder):
+    pytest.importorskip("llama_cpp")
+    from bench_workloads import llama_cpp_decode, llama_cpp_gguf
+
+    r = llama_cpp_decode(chat_folder, prompt_len=8, new_tokens=6, runs=2, vocab_size=1024)
+    assert len(r["tokens_per_s"]) == 2 and all(x > 0 for x in r["tokens_per_s"]) and r["peak_memory"] > 0
+    gguf = llama_cpp_gguf(chat_folder)
+    assert r["weight_bytes"] == gguf.stat().st_size
+    from gemma.formats.gguf_read import GGUFFile
+
+    reader = GGUFFile(gguf)
+    assert reader.fields["general.file_type"].contents() == 2  # MOSTLY_Q4_0: our writer's Q4_0
+    assert {t.tensor_type.name for t in reader.tensors if len(t.shape) == 2} == {"Q4_0"}
+
+
+def test_the_serving_workload_runs_8_requests_and_1(chat_folder):
+    from bench_workloads import paired, serve_samplers
+
+    samplers, first = serve_samplers(chat_folder, prompt_len=8, new_tokens=5, device=torch.device("cpu"))
+    r = paired(samplers, 2)
+    assert first > 0 and len(r["ours"]) == 2 and all(x > 0 for x in r["ours"] + r["reference"])

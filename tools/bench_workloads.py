@@ -413,3 +413,107 @@ def agreement(
         "identical_replies": whole / len(prompts),
         "peak_memory": peak_memory(device),
     }
+
+
+# ---- llama.cpp: the int4 comparison -----------------------------------------------------------------------------
+
+
+def llama_cpp_gguf(folder: Path) -> Path:
+    """The HF folder exported by our GGUF writer in Q4_0 (cached, by the folder's path, until the folder changes):
+    the file llama.cpp runs."""
+    import hashlib
+
+    folder = folder.resolve()
+    path = CACHE / f"{folder.name}-{hashlib.sha1(str(folder).encode()).hexdigest()[:10]}-q4_0.gguf"
+    newest = max(f.stat().st_mtime for f in folder.iterdir())
+    if not path.exists() or path.stat().st_mtime < newest:
+        from gemma.formats.convert import convert
+
+        convert(folder, path, "gguf", gguf_dtype="q4_0", force=True)
+    return path
+
+
+def llama_cpp_sampler(folder: Path, *, prompt_len: int = 32, new_tokens: int = 64, vocab_size: int):
+    """(model, sample, first_s) for greedy decoding at batch 1 through llama-cpp-python on the Q4_0 export, with as
+    many threads as torch uses, timed as ours: a `new_tokens` generation minus a 1-token one from the same prompt.
+    `model` is the file's size in bytes (its weights, near enough, for the bandwidth bound)."""
+    from llama_cpp import Llama
+
+    path = llama_cpp_gguf(folder)
+    threads = torch.get_num_threads()
+    llm = Llama(
+        model_path=str(path),
+        n_ctx=prompt_len + new_tokens + 16,
+        n_batch=512,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
+    ids = prompt_ids(1, prompt_len, vocab_size)[0].tolist()
+
+    def generate(n: int) -> None:
+        tokens = llm.generate(ids, temp=0.0, reset=True)  # greedy; the prompt's cache is reused, as in both runs
+        for _ in range(n):
+            next(tokens)
+
+    cpu = torch.device("cpu")
+    first = timed(lambda: generate(4), cpu)
+
+    def sample() -> float:
+        t_one = timed(lambda: generate(1), cpu)
+        t_all = timed(lambda: generate(new_tokens), cpu)
+        return (new_tokens - 1) / max(t_all - t_one, 1e-9)
+
+    sample.close = llm.close  # before the interpreter's shutdown, where llama-cpp-python's own finaliser fails
+    return path.stat().st_size, sample, first
+
+
+def llama_cpp_decode(folder: Path, *, prompt_len: int = 32, new_tokens: int = 64, runs: int = 3, vocab_size: int):
+    nbytes, sample, first = llama_cpp_sampler(
+        folder, prompt_len=prompt_len, new_tokens=new_tokens, vocab_size=vocab_size
+    )
+    rates = [sample() for _ in range(runs)]
+    sample.close()
+    return {
+        "tokens_per_s": rates,
+        "peak_memory": peak_memory(torch.device("cpu")),
+        "weight_bytes": nbytes,
+        "first_s": first,
+    }
+
+
+# ---- the serving engine: 8 concurrent requests against 1 ----------------------------------------------------------
+
+
+def serve_samplers(
+    folder: Path,
+    *,
+    prompt_len: int = 32,
+    new_tokens: int = 64,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device,
+    quantize: str | None = None,
+    compile: bool = False,
+):
+    """{'ours': 8 clients, 'reference': 1 client}: each `sample()` hands the engine that many requests at once
+    (different prompts of `prompt_len` tokens, `new_tokens` each, no stop ids) and returns the tokens/s of the
+    whole engine, prefill included, until the last one is done."""
+    from gemma.generation.engine import Engine
+    from gemma.tokenizer import Tokenizer
+
+    model = ours(folder, dtype, device, quantize, compile)
+    engine = Engine(model, Tokenizer(folder / "tokenizer.model"), max_batch=8, max_len=prompt_len + new_tokens + 8)
+    prompts = prompt_ids(8, prompt_len, model.config.vocab_size).tolist()
+
+    def clients(n: int):
+        def sample() -> float:
+            start = time.perf_counter()
+            finishes = engine.run_all(prompts[:n], max_new_tokens=new_tokens, stop_ids=())
+            return sum(f.completion_tokens for f in finishes) / (time.perf_counter() - start)
+
+        return sample
+
+    start = time.perf_counter()
+    clients(8)()  # warm-up (with `compile`, the compilation)
+    first = time.perf_counter() - start
+    return {"ours": clients(8), "reference": clients(1)}, first
