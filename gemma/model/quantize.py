@@ -18,7 +18,6 @@ from torch import nn
 from gemma.errors import GemmaError
 from gemma.model.int4 import Int4Embedding, Int4Linear
 from gemma.model.layers import AdaptedLinear, Linear
-from gemma.model.matvec import fresh
 from gemma.model.transformer import Gemma
 
 MODES = ("int8", "int4")
@@ -44,10 +43,6 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     """x (..., K) @ (q * scale[:, None]).T -> (..., N) in x's dtype, without materialising the float weight on CPU."""
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)
-    if x2.shape[0] == 1 and torch.compiler.is_compiling() and not torch.is_grad_enabled():
-        # Compiled single row (gemma.model.static_decode): one loop over the int8 weight, summing in float32
-        out = ((q.float() * x2.float()).sum(-1) * scale).to(x.dtype)
-        return out.view(*lead, q.shape[0])
     if x.device.type == "cpu":
         out = torch._weight_int8pack_mm(x2.contiguous(), q, scale.to(x.dtype))
     else:  # no fused kernel assumed: dequantize (correct everywhere; the saving is memory, not speed)
@@ -63,7 +58,8 @@ class Int8Linear(nn.Module):
         q, scale = quantize_rows(weight)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.register_buffer("q", q)
-        self.register_buffer("scale", scale)
+        # in the compute dtype, which the kernel multiplies by: no conversion per call (nor in a compiled graph)
+        self.register_buffer("scale", scale.to(weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int8_matmul(x, self.q, self.scale)
@@ -80,7 +76,8 @@ class Int8Embedding(nn.Module):
         q, scale = quantize_rows(weight)
         self.num_embeddings, self.embedding_dim = weight.shape
         self.register_buffer("q", q)
-        self.register_buffer("scale", scale)
+        self.register_buffer("scale", scale)  # float32, for the rows looked up
+        self.register_buffer("head_scale", scale.to(weight.dtype))  # the head's, in the kernel's dtype
         self.compute_dtype = weight.dtype
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -88,7 +85,7 @@ class Int8Embedding(nn.Module):
         return rows.to(self.compute_dtype)
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
-        return int8_matmul(fresh(h), self.q, self.scale)
+        return int8_matmul(h, self.q, self.head_scale)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8"
