@@ -72,7 +72,7 @@ class Attention(nn.Module):
         return None). Passed by value, not through a shared dict: FSDP and checkpointing see them as inputs."""
         B, T, _ = x.shape
         Tq = 1 if last_only else T
-        x = fresh(x)  # once for the q, k and v products (see gemma.model.matvec)
+        x = fresh(x, self.q)  # once for the q, k and v products (see gemma.model.matvec)
         q = self.q(x[:, T - Tq :]).view(B, Tq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Tq, hd)
         if self.q_norm is not None:
             q = self.q_norm(q)

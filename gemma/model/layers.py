@@ -118,8 +118,8 @@ class GeGLU(nn.Module):
         self.kernels = EAGER  # gemma.model.compiled swaps in compiled ones
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = fresh(x)  # once for both products (see gemma.model.matvec)
-        return self.down(fresh(self.kernels.gelu_mul(self.gate(x), self.up(x))))
+        x = fresh(x, self.gate)  # once for both products (see gemma.model.matvec)
+        return self.down(fresh(self.kernels.gelu_mul(self.gate(x), self.up(x)), self.down))
 
 
 def gelu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

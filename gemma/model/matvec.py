@@ -39,10 +39,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
-def fresh(x: torch.Tensor) -> torch.Tensor:
+def fresh(x: torch.Tensor, *consumers) -> torch.Tensor:
     """x, in a compiled single-row step, as a tensor of its own (`materialize`): what a layer calls once on an
     input that it feeds to `linear` and that elementwise work produced (a norm, an activation), so that the work is
-    done once, not inside the loop over every row of the weight. Elsewhere x itself."""
+    done once, not inside the loop over every row of the weight. Elsewhere x itself; x itself too where none of
+    the `consumers` named (the layers x goes to) multiplies by a plain `weight` through `linear`: a quantized
+    layer's kernel reads its input from memory anyway (gemma.model.quantize)."""
+    if consumers and not any(isinstance(getattr(c, "weight", None), torch.Tensor) for c in consumers):
+        return x
     if torch.compiler.is_compiling() and x.numel() == x.shape[-1] and not torch.is_grad_enabled():
         return materialize(x)
     return x
