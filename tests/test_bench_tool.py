@@ -183,6 +183,10 @@ def test_bench_cli_prints_the_table_and_writes_json(hf_folder, tmp_path):
     body = readme.read_text()
     assert body.startswith("# x\n\nbefore\n<!-- bench:begin -->\n") and body.endswith("<!-- bench:end -->\nafter\n")
     assert "old table" not in body and "| int4 decode, batch 1 |" in body and report["date"][:10] in body
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    cmd_other = [*cmd[:3], str(tmp_path / "other.json"), *cmd[4:]]
+    refused = subprocess.run(cmd_other, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "not the JSON of a tools/bench.py run" in refused.stderr
     readme.write_text("no markers\n")
     refused = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and refused.stderr.startswith("error:") and "bench:begin" in refused.stderr

@@ -387,6 +387,8 @@ def main(argv=None) -> int:
     if args.from_json:
         check_source_file(args.from_json)
         saved = read_json_file(Path(args.from_json), "bench results")
+        if not isinstance(saved, dict) or not isinstance(saved.get("results"), dict) or "machine" not in saved:
+            raise GemmaError(f"{args.from_json}: not the JSON of a tools/bench.py run (no results and machine)")
         report.write_readme(Path(args.readme), saved)
         print(f"[wrote {args.readme}'s Performance table from {args.from_json}]", file=sys.stderr)
         return 0
