@@ -160,20 +160,14 @@ def test_bench_cli_prints_the_table_and_writes_json(hf_folder, tmp_path):
     # one bandwidth for every bound: the best that any process of the run measured
     assert report["bandwidth"] == max(report["bandwidth_probes"]) and len(report["bandwidth_probes"]) >= 12
     assert row["ours"]["bound_tokens_per_s"] == report["bandwidth"] / row["ours"]["weight_bytes"]
-    bad = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "bench.py"), "--only", "decode3"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert bad.returncode == 2 and "unknown workload" in bad.stderr
-    bad = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "bench.py"), "--quantize", "int3"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert bad.returncode == 2 and "unknown mode 'int3'" in bad.stderr
+    for flags, message in (
+        (["--only", "decode3"], "unknown workload"),
+        (["--quantize", "int3"], "unknown mode 'int3'"),
+    ):
+        bad = subprocess.run(
+            [sys.executable, str(ROOT / "tools" / "bench.py"), *flags], capture_output=True, text=True, timeout=120
+        )
+        assert bad.returncode == 2 and message in bad.stderr
     # the README's table, rewritten from the JSON between its markers (the rest of the file kept as it was)
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\nbefore\n<!-- bench:begin -->\nold table\n<!-- bench:end -->\nafter\n")

@@ -138,8 +138,9 @@ def run_worker(spec: dict) -> None:
         return
     impl, quantize = spec["impl"], spec.get("quantize")
     if kind in ("decode1", "decode8") and spec.get("reference") == "llama.cpp" and impl == "reference":
-        vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
-        result = workloads.llama_cpp_decode(folder, new_tokens=spec["new_tokens"], runs=spec["runs"], vocab_size=vocab)
+        result = workloads.llama_cpp_decode(
+            folder, new_tokens=spec["new_tokens"], runs=spec["runs"], vocab_size=_vocab_size(folder)
+        )
     elif kind in ("decode1", "decode8"):
         result = workloads.decode(
             impl,
@@ -183,8 +184,7 @@ def _sampler(spec: dict, impl: str, folder: Path, device, dtype):
     kind = spec["kind"]
     variant = {"quantize": spec.get("quantize"), "compile": spec.get("compile", False)} if impl == "ours" else {}
     if kind in ("decode1", "decode8") and impl == "reference" and spec.get("reference") == "llama.cpp":
-        vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
-        return workloads.llama_cpp_sampler(folder, new_tokens=spec["new_tokens"], vocab_size=vocab)[1]
+        return workloads.llama_cpp_sampler(folder, new_tokens=spec["new_tokens"], vocab_size=_vocab_size(folder))[1]
     if kind in ("decode1", "decode8"):
         return workloads.decode_sampler(
             impl,
@@ -204,6 +204,11 @@ def _sampler(spec: dict, impl: str, folder: Path, device, dtype):
 
         return sft_sampler(impl, folder, batch=spec["sft_batch"], seq_len=spec["sft_len"], device=device)[0]
     raise ValueError(kind)
+
+
+def _vocab_size(folder: Path) -> int:
+    """The HF folder's vocabulary size (llama.cpp's side draws its prompt ids from it, as ours does)."""
+    return json.loads((folder / "config.json").read_text())["vocab_size"]
 
 
 def spawn(spec: dict) -> dict:
@@ -256,28 +261,25 @@ def machine(device: str) -> dict:
     return info
 
 
-def _cpu_name() -> str:
+def _cpuinfo(field: str) -> str:
+    """A field of /proc/cpuinfo's first processor ('' where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor()
+    return ""
+
+
+def _cpu_name() -> str:
+    return _cpuinfo("model name") or platform.processor()
 
 
 def _cpu_flags() -> list[str]:
     """The CPU features that decide which matrix kernels are fast here (AMX, avx512_bf16, ...)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [
-                    f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8") if f in have
-                ]
-    except OSError:
-        pass
-    return []
+    have = set(_cpuinfo("flags").split())
+    return [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8") if f in have]
 
 
 def plan_rows(args, folder: Path) -> list[dict]:
